@@ -79,6 +79,14 @@ def _load(recipe_path: Path, overrides: list[str] | None):
     return recipe.load(recipe_path, overrides or [])
 
 
+def _write_resolved(recipe) -> None:
+    """Every command that writes into a run records the recipe it ran with."""
+    from kdcli.recipe import to_toml
+    from kdcli.rundir import RunDir, write_text_atomic
+
+    write_text_atomic(RunDir.for_recipe(recipe).resolved_recipe, to_toml(recipe))
+
+
 def _emit_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
 
@@ -152,10 +160,23 @@ def _not_built(command: str, issue: str) -> None:
 
 @app.command("cache-teachers")
 @_error_boundary
-def cache_teachers(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+def cache_teachers(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild caches even if they match.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Run each teacher once over the data and store its outputs for distillation."""
-    _load(recipe_path, overrides)
-    _not_built("cache-teachers", "the distillation engine")
+    from kdcli.engine import cache_teachers as build
+    from kdcli.report import print_cache_summary
+
+    recipe = _load(recipe_path, overrides)
+    _write_resolved(recipe)
+    reports = build(recipe, force=force, quiet=as_json)
+    if as_json:
+        _emit_json(reports)
+    else:
+        print_cache_summary(reports)
 
 
 @app.command()
@@ -164,11 +185,24 @@ def distill(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    no_teachers: Annotated[
+        bool, typer.Option("--no-teachers", help="Train the same student on labels only (the `dataset` role).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the student from the teachers (and gold labels), stage by stage."""
-    _load(recipe_path, overrides)
-    _not_built("distill", "the distillation engine")
+    from kdcli.engine import distill as run_stages
+    from kdcli.report import print_distill_summary
+
+    recipe = _load(recipe_path, overrides)
+    _write_resolved(recipe)
+    results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json)
+    if as_json:
+        from dataclasses import asdict
+
+        _emit_json([asdict(r) for r in results])
+    else:
+        print_distill_summary(results)
 
 
 @app.command("eval")

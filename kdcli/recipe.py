@@ -21,7 +21,7 @@ import copy
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -397,7 +397,7 @@ class Recipe(Section):
         if self.student.from_teacher and self.student.from_teacher not in self.teachers:
             problems.append(f"student.from_teacher: no teacher named '{self.student.from_teacher}' in [teachers]")
         for i, stage in enumerate(self.resolved_stages()):
-            where = f"stages.{i}" if self.stages else "loss"
+            where = f"stages.{i}.loss" if self.stages else "loss"
             for name in stage.teachers or []:
                 if name not in self.teachers:
                     problems.append(f"stages.{i}.teachers: no teacher named '{name}' in [teachers]")
@@ -486,8 +486,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A stage that names its own source replaces the top-level source whole: merged key by key, a
+# top-level `files.test` would end up under the stage's `files.train`, or `path` beside `files`.
+_SOURCE_KEYS = frozenset({"path", "files", "labels_path", "hub_name", "hub_config"})
+
+
 def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """Each stage's data/loss/train tables are merged over the top-level ones before validation."""
+    """Each stage's data/loss/train tables are merged over the top-level ones before validation.
+
+    Two parts of [data] are replaced whole rather than merged: the source (path, files,
+    labels_path, hub_name, hub_config) when the stage names one, and `split`.
+    """
     stages = raw.get("stages")
     if not isinstance(stages, list):
         return raw
@@ -499,6 +508,9 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
             for section in ("data", "loss", "train"):
                 top, own = raw.get(section, {}), stage.get(section, {})
                 if isinstance(top, dict) and isinstance(own, dict):
+                    if section == "data":
+                        whole = (_SOURCE_KEYS if _SOURCE_KEYS & own.keys() else set()) | ({"split"} & own.keys())
+                        top = {k: v for k, v in top.items() if k not in whole}
                     stage[section] = _merge(top, own)
         merged.append(stage)
     raw["stages"] = merged
@@ -533,23 +545,21 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    node: Any = model
-    for part in loc:
-        if isinstance(part, int) or node is None:
-            continue
-        field = node.model_fields.get(str(part)) if isinstance(node, type) and issubclass(node, BaseModel) else None
-        if field is None:
-            node = None
-            continue
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        for candidate in candidates:
-            inner = [candidate, *getattr(candidate, "__args__", ())]
-            found = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)), None)
-            if found:
-                node = found
+    """Field names of the table at ``loc``, stepping over list indices and dict keys (stages.0, teachers.NAME)."""
+    node: type[BaseModel] | None = model
+    parts = list(loc)
+    while parts and node is not None:
+        field = node.model_fields.get(str(parts.pop(0)))
+        node = None
+        for arg in (field.annotation, *get_args(field.annotation)) if field else ():
+            if get_origin(arg) in (list, dict):
+                arg = get_args(arg)[-1]
+                if isinstance(arg, type) and issubclass(arg, BaseModel) and parts:
+                    parts.pop(0)  # the stage index or the teacher's name
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                node = arg
                 break
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+    return list(node.model_fields) if node is not None else []
 
 
 def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:

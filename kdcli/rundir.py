@@ -45,21 +45,21 @@ class RunDir:
         """A teacher fine-tuned by kd (recipe `finetune` table)."""
         return self.root / "teachers" / name
 
-    def checkpoints(self, stage: str) -> Path:
-        return self.root / "checkpoints" / stage
+    def checkpoints(self, job: str) -> Path:
+        """Resumable checkpoints of one training job (`main`, `main.dataset`, `teacher.NAME`)."""
+        return self.root / "checkpoints" / job
 
-    def stage_student(self, stage: str) -> Path:
-        """A stage's best student, the starting point of the next stage."""
-        return self.root / "stages" / stage / "student"
+    def stage_output(self, stage: str, role: str) -> Path:
+        """A stage's best model for a role (`student` or `dataset`); the next stage starts from it."""
+        return self.root / "stages" / stage / role
+
+    def final(self, role: str) -> Path:
+        """The last stage's best model: `student/` (distilled) or `dataset/` (labels only)."""
+        return self.root / role
 
     @property
     def student(self) -> Path:
-        return self.root / "student"
-
-    @property
-    def dataset_student(self) -> Path:
-        """The same student trained on labels only (role `dataset`)."""
-        return self.root / "dataset_student"
+        return self.final("student")
 
     @property
     def metrics(self) -> Path:
@@ -94,6 +94,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; it replaces ``final`` only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs should be as readable as any other file
     try:
         yield tmp
         if final.exists():

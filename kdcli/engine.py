@@ -1,0 +1,357 @@
+"""From a recipe to training jobs: teachers (fine-tuned, cached or live), students, stages.
+
+The CLI commands call the four entry points here: ``finetune_teachers``,
+``cache_teachers``, ``distill`` and ``load_role``. Everything they produce lives in
+the run directory, and each step skips work whose output is already there and was
+made from the same inputs (fingerprints in manifests and ``done.json`` files).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from kdcli.errors import CacheError, ModelError
+from kdcli.recipe import LossConfig, ModelSpec, Recipe, Stage, fingerprint
+from kdcli.rundir import RunDir, atomic_dir, read_json, write_json
+
+if TYPE_CHECKING:
+    from kdcli.models import TaskModel
+    from kdcli.train import JobResult
+
+ROLES = ("student", "dataset")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class StageData:
+    rows: dict[str, list[dict]]
+    manifest: dict[str, Any]
+    num_classes: int
+    label_prior: list[float] | None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+
+def stage_data(recipe: Recipe, run: RunDir, stage: Stage, console: Console) -> StageData:
+    """The stage's prepared splits (running `prepare` first when they are missing or stale)."""
+    from kdcli.data import load_prepared, prepare_recipe
+
+    prepare_recipe(recipe, quiet=True)
+    splits, manifest = load_prepared(run, stage.name)
+    rows = {name: [dict(row, idx=i) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
+    if recipe.task == "classify":
+        num_classes = len(manifest["label_names"])
+    else:
+        num_classes = int(manifest["num_options"])
+    histogram = [0] * num_classes
+    for row in rows.get("train", []):
+        if 0 <= row["label"] < num_classes:
+            histogram[row["label"]] += 1
+    total = sum(histogram)
+    prior = [count / total for count in histogram] if total else None
+    return StageData(rows, manifest, num_classes, prior)
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+def teacher_spec(recipe: Recipe, run: RunDir, name: str) -> ModelSpec:
+    """The teacher as it will be used: a fine-tuned teacher is read from the run directory."""
+    teacher = recipe.teachers[name]
+    if teacher.finetune is None:
+        return teacher
+    return teacher.model_copy(update={"ref": str(run.teacher(name)), "revision": None, "gguf_file": None})
+
+
+def _first_stage_with(recipe: Recipe, name: str) -> Stage:
+    stages = recipe.resolved_stages()
+    return next((s for s in stages if name in (s.teachers or [])), stages[0])
+
+
+def _finetune_fingerprint(recipe: Recipe, name: str, data: StageData) -> str:
+    teacher = recipe.teachers[name]
+    return fingerprint({"teacher": teacher.model_dump(mode="json"), "data": data.fingerprint, "seed": recipe.seed})
+
+
+def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console, names: list[str] | None = None) -> None:
+    """Fine-tune every teacher with a `finetune` table (labels only); reuse a matching earlier result."""
+    from kdcli.models import load_task_model
+    from kdcli.train import Job, run_job
+
+    for name in names if names is not None else list(recipe.teachers):
+        teacher = recipe.teachers[name]
+        if teacher.finetune is None:
+            continue
+        stage = _first_stage_with(recipe, name)
+        data = stage_data(recipe, run, stage, console)
+        wanted = _finetune_fingerprint(recipe, name, data)
+        done = run.teacher(name) / "done.json"
+        if done.is_file() and read_json(done).get("fingerprint") == wanted:
+            continue
+        console.print(f"fine-tuning teacher [bold]{name}[/] on {stage.name}/train ({len(data.rows['train'])} rows)")
+        model = load_task_model(teacher, recipe.task, data.num_classes, max_length=stage.data.max_length)
+        ft = teacher.finetune
+        train = recipe.train.model_copy(
+            update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "grad_accum": 1,
+                    "warmup_ratio": ft.warmup_ratio, "weight_decay": ft.weight_decay, "max_steps": None}
+        )
+        job = Job(
+            name=f"teacher.{name}", student=model, rows=data.rows, loss=LossConfig(alpha=1.0), train=train,
+            seed=recipe.seed, max_length=stage.data.max_length, template=stage.data.template,
+            checkpoint_dir=run.checkpoints(f"teacher.{name}"), output_dir=run.teacher(name), metrics_path=run.metrics,
+            label_prior=data.label_prior, extra_metadata={"label_names": data.manifest.get("label_names", [])},
+        )
+        run_job(job, accelerator, resume=True, console=console)
+        if accelerator.is_main_process:
+            write_json(done, {"fingerprint": wanted})
+        accelerator.wait_for_everyone()
+
+
+def load_teacher(recipe: Recipe, run: RunDir, name: str, num_classes: int) -> "TaskModel":
+    from kdcli.models import load_task_model
+
+    spec = teacher_spec(recipe, run, name)
+    if recipe.teachers[name].finetune is not None and not (run.teacher(name) / "done.json").is_file():
+        raise ModelError(
+            f"teacher '{name}' has a finetune table but has not been fine-tuned yet",
+            "run `kd distill RECIPE` or `kd run RECIPE`, which fine-tune it first",
+        )
+    return load_task_model(spec, recipe.task, num_classes)
+
+
+def _student_layers(recipe: Recipe) -> int:
+    """How many blocks the student has, without loading it (for the teachers' layer maps)."""
+    from kdcli.models import load_config
+
+    if recipe.student.from_teacher:
+        return len(recipe.student.layers)
+    return load_config(recipe.student).num_hidden_layers
+
+
+def hidden_pairs(recipe: Recipe, name: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    from kdcli.losses import layer_pairs
+
+    hidden = recipe.teachers[name].hidden
+    if hidden is None:
+        return []
+    try:
+        return layer_pairs(hidden.map, student_layers, teacher_layers, hidden.pairs or None)
+    except ValueError as exc:
+        raise ModelError(f"teachers.{name}.hidden: {exc}", "fix the layer map in the recipe") from None
+
+
+def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: StageData) -> dict[str, Any]:
+    """Everything a teacher's cached outputs depend on, computed without loading the teacher."""
+    from kdcli.cache import expected_manifest
+    from kdcli.models import load_config, load_tokenizer, resolve_ref, tokenizer_fingerprint, weights_fingerprint
+
+    spec = teacher_spec(recipe, run, name)
+    resolved = Path(resolve_ref(spec.ref, spec.gguf_file))
+    # A Hub model is identified by name and revision: hashing it would mean downloading it.
+    local = resolved.is_dir()
+    weights = weights_fingerprint(resolved / spec.gguf_file if spec.gguf_file else resolved) if local else f"hub:{spec.ref}@{spec.revision or 'main'}"
+    tokenizer = tokenizer_fingerprint(load_tokenizer(spec))
+    layers = []
+    if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None:
+        pairs = hidden_pairs(recipe, name, _student_layers(recipe), load_config(spec).num_hidden_layers)
+        layers = [t for _, t in pairs]
+    quantisation = "8bit" if spec.load_in_8bit else "4bit" if spec.load_in_4bit else "none"
+    hidden = recipe.teachers[name].hidden
+    return expected_manifest(
+        teacher_ref=spec.ref, revision=spec.revision, weights=weights, tokenizer=tokenizer,
+        data_fingerprint=data.fingerprint, task=recipe.task, num_classes=data.num_classes,
+        quantisation=quantisation, dtype=spec.dtype, hidden_layers=layers,
+        pooling=hidden.pooling if hidden else "mean", max_length=stage.data.max_length, template=stage.data.template,
+    )
+
+
+def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+    """Build the cache of every teacher of every stage (fine-tuning first where asked). Returns reports."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kdcli.cache import LiveTeacher, build_cache, check_cache
+    from kdcli.runtime import make_accelerator
+
+    console = console or Console()
+    run = RunDir.for_recipe(recipe)
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    finetune_teachers(recipe, run, accelerator, console)
+    reports = []
+    for stage in recipe.resolved_stages():
+        data = stage_data(recipe, run, stage, console)
+        for name in stage.teachers or []:
+            path = run.cache(stage.name, name)
+            identity = cache_identity(recipe, run, stage, name, data)
+            if not force:
+                try:
+                    check_cache(path, identity, name)
+                    manifest = read_json(path / "manifest.json")
+                    reports.append({"stage": stage.name, "teacher": name, "skipped": True, **_report(manifest, path)})
+                    continue
+                except CacheError as exc:
+                    if (path / "manifest.json").exists() and not quiet:
+                        console.print(f"[yellow]rebuilding the cache of {name}: {exc.message}[/]")
+            if not accelerator.is_main_process:
+                continue  # one process writes the cache; the others wait below
+            model = load_teacher(recipe, run, name, data.num_classes)
+            model.model.to(accelerator.device)
+            hidden = recipe.teachers[name].hidden
+            live = LiveTeacher(model, identity["hidden_layers"], hidden.pooling if hidden else "mean",
+                               stage.data.max_length, stage.data.template)
+            splits = {split: data.rows[split] for split in ("train", "validation") if split in data.rows}
+            progress = None if quiet else Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+            )
+            if progress:
+                progress.start()
+            try:
+                manifest = build_cache(path, live, splits, identity, stage.train.eval_batch_size, progress)
+            finally:
+                if progress:
+                    progress.stop()
+            reports.append({"stage": stage.name, "teacher": name, "skipped": False, **_report(manifest, path)})
+            del model, live
+        accelerator.wait_for_everyone()
+    return reports
+
+
+def _report(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    splits = manifest.get("splits", {})
+    return {
+        "path": str(path),
+        "rows": {k: v["rows"] for k, v in splits.items()},
+        "bytes": manifest.get("bytes"),
+        "rows_per_second": manifest.get("rows_per_second"),
+        "validation_accuracy": splits.get("validation", {}).get("accuracy"),
+    }
+
+
+def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, student: "TaskModel", accelerator, console: Console):
+    """The stage's teachers, each from its cache when it matches, else live; plus their layer maps."""
+    from kdcli.cache import CachedTeacher, LiveTeacher, check_cache
+    from kdcli.models import check_compatible
+
+    teachers, pairs, widths, pooling, live_models, sources = {}, {}, {}, {}, {}, {}
+    for name in stage.teachers or []:
+        identity = cache_identity(recipe, run, stage, name, data)
+        hidden = recipe.teachers[name].hidden
+        pooling[name] = hidden.pooling if hidden else "mean"
+        path = run.cache(stage.name, name)
+        try:
+            check_cache(path, identity, name)
+            teachers[name] = CachedTeacher(path, accelerator.device)
+            sources[name] = "cache"
+        except CacheError as exc:
+            if (path / "manifest.json").exists():
+                console.print(f"[yellow]{exc.message}: using the live teacher ({exc.hint})[/]")
+            model = load_teacher(recipe, run, name, data.num_classes)
+            model.model.to(accelerator.device)
+            live_models[name] = model
+            teachers[name] = LiveTeacher(model, identity["hidden_layers"], pooling[name], stage.data.max_length, stage.data.template)
+            sources[name] = "live"
+        if stage.loss.beta > 0 and hidden is not None:
+            config = live_models[name].model.config if name in live_models else _teacher_config(recipe, run, name)
+            pairs[name] = hidden_pairs(recipe, name, student.num_layers, config.num_hidden_layers)
+            widths[name] = config.hidden_size
+    check_compatible(student, live_models, {n: p for n, p in pairs.items() if n in live_models})
+    return teachers, pairs, widths, pooling, sources
+
+
+def _teacher_config(recipe: Recipe, run: RunDir, name: str):
+    from kdcli.models import load_config
+
+    return load_config(teacher_spec(recipe, run, name))
+
+
+# --------------------------------------------------------------------------- students and stages
+
+
+def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Path | None) -> "TaskModel":
+    """Stage 1 starts from the recipe's student (pretrained or cut from a teacher); later stages from the previous best."""
+    from kdcli.models import load_task_model, student_from_teacher
+
+    if previous is not None:
+        spec = recipe.student.model_copy(update={"ref": str(previous), "from_teacher": None, "layers": [],
+                                                 "revision": None, "gguf_file": None})
+        return load_task_model(spec, recipe.task, num_classes)
+    if recipe.student.from_teacher:
+        teacher = load_teacher(recipe, run, recipe.student.from_teacher, num_classes)
+        return student_from_teacher(teacher, recipe.student.layers)
+    return load_task_model(recipe.student, recipe.task, num_classes)
+
+
+def _stage_fingerprint(recipe: Recipe, stage: Stage, role: str, data: StageData, previous: str | None) -> str:
+    teachers = {} if role == "dataset" else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
+    return fingerprint({
+        "student": recipe.student.model_dump(mode="json"), "stage": stage.model_dump(mode="json"), "role": role,
+        "teachers": teachers, "data": data.fingerprint, "seed": recipe.seed, "previous": previous,
+    })
+
+
+def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", console: Console | None = None,
+            show_progress: bool = True) -> list["JobResult"]:
+    """Run every stage in order; `role = "dataset"` trains the same student on labels only."""
+    from kdcli.runtime import make_accelerator
+    from kdcli.train import Job, run_job
+
+    console = console or Console()
+    run = RunDir.for_recipe(recipe)
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    if role == "student":
+        finetune_teachers(recipe, run, accelerator, console)
+    elif recipe.student.from_teacher:
+        finetune_teachers(recipe, run, accelerator, console, names=[recipe.student.from_teacher])
+    results = []
+    previous: Path | None = None
+    previous_fingerprint: str | None = None
+    for stage in recipe.resolved_stages():
+        data = stage_data(recipe, run, stage, console)
+        wanted = _stage_fingerprint(recipe, stage, role, data, previous_fingerprint)
+        output = run.stage_output(stage.name, role)
+        done = output / "done.json"
+        if done.is_file() and read_json(done).get("fingerprint") == wanted:
+            console.print(f"stage {stage.name} ({role}) is up to date: {output}")
+            previous, previous_fingerprint = output, wanted
+            continue
+        student = initial_student(recipe, run, data.num_classes, previous)
+        loss, teachers = stage.loss, {}
+        pairs, widths, pooling, sources = {}, {}, {}, {}
+        if role == "dataset" or not stage.teachers:
+            loss = stage.loss.model_copy(update={"alpha": 1.0, "beta": 0.0})
+        else:
+            teachers, pairs, widths, pooling, sources = open_teachers(recipe, run, stage, data, student, accelerator, console)
+            if sources:
+                console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
+        job = Job(
+            name=stage.name if role == "student" else f"{stage.name}.{role}",
+            student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
+            max_length=stage.data.max_length, template=stage.data.template,
+            checkpoint_dir=run.checkpoints(stage.name if role == "student" else f"{stage.name}.{role}"),
+            output_dir=output, metrics_path=run.metrics, teachers=teachers,
+            teacher_weights={n: recipe.teachers[n].weight for n in teachers},
+            hidden_pairs=pairs, teacher_widths=widths, pooling=pooling, label_prior=data.label_prior,
+            extra_metadata={"role": role, "label_names": data.manifest.get("label_names", []), "teachers": sources},
+        )
+        result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress)
+        if accelerator.is_main_process:
+            write_json(done, {"fingerprint": wanted, "steps": result.steps, "best_metric": result.best_metric,
+                              "best_step": result.best_step, "stopped_early": result.stopped_early,
+                              "samples_per_second": result.samples_per_second})
+        accelerator.wait_for_everyone()
+        results.append(result)
+        previous, previous_fingerprint = output, wanted
+    if previous is not None and accelerator.is_main_process:
+        with atomic_dir(run.final(role)) as tmp:
+            shutil.copytree(previous, tmp, dirs_exist_ok=True)
+    accelerator.wait_for_everyone()
+    return results
+

@@ -1,0 +1,521 @@
+"""Loading models for a task, and one interface over every head.
+
+``load_task_model`` turns a recipe's model spec into a ``TaskModel``: a transformers
+model with its tokenizer and the knowledge of how to turn normalised examples
+(``id, text, options, label, answers``) into tensors and tensors into logits over the
+task's classes or options. The training loop, the teacher cache and evaluation all go
+through ``TaskModel.encode`` and ``TaskModel.forward`` and never look at the head.
+
+Heads (``kind``):
+
+- ``sequence-classification``: text -> logits over classes (classify).
+- ``multiple-choice``: each (text, option) pair is scored by an encoder -> logits over options.
+- ``seq2seq`` / ``causal``: a prompt lists the numbered options; the logits of the LM's
+  next token at the answer position, restricted to the tokens "1".."N", are the logits
+  over options. Generation (task ``generate``) uses ``TaskModel.model`` directly.
+
+Layer numbering: layer ``i`` is the output of transformer block ``i`` (0-based), which is
+``hidden_states[i + 1]``; ``hidden_states[0]`` is the embeddings output.
+
+Label-count policy: a checkpoint whose classification head was trained for a different
+number of labels, or that has no trained head at all, is only accepted when the model is
+going to be trained (a student, or a teacher with ``finetune``): its head is then
+re-initialised. A teacher used as-is must already fit the task, otherwise its "knowledge"
+would be a random head.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from kdcli.errors import DataError, ModelError
+from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
+
+HEAD_CLASSES = {
+    "sequence-classification": transformers.AutoModelForSequenceClassification,
+    "multiple-choice": transformers.AutoModelForMultipleChoice,
+    "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    "causal": transformers.AutoModelForCausalLM,
+}
+# Module names of classification heads across families; kept out of 8/4-bit quantisation
+# because they are tiny and their precision decides the logits we distil.
+HEAD_MODULES = ["classifier", "score", "pre_classifier", "qa_outputs", "classification_head", "pooler"]
+DEFAULT_TEMPLATE = "{text}\nOptions:\n{options}\nAnswer:"
+ANSWER_CUE = "Answer:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+# --------------------------------------------------------------------------- references
+
+
+def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = False) -> str:
+    """Where ``from_pretrained`` should look: an absolute directory, or a Hub id unchanged.
+
+    ``package:MODULE[/subdir]`` is a directory inside an installed package (found without
+    importing it); an existing path, or one written like a path, must be a model directory
+    (config.json, or ``gguf_file``; tokenizer_config.json for a ``tokenizer`` ref); anything
+    else is taken as a Hub id.
+    """
+    needed = gguf_file or ("tokenizer_config.json" if tokenizer else "config.json")
+    if ref.startswith("package:"):
+        module, _, sub = ref.removeprefix("package:").partition("/")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model {ref}: no installed package named '{module}'",
+                hint=f"pip install {module.replace('_', '-')}",
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+        _check_model_dir(path, ref, needed)
+        return str(path.resolve())
+    path = Path(ref).expanduser()
+    looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref
+    if path.exists() or looks_like_path:
+        _check_model_dir(path, ref, needed)
+        return str(path.resolve())
+    return ref
+
+
+def _check_model_dir(path: Path, ref: str, needed: str) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model {ref}: {path} is not a directory", hint="check the path, or give a Hub id")
+    if not (path / needed).is_file():
+        present = sorted(p.name for p in path.iterdir())[:10]
+        raise ModelError(
+            f"model {ref}: {path} has no {needed} (it has: {', '.join(present) or 'nothing'})",
+            hint="check gguf_file" if needed.endswith(".gguf") else "point at the folder save_pretrained wrote",
+        )
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+@dataclass
+class TaskOutput:
+    logits: Tensor  # [B, C] over classes or options
+    hidden_states: tuple[Tensor, ...] | None  # per layer [B', L, D], embeddings at index 0; B' = B*C for multiple-choice
+    attention_mask: Tensor  # [B', L], for pooling hidden states
+
+
+@dataclass
+class TaskModel:
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    kind: str  # "sequence-classification" | "multiple-choice" | "seq2seq" | "causal"
+    task: str  # "classify" | "choice" | "generate"
+    num_classes: int
+    option_token_ids: list[int] | None = None  # seq2seq/causal choice: the tokens "1".."N"
+    max_length: int = 128
+    prompt_suffix: str = ""  # appended to decoder prompts so that the option token comes next
+    runner: nn.Module | None = None  # what runs forward when it is not `model` itself: a DDP wrapper in training
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks (the encoder's for seq2seq), not counting the embeddings."""
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ----------------------------------------------------------------- encode
+
+    def encode(self, examples: list[dict], max_length: int | None = None, template: str | None = None) -> dict[str, Tensor]:
+        """Tensors for a batch of normalised examples, always with ``labels`` [B] (-100 = no label)."""
+        max_length = max_length or self.max_length
+        labels = torch.tensor([ex["label"] if ex["label"] >= 0 else -100 for ex in examples], dtype=torch.long)
+        if self.task == "classify":
+            batch = self._tokenize([ex["text"] for ex in examples], max_length=max_length)
+        elif self.task == "choice":
+            for ex in examples:
+                if len(ex["options"]) != self.num_classes:
+                    raise DataError(
+                        f"example {ex['id']}: {len(ex['options'])} options, but the model scores {self.num_classes}"
+                    )
+            if self.kind == "multiple-choice":
+                batch = self._encode_pairs(examples, max_length)
+            else:
+                prompts = [render_prompt(ex, template) + self.prompt_suffix for ex in examples]
+                batch = self._tokenize(prompts, max_length=max_length)
+                if self.kind == "seq2seq":
+                    start = self.model.config.decoder_start_token_id
+                    batch["decoder_input_ids"] = torch.full((len(examples), 1), start, dtype=torch.long)
+        else:
+            raise ModelError(f"TaskModel.encode covers classify and choice, not '{self.task}'")
+        batch["labels"] = labels
+        return batch
+
+    def _tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int) -> dict[str, Tensor]:
+        return dict(
+            self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        )
+
+    def _encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:
+        """[B, C, L] inputs for a multiple-choice encoder.
+
+        A WinoGrande-style sentence with a ``_`` blank is scored with each option put into
+        the blank (the whole sentence then reads naturally); otherwise (text, option) pairs.
+        """
+        encodings = []
+        for ex in examples:
+            for option in ex["options"]:
+                blank = "_" in ex["text"]
+                first = ex["text"].replace("_", option, 1) if blank else ex["text"]
+                encodings.append(
+                    self.tokenizer(first, None if blank else option, truncation=True, max_length=max_length)
+                )
+        # Padded together afterwards because a batch may mix the two kinds of example.
+        flat = self.tokenizer.pad(encodings, return_tensors="pt")
+        b, c = len(examples), self.num_classes
+        return {key: value.view(b, c, -1) for key, value in flat.items()}
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, batch: dict[str, Tensor], output_hidden_states: bool = False) -> TaskOutput:
+        """Logits over classes/options for an ``encode`` batch (on any device; moved to the model's)."""
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        mask = inputs["attention_mask"]
+        if _is_decoder_only(self.model.config):
+            # Positions count real tokens only, so left and right padding give the same result.
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs["use_cache"] = False  # one forward pass, no generation: a KV cache is wasted memory
+        out = (self.runner or self.model)(**inputs, output_hidden_states=output_hidden_states)
+
+        if self.kind in ("sequence-classification", "multiple-choice"):
+            logits = out.logits
+            hidden = out.hidden_states
+            mask = mask.view(-1, mask.shape[-1])
+        elif self.kind == "seq2seq":
+            logits = out.logits[:, 0, self.option_token_ids]
+            hidden = out.encoder_hidden_states
+        else:
+            # The answer follows the last real token, wherever the padding is.
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = (mask * positions).argmax(-1)
+            logits = out.logits[torch.arange(len(last), device=last.device), last][:, self.option_token_ids]
+            hidden = out.hidden_states
+        return TaskOutput(logits=logits, hidden_states=hidden if output_hidden_states else None, attention_mask=mask)
+
+    __call__ = forward
+
+    # ----------------------------------------------------------------- save
+
+    def save(self, path: str | Path, label_names: list[str] | None = None) -> Path:
+        """save_pretrained of model and tokenizer, plus kd.json; classifiers get their label names."""
+        path = Path(path)
+        if label_names and self.kind == "sequence-classification":
+            self.model.config.id2label = dict(enumerate(label_names))
+            self.model.config.label2id = {name: i for i, name in enumerate(label_names)}
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
+        (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def render_prompt(example: dict, template: str | None = None) -> str:
+    """The prompt for an LM: ``{text}`` and ``{options}`` (numbered lines "1. ...")."""
+    options = "\n".join(f"{i}. {option}" for i, option in enumerate(example["options"], start=1))
+    return (template or DEFAULT_TEMPLATE).format(text=example["text"], options=options)
+
+
+def _is_decoder_only(config: transformers.PretrainedConfig) -> bool:
+    return not config.is_encoder_decoder and type(config) not in transformers.MODEL_FOR_MULTIPLE_CHOICE_MAPPING
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def pick_head(spec_head: str, task: str, config: transformers.PretrainedConfig) -> str:
+    """The head to load: the recipe's, or for ``auto`` the one the task and architecture call for."""
+    if spec_head != "auto":
+        if spec_head not in HEADS_FOR_TASK[task]:
+            raise ModelError(f"head '{spec_head}' cannot do task '{task}'")
+        return spec_head
+    if task == "classify":
+        return "sequence-classification"
+    architectures = config.architectures or []
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    if any(a.endswith("ForCausalLM") for a in architectures) or _is_decoder_only(config):
+        return "causal"
+    return "multiple-choice" if task == "choice" else "causal"
+
+
+def load_task_model(
+    spec: ModelSpec,
+    task: str,
+    num_classes: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    path_override: str | None = None,
+    max_length: int = 128,
+) -> TaskModel:
+    """Load ``spec`` for ``task`` with ``num_classes`` classes (or options).
+
+    ``path_override`` loads from another directory with the spec's options (a fine-tuned
+    teacher kept under the run). ``dtype`` beats ``spec.dtype``.
+    """
+    ref = path_override or spec.ref
+    where = resolve_ref(ref, spec.gguf_file)
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.gguf_file:
+        common["gguf_file"] = spec.gguf_file
+
+    config = _load(transformers.AutoConfig.from_pretrained, where, ref, **common)
+    kind = pick_head(spec.head, task, config)
+    trainable = isinstance(spec, StudentConfig) or getattr(spec, "finetune", None) is not None
+    kwargs: dict = dict(common, dtype=dtype or _dtype(spec.dtype, device))
+    if kind == "sequence-classification":
+        kwargs["num_labels"] = num_classes
+        has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if has_head and config.num_labels != num_classes:
+            if not trainable:
+                raise ModelError(
+                    f"model {ref}: its classification head has {config.num_labels} labels, the task has {num_classes}",
+                    hint="fine-tune it first (finetune = {...} in its teacher table), or use a model trained for this task",
+                )
+            kwargs["ignore_mismatched_sizes"] = True
+    if spec.load_in_8bit or spec.load_in_4bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=spec.load_in_8bit, load_in_4bit=spec.load_in_4bit, llm_int8_skip_modules=HEAD_MODULES
+        )
+        kwargs["device_map"] = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    model, info = _load(HEAD_CLASSES[kind].from_pretrained, where, ref, output_loading_info=True, **kwargs)
+    missing_head = [k for k in info["missing_keys"] if k.split(".")[0] in HEAD_MODULES]
+    if missing_head and not trainable and kind in ("sequence-classification", "multiple-choice"):
+        raise ModelError(
+            f"model {ref}: has no trained {kind} head (missing {', '.join(sorted(missing_head)[:4])})",
+            hint="a teacher must be trained for the task: add finetune = {...} to its table",
+        )
+
+    tokenizer = load_tokenizer(spec, path_override)
+    if model.config.pad_token_id is None:
+        # Causal sequence classifiers find each row's last real token through pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None and "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+
+    options, suffix = None, ""
+    if task == "choice" and kind in ("seq2seq", "causal"):
+        options, suffix = option_token_ids(tokenizer, kind, num_classes)
+    return TaskModel(model, tokenizer, kind, task, num_classes, options, max_length, suffix)
+
+
+def load_tokenizer(spec: ModelSpec, path_override: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The spec's tokenizer (its own `tokenizer` ref, else the model's), always with a pad token."""
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.tokenizer:  # a tokenizer of its own: the model's gguf_file does not apply to it
+        tokenizer = _load(transformers.AutoTokenizer.from_pretrained, resolve_ref(spec.tokenizer, tokenizer=True), spec.tokenizer, **common)
+    else:
+        ref = path_override or spec.ref
+        if spec.gguf_file:
+            common["gguf_file"] = spec.gguf_file
+        tokenizer = _load(transformers.AutoTokenizer.from_pretrained, resolve_ref(ref, spec.gguf_file), ref, **common)
+    if tokenizer.pad_token is None:
+        # Decoders often ship without one; padding with EOS is safe because of the attention mask.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(spec: ModelSpec) -> transformers.PretrainedConfig:
+    """The model's config alone (cheap): layer counts and widths without loading weights."""
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.gguf_file:
+        common["gguf_file"] = spec.gguf_file
+    return _load(transformers.AutoConfig.from_pretrained, resolve_ref(spec.ref, spec.gguf_file), spec.ref, **common)
+
+
+def _dtype(name: str, device: str | torch.device | None) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    on_gpu = str(device or "").startswith("cuda") and torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _load(loader, where: str, ref: str, **kwargs):
+    """Call a from_pretrained and turn the failures a user can fix into ModelErrors."""
+    try:
+        return loader(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise ModelError(
+                f"model {ref}: needs the code in its repository to run",
+                hint="set trust_remote_code = true for this model if you trust its author",
+            ) from None
+        if isinstance(exc, OSError) and not Path(where).is_dir():
+            raise ModelError(
+                f"model {ref}: could not be downloaded from the Hugging Face Hub ({text.splitlines()[0]})",
+                hint="check the name and network, or use a local directory or a package:MODULE/subdir ref",
+            ) from None
+        raise
+
+
+def option_token_ids(tokenizer, kind: str, n: int) -> tuple[list[int], str]:
+    """The token of each option number "1".."n" as the model would produce it after the prompt,
+    and the text to append to a decoder's prompt so that this token comes next.
+
+    A decoder sees the answer right after ``Answer:``: the number's token is what ``Answer: k``
+    adds to ``Answer:``, usually " k" (suffix ""). Tokenizers that split digits from the space
+    before them (SmolLM2, Llama 3) add a lone space token first; the prompt then ends with that
+    space (suffix " ") and the answer is the bare digit. A seq2seq decoder starts fresh.
+    """
+    if kind == "seq2seq":
+        continuations = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, n + 1)]
+        suffix = ""
+    else:
+        cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        continuations = []
+        for k in range(1, n + 1):
+            full = tokenizer(f"{ANSWER_CUE} {k}", add_special_tokens=False)["input_ids"]
+            continuations.append(full[len(cue):] if full[: len(cue)] == cue else full)
+        firsts = {tuple(c[:1]) for c in continuations}
+        space_split = all(len(c) == 2 for c in continuations) and len(firsts) == 1
+        if space_split:
+            continuations = [c[1:] for c in continuations]
+        suffix = " " if space_split else ""
+    for k, tokens in enumerate(continuations, start=1):
+        if len(tokens) != 1:
+            raise ModelError(
+                f"option number {k} is not a single token for this tokenizer ({tokenizer.convert_ids_to_tokens(tokens)})",
+                hint="use a multiple-choice encoder for this dataset, or a model whose tokenizer keeps digits whole",
+            )
+    return [tokens[0] for tokens in continuations], suffix
+
+
+# --------------------------------------------------------------------------- students
+
+
+def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
+    """A shallower copy of the teacher: embeddings, the listed blocks in order, final norm and head.
+
+    Works for any architecture whose blocks live in top-level ``nn.ModuleList``s (BERT, RoBERTa,
+    DistilBERT, Llama-style decoders; T5's encoder and decoder stacks take the same indices).
+    """
+    if getattr(teacher.model, "is_quantized", False):
+        raise ModelError(
+            "a quantised (8-bit/4-bit) teacher cannot be copied into a student",
+            hint="load that teacher without load_in_8bit/load_in_4bit to build the student from it",
+        )
+    n = teacher.num_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ModelError(f"student layers {bad or layers}: the teacher has layers 0..{n - 1}")
+
+    config = copy.deepcopy(teacher.model.config)
+    config.num_hidden_layers = len(layers)  # attribute_map covers DistilBERT's n_layers, T5's num_layers
+    if getattr(config, "num_decoder_layers", None) is not None:
+        config.num_decoder_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = type(teacher.model)(config).to(dtype=teacher.model.dtype, device=teacher.device).eval()
+
+    stacks = _block_lists(teacher.model, n)
+    source = teacher.model.state_dict()
+    state = {}
+    for key in student.state_dict():
+        mapped = key
+        for stack in stacks:
+            match = re.match(rf"{re.escape(stack)}\.(\d+)\.(.*)", key)
+            if match:
+                mapped = f"{stack}.{layers[int(match[1])]}.{match[2]}"
+        # T5 keeps its relative position bias in block 0 only; it stays with block 0.
+        state[key] = source[mapped] if mapped in source else source[key]
+    student.load_state_dict(state, strict=True)
+    return TaskModel(
+        student, teacher.tokenizer, teacher.kind, teacher.task, teacher.num_classes,
+        teacher.option_token_ids, teacher.max_length, teacher.prompt_suffix,
+    )
+
+
+def _block_lists(model: nn.Module, n: int) -> list[str]:
+    """Names of the ModuleLists holding the ``n`` transformer blocks (not lists nested inside a block)."""
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and name and not re.search(r"\.\d+(\.|$)", name)
+    ]
+    if not names:
+        raise ModelError(f"cannot find the transformer blocks of {type(model).__name__} to copy")
+    return names
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_compatible(student: TaskModel, teachers: dict[str, TaskModel], hidden_maps: dict[str, list[tuple[int, int]]]) -> None:
+    """Refuse, before training, a student and teachers that cannot be distilled into each other.
+
+    ``hidden_maps[name]`` lists (student_layer, teacher_layer) pairs, block indices as in ``num_layers``.
+    """
+    problems = []
+    for name, teacher in teachers.items():
+        if teacher.task != student.task:
+            problems.append(f"teacher {name} is loaded for task '{teacher.task}', the student for '{student.task}'")
+        if teacher.num_classes != student.num_classes:
+            problems.append(
+                f"teacher {name} scores {teacher.num_classes} {'options' if student.task == 'choice' else 'classes'}, "
+                f"the student {student.num_classes}"
+            )
+        for s, t in hidden_maps.get(name, []):
+            if not 0 <= s < student.num_layers:
+                problems.append(f"teacher {name}: hidden map student layer {s} does not exist (0..{student.num_layers - 1})")
+            if not 0 <= t < teacher.num_layers:
+                problems.append(f"teacher {name}: hidden map teacher layer {t} does not exist (0..{teacher.num_layers - 1})")
+    if problems:
+        raise ModelError("; ".join(problems), hint="fix the teachers' hidden maps or the models in the recipe")
+
+
+def weights_fingerprint(model_or_path: nn.Module | str | Path) -> str:
+    """A short hash of a model's weights: of the weight files in a directory, or of a state dict."""
+    digest = hashlib.sha256()
+    if isinstance(model_or_path, nn.Module):
+        for name, tensor in sorted(model_or_path.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+    path = Path(model_or_path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ModelError(f"no weight files under {path}")
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+    """A short hash of what decides token ids: the vocabulary, rules and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{special}\n{body}".encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "TaskModel", "TaskOutput", "resolve_ref", "load_task_model", "pick_head", "render_prompt", "option_token_ids",
+    "student_from_teacher", "check_compatible", "weights_fingerprint", "tokenizer_fingerprint", "load_tokenizer",
+    "load_config",
+]

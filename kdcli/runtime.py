@@ -1,0 +1,58 @@
+"""Device, precision and seeding: where kd runs, and why it chose that.
+
+Every command that runs a model goes through ``make_accelerator`` so one process
+on a laptop CPU and eight under ``accelerate launch`` take the same code path.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from kdcli import __version__
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator on the GPU when there is one, else on the CPU (gloo when several processes)."""
+    import torch
+    from accelerate import Accelerator
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and mixed_precision == "fp16":
+        # fp16 autocast with gradient scaling is a CUDA feature; on CPU it would fail deep inside torch.
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def describe(accelerator=None, dtype: str | None = None, why: str = "") -> dict[str, Any]:
+    """What ran where: recorded in env.json and in every eval/bench result."""
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "kd": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if accelerator is not None:
+        info["device"] = str(accelerator.device)
+        info["processes"] = accelerator.num_processes
+        info["mixed_precision"] = accelerator.mixed_precision
+    if dtype:
+        info["dtype"] = dtype
+        info["dtype_reason"] = why
+    return info

