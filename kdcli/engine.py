@@ -355,3 +355,26 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     accelerator.wait_for_everyone()
     return results
 
+
+
+def load_role(recipe: Recipe, role: str, num_classes: int) -> "TaskModel":
+    """The model a role names: `student`, `dataset`, `baseline` (the student before training),
+    `teacher:NAME`, or any model reference (a path, a Hub id, `package:...`)."""
+    from kdcli.models import load_task_model
+
+    run = RunDir.for_recipe(recipe)
+    if role in ROLES:
+        path = run.final(role)
+        if not (path / "config.json").is_file():
+            command = "kd distill RECIPE" + (" --no-teachers" if role == "dataset" else "")
+            raise ModelError(f"there is no trained {role} model at {path}", f"run `{command}` first")
+        spec = recipe.student.model_copy(update={"ref": str(path), "from_teacher": None, "layers": [], "revision": None, "gguf_file": None})
+        return load_task_model(spec, recipe.task, num_classes)
+    if role == "baseline":
+        return initial_student(recipe, run, num_classes, previous=None)
+    if role.startswith("teacher:"):
+        name = role.split(":", 1)[1]
+        if name not in recipe.teachers:
+            raise ModelError(f"no teacher named '{name}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
+        return load_teacher(recipe, run, name, num_classes)
+    return load_task_model(ModelSpec(ref=role), recipe.task, num_classes)

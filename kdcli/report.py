@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
 
 
 def print_prepare_summary(results: list["PrepareResult"]) -> None:
     """Per stage: a heading, rows and label histogram per split, then duplicates dropped, time and where the data is."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     console = Console(highlight=False)
     for result in results:
         state = "up to date (no changes)" if result.skipped else f"prepared ({result.reason})"
