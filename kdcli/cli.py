@@ -172,7 +172,7 @@ def cache_teachers(
 
     recipe = _load(recipe_path, overrides)
     _write_resolved(recipe)
-    reports = build(recipe, force=force, quiet=as_json)
+    reports = build(recipe, force=force, quiet=as_json)  # quiet: nothing but the JSON on stdout
     if as_json:
         _emit_json(reports)
     else:
@@ -194,9 +194,13 @@ def distill(
     from kdcli.engine import distill as run_stages
     from kdcli.report import print_distill_summary
 
+    from rich.console import Console
+
     recipe = _load(recipe_path, overrides)
     _write_resolved(recipe)
-    results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json)
+    # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
+    results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json,
+                         console=Console(stderr=as_json))
     if as_json:
         from dataclasses import asdict
 
@@ -215,8 +219,16 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Score a model on a split: accuracy, F1, and agreement with the teachers."""
-    _load(recipe_path, overrides)
-    _not_built("eval", "evaluation")
+    from kdcli.evaluate import evaluate_role
+    from kdcli.report import print_eval
+
+    recipe = _load(recipe_path, overrides)
+    _write_resolved(recipe)
+    result = evaluate_role(recipe, model, split)
+    if as_json:
+        _emit_json(result)
+    else:
+        print_eval(result)
 
 
 @app.command()
@@ -224,24 +236,67 @@ def eval_(
 def bench(
     recipe_path: Annotated[Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)] = None,
     overrides: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, all or a model path.")] = "student",
+    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, baseline, dataset, all or a model path.")] = "student",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency, throughput, size and memory of a model on real inputs."""
-    if recipe_path is not None:
-        _load(recipe_path, overrides)
-    _not_built("bench", "benchmarking")
+    from kdcli.bench import bench_role, latest_run, roles_for_all
+    from kdcli.errors import ModelError
+    from kdcli.report import print_bench
+    from kdcli.rundir import RunDir
+
+    if recipe_path is None:
+        recipe_path = latest_run()
+        if not as_json:
+            typer.echo(f"using the latest run: {recipe_path}", err=True)
+    recipe = _load(recipe_path, overrides)
+    _write_resolved(recipe)
+    results, skipped = [], {}
+    if model == "all":
+        for role in roles_for_all(recipe, RunDir.for_recipe(recipe)):
+            try:
+                results.append(bench_role(recipe, role))
+            except ModelError as exc:  # e.g. a teacher not fine-tuned yet: bench the others
+                skipped[role] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+        if not results:
+            raise ModelError("no model of this recipe could be benchmarked", "; ".join(f"{r}: {w}" for r, w in skipped.items()))
+    else:
+        results.append(bench_role(recipe, model))
+    if as_json:
+        _emit_json({"results": results, "skipped": skipped})
+    else:
+        print_bench(results, skipped)
 
 
 @app.command()
 @_error_boundary
 def compare(
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or recipes.", show_default=False)] = None,
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or recipes (default: every run in ./runs).", show_default=False)] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Write the table as md, csv or json.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.")] = False,
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
-    _not_built("compare", "reporting")
+    from kdcli.report import collect_run, plot_losses, plot_quality_speed, print_compare, render_compare, run_roots
+    from kdcli.rundir import write_text_atomic
+
+    if fmt not in (None, "md", "csv", "json"):
+        raise typer.BadParameter(f"{fmt!r} is not one of md, csv, json", param_hint="--format")
+    if output is not None and fmt is None:
+        raise typer.BadParameter("--output needs --format", param_hint="--output")
+    tables = [collect_run(root) for root in run_roots(runs or [])]
+    if fmt is None:
+        print_compare(tables)
+    else:
+        text = render_compare(tables, fmt)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            write_text_atomic(output, text)
+    if plots:
+        written = [path for table in tables for path in plot_losses(table)] + plot_quality_speed(tables)
+        for path in written:
+            typer.echo(f"plot: {path}", err=fmt is not None and output is None)
 
 
 @app.command()

@@ -181,8 +181,9 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     from kdcli.cache import LiveTeacher, build_cache, check_cache
     from kdcli.runtime import make_accelerator
 
-    console = console or Console()
+    console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
     run = RunDir.for_recipe(recipe)
+    preflight(recipe, run, console)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
@@ -272,6 +273,29 @@ def _teacher_config(recipe: Recipe, run: RunDir, name: str):
     return load_config(teacher_spec(recipe, run, name))
 
 
+def preflight(recipe: Recipe, run: RunDir, console: Console) -> None:
+    """Check label counts, the student's layers and every layer map against the models' configs,
+    before any training or caching (configs are cheap; a mistake found after an hour is not)."""
+    from kdcli.models import check_label_count, load_config
+
+    configs = {name: load_config(spec) for name, spec in recipe.teachers.items()}
+    if recipe.student.from_teacher:
+        depth = configs[recipe.student.from_teacher].num_hidden_layers
+        wrong = [i for i in recipe.student.layers if i >= depth]
+        if wrong:
+            raise ModelError(
+                f"student.layers {wrong}: teacher '{recipe.student.from_teacher}' has layers 0..{depth - 1}",
+                "pick layers that exist in the teacher",
+            )
+    student_layers = _student_layers(recipe)
+    for stage in recipe.resolved_stages():
+        data = stage_data(recipe, run, stage, console)
+        for name in stage.teachers or []:
+            check_label_count(recipe.teachers[name], configs[name], recipe.task, data.num_classes)
+            if stage.loss.beta > 0:
+                hidden_pairs(recipe, name, student_layers, configs[name].num_hidden_layers)
+
+
 # --------------------------------------------------------------------------- students and stages
 
 
@@ -305,6 +329,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
 
     console = console or Console()
     run = RunDir.for_recipe(recipe)
+    preflight(recipe, run, console)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if role == "student":
         finetune_teachers(recipe, run, accelerator, console)

@@ -320,12 +320,14 @@ def layer_pairs(
     raise ValueError(f"unknown layer map {map!r}; expected 'skip', 'last' or 'pairs'")
 
 
-def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None = None) -> Tensor:
+def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """KL(prior || mean prediction): how far the batch's average prediction drifts from the label prior.
 
     student_logits [N, C], prior [C] (label frequencies: counts or probabilities, normalised
-    here), mask [N] or None -> scalar. Rows are softmaxed at temperature 1 and averaged over
-    valid rows. A student that answers the majority class for everything scores high even when
+    here), mask [N] or None -> scalar. Rows are softmaxed at ``temperature`` and averaged over
+    valid rows. At temperature 1 a student can satisfy the penalty by hedging every answer at
+    the prior while still answering the majority class everywhere; below 1 the average comes
+    close to the histogram of the answers themselves, so only answering differently helps. A student that answers the majority class for everything scores high even when
     each answer is confident, which per-example losses do not catch. 0 when fully masked.
     """
     if student_logits.dim() != 2 or prior.shape != student_logits.shape[-1:]:
@@ -340,7 +342,7 @@ def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None
     target = prior.detach().float().to(student_logits.device)
     target = target / target.sum()
 
-    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_q = torch.where(rows.unsqueeze(-1), log_q, torch.tensor(float("-inf"), device=log_q.device))
     # log of the mean probability, from logs, so a collapsed class's tiny mass keeps its gradient.
     log_mean = torch.logsumexp(log_q, dim=0) - torch.log(rows.sum().float())

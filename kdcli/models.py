@@ -36,6 +36,11 @@ from pathlib import Path
 
 import torch
 import transformers
+
+# kd reports what matters itself (a missing head is an error, progress is one rich bar): the
+# libraries' own load reports and per-file progress bars would bury it.
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
 from torch import Tensor, nn
 
 from kdcli.errors import DataError, ModelError
@@ -286,13 +291,7 @@ def load_task_model(
     kwargs: dict = dict(common, dtype=dtype or _dtype(spec.dtype, device))
     if kind == "sequence-classification":
         kwargs["num_labels"] = num_classes
-        has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        if has_head and config.num_labels != num_classes:
-            if not trainable:
-                raise ModelError(
-                    f"model {ref}: its classification head has {config.num_labels} labels, the task has {num_classes}",
-                    hint="fine-tune it first (finetune = {...} in its teacher table), or use a model trained for this task",
-                )
+        if not check_label_count(spec, config, task, num_classes):
             kwargs["ignore_mismatched_sizes"] = True
     if spec.load_in_8bit or spec.load_in_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
@@ -320,6 +319,26 @@ def load_task_model(
     if task == "choice" and kind in ("seq2seq", "causal"):
         options, suffix = option_token_ids(tokenizer, kind, num_classes)
     return TaskModel(model, tokenizer, kind, task, num_classes, options, max_length, suffix)
+
+
+def check_label_count(spec: ModelSpec, config: transformers.PretrainedConfig, task: str, num_classes: int) -> bool:
+    """True when the model's classification head (if any) already has ``num_classes`` labels.
+
+    A mismatch is fine for a model kd will train (the head is re-initialised) and an error
+    for a teacher used as it is.
+    """
+    if pick_head(spec.head, task, config) != "sequence-classification":
+        return True
+    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if not has_head or config.num_labels == num_classes:
+        return True
+    trainable = isinstance(spec, StudentConfig) or getattr(spec, "finetune", None) is not None
+    if not trainable:
+        raise ModelError(
+            f"model {spec.ref}: its classification head has {config.num_labels} labels, the task has {num_classes}",
+            hint="fine-tune it first (finetune = {...} in its teacher table), or use a model trained for this task",
+        )
+    return False
 
 
 def load_tokenizer(spec: ModelSpec, path_override: str | None = None) -> transformers.PreTrainedTokenizerBase:
@@ -517,5 +536,5 @@ def tokenizer_fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> st
 __all__ = [
     "TaskModel", "TaskOutput", "resolve_ref", "load_task_model", "pick_head", "render_prompt", "option_token_ids",
     "student_from_teacher", "check_compatible", "weights_fingerprint", "tokenizer_fingerprint", "load_tokenizer",
-    "load_config",
+    "load_config", "check_label_count",
 ]

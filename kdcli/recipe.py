@@ -261,6 +261,12 @@ class LossConfig(Section):
         description="Weight of the diversity penalty: the batch's mean prediction is pulled to the label "
         "prior, so the student cannot collapse onto the most common answer.",
     )
+    diversity_temperature: float = Field(
+        0.3,
+        gt=0,
+        description="Softmax temperature of the diversity penalty; below 1 it compares the batch's answer "
+        "histogram (not its hedged probabilities) with the label prior.",
+    )
     teacher_weighting: Literal["static", "confidence", "entropy"] = Field(
         "static",
         description="How several teachers' distributions are mixed: static weights, per example by the "

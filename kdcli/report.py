@@ -1,12 +1,16 @@
-"""Human output: rich tables for what each command did."""
+"""Human output: rich tables for what each command did; `kd compare`'s tables, exports and plots."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from kdcli.errors import KdError
 
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
@@ -80,3 +84,425 @@ def _human_bytes(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GB"
+
+
+# --------------------------------------------------------------------------- kd eval / kd bench
+
+
+def print_eval(result: dict, console: Console | None = None) -> None:
+    """Headline metrics, per-class report, confusion matrix, answer histogram, agreement and disagreements."""
+    console = console or Console(highlight=False)
+    metrics = result["metrics"]
+    names = metrics["label_names"]
+    table = Table(title=f"{escape(result['role'])} on {result['split']} ({result['n']} examples)")
+    for column in ("model", "parameters", "accuracy", "F1", "precision", "recall", "examples/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(
+        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['accuracy']:.4f}", f"{metrics['f1']:.4f}",
+        f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}", f"{result['examples_per_second']:,.1f}",
+    )
+    console.print(table)
+
+    per_class = Table(title="per class")
+    for column in ("class", "precision", "recall", "F1", "support", "predicted"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, scores in metrics["per_class"].items():
+        per_class.add_row(escape(name), f"{scores['precision']:.4f}", f"{scores['recall']:.4f}", f"{scores['f1']:.4f}",
+                          str(scores["support"]), str(scores["predicted"]))
+    console.print(per_class)
+
+    confusion = Table(title="confusion (rows: gold, columns: predicted)")
+    confusion.add_column("")
+    for name in names:
+        confusion.add_column(escape(name), justify="right")
+    for name, row in zip(names, metrics["confusion"]):
+        confusion.add_row(escape(name), *map(str, row))
+    console.print(confusion)
+
+    if "answer_histogram" in result:
+        console.print("answers given: " + "  ".join(
+            f"{escape(k)}: {v} (gold {result['gold_histogram'][k]})" for k, v in result["answer_histogram"].items()
+        ))
+    if result.get("shortcut"):
+        console.print(f"[bold yellow]warning:[/] {escape(result['shortcut'])}")
+    for teacher, rate in result.get("agreement", {}).items():
+        console.print(f"agreement with teacher {escape(teacher)}: {rate:.1%}")
+    for teacher, why in result.get("agreement_skipped", {}).items():
+        console.print(f"[yellow]no agreement with teacher {escape(teacher)}: {escape(why)}[/]")
+    _print_disagreements(result, console)
+    console.print(f"saved {escape(result['path'])}")
+
+
+def _print_disagreements(result: dict, console: Console) -> None:
+    """Each example where the model and a teacher differ, laid out like the study's figures."""
+    from rich.panel import Panel
+
+    for case in result.get("disagreements", []):
+        lines = [f"[bold]input:[/] {escape(case['input'])}"]
+        lines += [f"  {k}. {escape(option)}" for k, option in enumerate(case["options"], start=1)]
+        lines += [
+            f"[bold]gold:[/] {escape(case['gold'])}",
+            f"[bold]teacher {escape(case['teacher'])}:[/] {escape(case['teacher_answer'])}",
+            f"[bold]{escape(result['role'])}:[/] {escape(case['model_answer'])}",
+        ]
+        console.print(Panel("\n".join(lines), title=f"example {escape(str(case['id']))}", title_align="left"))
+
+
+def print_bench(results: list[dict], skipped: dict[str, str] | None = None, console: Console | None = None) -> None:
+    """One row per role and batch size: latency percentiles per example, throughput, memory, size."""
+    console = console or Console(highlight=False)
+    if results:
+        first = results[0]
+        table = Table(title=f"bench on {first['device']} ({first['threads']} threads; model forward, tokenisation excluded)")
+        for column in ("role", "parameters", "size", "batch", "p50 ms/ex", "p95 ms/ex", "mean ms/ex", "ex/s", "peak memory"):
+            table.add_column(column, justify="left" if column == "role" else "right")
+        for r in results:
+            for i, b in enumerate(r["batches"].values()):
+                latency = b["latency_ms_per_example"]
+                table.add_row(
+                    escape(r["role"]) if i == 0 else "", _human_count(r["parameters"]) if i == 0 else "",
+                    (_human_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "") if i == 0 else "",
+                    str(b["batch_size"]), f"{latency['p50']:.3f}", f"{latency['p95']:.3f}", f"{latency['mean']:.3f}",
+                    f"{b['throughput']:,.1f}", _human_bytes(r["peak_memory_bytes"]) if i == 0 else "",
+                )
+        console.print(table)
+    for role, why in (skipped or {}).items():
+        console.print(f"[yellow]skipped {escape(role)}: {escape(why)}[/]")
+    for r in results:
+        console.print(f"saved {escape(r['path'])}")
+
+
+def _human_count(count: int | None) -> str:
+    if count is None:
+        return ""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+# --------------------------------------------------------------------------- kd compare
+#
+# `kd compare` reads only run-directory files (recipe.resolved.toml, eval/*.json,
+# bench/*.json, metrics.jsonl), so runs made on other machines compare. One RunTable per
+# run holds raw values (None = not measured yet); the renderers below format them.
+
+
+@dataclass
+class Column:
+    key: str  # stable name in csv/json
+    title: str  # header in the rich and markdown tables
+    fmt: Callable[[Any], str]
+
+
+@dataclass
+class RunTable:
+    name: str
+    task: str
+    root: Path
+    columns: list[Column]
+    rows: list[dict[str, Any]]  # column key -> value; None where the measurement is missing
+    best: int | None  # index of the best non-teacher row (bold)
+    hints: list[str] = field(default_factory=list)
+
+
+def _fixed(digits: int) -> Callable[[Any], str]:
+    return lambda value: f"{value:.{digits}f}"
+
+
+_COLUMNS = {
+    "role": Column("role", "Role", str),
+    "model": Column("model", "Model", str),
+    "parameters": Column("parameters", "Params", lambda v: _human_count(int(v))),
+    "accuracy": Column("accuracy", "Accuracy", _fixed(4)),
+    "f1": Column("f1", "F1", _fixed(4)),
+    "precision": Column("precision", "Precision", _fixed(4)),
+    "recall": Column("recall", "Recall", _fixed(4)),
+    "ms_per_example": Column("ms_per_example", "ms/example (batch 1)", _fixed(3)),
+    "s_per_question": Column("s_per_question", "s/question (batch 1)", _fixed(4)),
+    "questions_per_s": Column("questions_per_s", "questions/s (batch 1)", _fixed(1)),
+    "kept_pct": Column("kept_pct", "kept vs best teacher", lambda v: f"{v:.1f}%"),
+    "speedup": Column("speedup", "speed-up vs slowest teacher", lambda v: f"{v:.2f}x"),
+    "size_ratio": Column("size_ratio", "size vs largest teacher", lambda v: f"{v:.2f}x"),
+}
+# The study's tables: Table 3 (classify), Table 4 (generate), Table 5 (choice).
+_TASK_COLUMNS = {
+    "classify": ["accuracy", "f1", "ms_per_example"],
+    "generate": ["f1", "precision", "recall", "questions_per_s"],
+    "choice": ["accuracy", "s_per_question"],
+}
+# The quality a student "keeps" and that picks the best row: token F1 for generate, else accuracy.
+_PRIMARY = {"classify": "accuracy", "choice": "accuracy", "generate": "f1"}
+
+
+def run_roots(paths: list[Path]) -> list[Path]:
+    """Run directories named by run directories, recipes or resolved recipes; every run in ./runs by default."""
+    from kdcli.recipe import load
+    from kdcli.rundir import RunDir
+
+    if not paths:
+        roots = sorted(p.parent for p in Path("runs").glob("*/recipe.resolved.toml"))
+        if not roots:
+            raise KdError("no runs under ./runs", "run `kd distill RECIPE` first, or name run directories")
+        return roots
+    roots = []
+    for path in paths:
+        if path.is_dir():
+            roots.append(path)
+        elif path.name == "recipe.resolved.toml":
+            roots.append(path.parent)
+        elif path.is_file():
+            roots.append(RunDir.for_recipe(load(path)).root)
+        else:
+            raise KdError(f"{path}: no such run directory or recipe", "give run directories (runs/NAME) or recipes")
+    return roots
+
+
+def _read_role_files(directory: Path) -> dict[str, dict]:
+    import json
+
+    found = {}
+    for path in sorted(directory.glob("*.json")):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        found[document["role"]] = document
+    return found
+
+
+def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list[str]:
+    """Teachers (recipe order), baseline, dataset (when trained or measured), student, then any other model."""
+    teachers = [f"teacher:{name}" for name in recipe.get("teachers", {})]
+    measured = list(dict.fromkeys([*evals, *benches]))
+    dataset = ["dataset"] if "dataset" in measured or (root / "dataset" / "config.json").is_file() else []
+    known = [*teachers, *sorted(r for r in measured if r.startswith("teacher:") and r not in teachers),
+             "baseline", *dataset, "student"]
+    return known + [r for r in measured if r not in known]
+
+
+def collect_run(root: Path) -> RunTable:
+    """The comparison table of one run directory, from its files alone."""
+    import tomllib
+
+    from kdcli.evaluate import model_description
+
+    recipe_path = root / "recipe.resolved.toml"
+    if not recipe_path.is_file():
+        raise KdError(f"{root} is not a kd run directory (no recipe.resolved.toml)", "give a run directory or a recipe")
+    recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+    task = recipe["task"]
+    evals, benches = _read_role_files(root / "eval"), _read_role_files(root / "bench")
+    primary = _PRIMARY[task]
+    try:
+        shown = recipe_path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = recipe_path
+
+    rows, hints = [], []
+    for role in _ordered_roles(recipe, evals, benches, root):
+        ev, be = evals.get(role), benches.get(role)
+        metrics = ev["metrics"] if ev else {}
+        batch1 = (be or {}).get("batches", {}).get("1")
+        ms = batch1["latency_ms_per_example"]["p50"] if batch1 else None
+        row = {
+            "role": role,
+            "model": (ev or be or {}).get("model") or model_description(recipe, role),
+            "parameters": (ev or be or {}).get("parameters"),
+            "accuracy": metrics.get("accuracy"),
+            "f1": metrics.get("f1"),
+            "precision": metrics.get("precision"),
+            "recall": metrics.get("recall"),
+            "ms_per_example": ms,
+            "s_per_question": ms / 1000 if ms is not None else None,
+            "questions_per_s": 1000 / ms if ms else None,
+        }
+        rows.append(row)
+        if ev is None:
+            hints.append(f"{role}: no eval, run `kd eval {shown} --model {role}`")
+        if be is None:
+            hints.append(f"{role}: no bench, run `kd bench {shown} --model {role}`")
+
+    teachers = [r for r in rows if r["role"].startswith("teacher:")]
+    best_quality = max((r[primary] for r in teachers if r[primary] is not None), default=None)
+    slowest = max((r["ms_per_example"] for r in teachers if r["ms_per_example"] is not None), default=None)
+    largest = max((r["parameters"] for r in teachers if r["parameters"] is not None), default=None)
+    for row in rows:
+        row["kept_pct"] = 100 * row[primary] / best_quality if best_quality and row[primary] is not None else None
+        row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
+        row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
+
+    candidates = [i for i, r in enumerate(rows) if not r["role"].startswith("teacher:") and r[primary] is not None]
+    # On a tie the later row wins: the trained student over the dataset model over the baseline.
+    best = max(candidates, key=lambda i: (rows[i][primary], i), default=None)
+    keys = ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]
+    return RunTable(recipe.get("name", root.name), task, root, [_COLUMNS[k] for k in keys], rows, best, hints)
+
+
+def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
+    """Formatted cells; a missing measurement is blank, never 0."""
+    return [column.fmt(row[column.key]) if row[column.key] is not None else "" for column in table.columns]
+
+
+def print_compare(tables: list[RunTable], console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    for table in tables:
+        rich_table = Table(title=f"{escape(table.name)} ({table.task})")
+        for column in table.columns:
+            rich_table.add_column(column.title, justify="left" if column.key in ("role", "model") else "right")
+        for i, row in enumerate(table.rows):
+            rich_table.add_row(*map(escape, _cells(table, row)), style="bold" if i == table.best else None)
+        console.print(rich_table)
+        for hint in table.hints:
+            console.print(f"[dim]{escape(hint)}[/]")
+
+
+def compare_markdown(tables: list[RunTable]) -> str:
+    """One markdown table per run under a heading; the best student row in bold."""
+    parts = []
+    for table in tables:
+        lines = [f"### {table.name} ({table.task})", "",
+                 "| " + " | ".join(c.title for c in table.columns) + " |",
+                 "|" + "|".join("---" if c.key in ("role", "model") else "---:" for c in table.columns) + "|"]
+        for i, row in enumerate(table.rows):
+            cells = [cell.replace("|", "\\|") for cell in _cells(table, row)]
+            if i == table.best:
+                cells = [f"**{cell}**" if cell else cell for cell in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        if table.hints:
+            lines += [""] + [f"- {hint}" for hint in table.hints]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def compare_csv(tables: list[RunTable]) -> str:
+    """One CSV of every run's rows, raw numbers (blank = missing); columns are the union over runs."""
+    import csv
+    import io
+
+    keys = list(dict.fromkeys(c.key for table in tables for c in table.columns))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["run", "task", *keys, "best"])
+    for table in tables:
+        for i, row in enumerate(table.rows):
+            writer.writerow([table.name, table.task, *("" if row.get(k) is None else row[k] for k in keys), i == table.best])
+    return out.getvalue()
+
+
+def compare_json(tables: list[RunTable]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run": table.name, "task": table.task, "path": str(table.root),
+            "columns": [{"key": c.key, "title": c.title} for c in table.columns],
+            "rows": [{c.key: row[c.key] for c in table.columns} for row in table.rows],
+            "best": table.rows[table.best]["role"] if table.best is not None else None,
+            "hints": table.hints,
+        }
+        for table in tables
+    ]
+
+
+def render_compare(tables: list[RunTable], fmt: str) -> str:
+    """The comparison as `md`, `csv` or `json` text."""
+    import json
+
+    if fmt == "md":
+        return compare_markdown(tables)
+    if fmt == "csv":
+        return compare_csv(tables)
+    return json.dumps(compare_json(tables), indent=2) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def read_metrics(path: Path) -> dict[str, list[dict]]:
+    """metrics.jsonl grouped by job (stage), keeping only the records of the latest attempt.
+
+    The file is appended to by every run. When a job's step goes back (a resume from an
+    earlier checkpoint, or a fresh start), the records it redoes (at or after that step)
+    are dropped, so a resumed run keeps its history and a restarted one replaces it.
+    """
+    import json
+
+    jobs: dict[str, list[dict]] = {}
+    if not path.is_file():
+        return jobs
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        records = jobs.setdefault(record.get("stage", "?"), [])
+        if records and record["step"] < records[-1]["step"]:
+            records[:] = [r for r in records if r["step"] < record["step"]]
+        records.append(record)
+    return jobs
+
+
+def plot_losses(table: RunTable) -> list[Path]:
+    """Per job: training and validation loss against samples seen, the kept (best) checkpoint marked."""
+    from matplotlib.figure import Figure  # the object API renders with Agg; no pyplot global state
+
+    written = []
+    for job, records in read_metrics(table.root / "metrics.jsonl").items():
+        train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+        evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+        if not train and not evals:
+            continue
+        figure = Figure(figsize=(7, 4.5))
+        axes = figure.subplots()
+        if train:
+            samples = [r["samples"] for r in train]
+            axes.plot(samples, [r["loss"] for r in train], label="training loss (total)")
+            if any(r.get("ce") is not None and r["ce"] != r["loss"] for r in train):
+                # The total mixes in teacher terms; its CE part is what the validation loss measures.
+                axes.plot(samples, [r.get("ce") for r in train], "--", label="training CE (gold labels)")
+        if evals:
+            axes.plot([r["samples"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss (CE on gold)")
+            kept = [r for r in evals if r.get("best")]
+            if kept:  # the last improvement is the checkpoint that was kept
+                axes.plot(kept[-1]["samples"], kept[-1]["val_loss"], "*", markersize=16, color="crimson",
+                          label=f"best checkpoint (step {kept[-1]['step']})")
+        axes.set_xlabel("samples seen")
+        axes.set_ylabel("loss")
+        axes.set_title(f"{table.name}: {job}")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        path = table.root / "plots" / f"loss-{job.replace('/', '_')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def plot_quality_speed(tables: list[RunTable]) -> list[Path]:
+    """Accuracy (token F1 for generate) against ms/example, one point per model across runs of the same task.
+
+    Each run's plots/ gets the picture of its task, so a run directory stays self-contained.
+    """
+    from matplotlib.figure import Figure
+
+    written = []
+    for table in tables:
+        peers = [t for t in tables if t.task == table.task]
+        primary = _PRIMARY[table.task]
+        points = [(t, r) for t in peers for r in t.rows if r[primary] is not None and r["ms_per_example"] is not None]
+        if not points:
+            continue
+        figure = Figure(figsize=(7, 4.5))
+        axes = figure.subplots()
+        for t, row in points:
+            teacher = row["role"].startswith("teacher:")
+            axes.scatter(row["ms_per_example"], row[primary], marker="s" if teacher else "o",
+                         color="tab:blue" if teacher else "tab:orange")
+            label = row["role"] if len(peers) == 1 else f"{t.name}/{row['role']}"
+            axes.annotate(label, (row["ms_per_example"], row[primary]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axes.set_xscale("log")
+        axes.set_xlabel("inference time, ms/example at batch 1 (log scale)")
+        axes.set_ylabel("token F1" if primary == "f1" else "accuracy")
+        axes.set_title(f"{table.task}: quality against inference time (squares: teachers)")
+        axes.grid(alpha=0.3)
+        path = table.root / "plots" / "accuracy-latency.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        written.append(path)
+    return written

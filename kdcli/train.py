@@ -148,7 +148,9 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tup
         import torch
 
         prior = torch.tensor(job.label_prior, device=output.logits.device)
-        parts["diversity"] = losses.diversity_penalty(output.logits, prior, labels != -100)
+        parts["diversity"] = losses.diversity_penalty(
+            output.logits, prior, labels != -100, cfg.diversity_temperature
+        )
     weights = {"ce": cfg.alpha, "kd": 1 - cfg.alpha, "hidden": cfg.beta, "diversity": cfg.gamma}
     total = sum(weights[k] * v for k, v in parts.items())
     return total, parts, output
@@ -292,15 +294,16 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
     )
-    model, projections, optimizer = accelerator.prepare(student.model, projections, optimizer)
+    if len(projections):
+        model, projections, optimizer = accelerator.prepare(student.model, projections, optimizer)
+    else:  # DDP refuses a module without parameters
+        model, optimizer = accelerator.prepare(student.model, optimizer)
     student = replace(student, model=accelerator.unwrap_model(model), runner=model)
     job = replace(job, student=student)
 
     state = None
     if resume:
         state = _load_checkpoint(job, accelerator, model, projections, optimizer, scheduler, console)
-        if state is None:
-            console.print(f"no checkpoint for {job.name} yet: starting from the beginning")
     elif _checkpoints(job.checkpoint_dir) and accelerator.is_main_process:
         shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them
     accelerator.wait_for_everyone()
@@ -355,12 +358,12 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     total, parts, _ = compute_loss(job, examples, "train", projections)
-                    check_finite({**parts, "total": total}, state.step + 1)
+                    check_finite({k: v.detach() for k, v in {**parts, "total": total}.items()}, state.step + 1)
                     # Weight by this micro-batch's share of the step's examples; DDP averages over processes.
                     accelerator.backward(total * len(examples) * world / per_step)
                 for key, value in parts.items():
-                    window[key] = window.get(key, 0.0) + float(value) / cfg.grad_accum
-                window["loss"] = window.get("loss", 0.0) + float(total) / cfg.grad_accum
+                    window[key] = window.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+                window["loss"] = window.get("loss", 0.0) + float(total.detach()) / cfg.grad_accum
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
             optimizer.step()

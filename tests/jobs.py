@@ -1,0 +1,76 @@
+"""Training jobs on tiny models, shared by the invariance tests and the 2-process script.
+
+Kept free of pytest so that ``tests/distributed_job.py`` can build the very same job
+under torchrun.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+import kit
+from kdcli.cache import LiveTeacher
+from kdcli.models import load_task_model, student_from_teacher
+from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
+from kdcli.train import Job
+
+LABELS = ["negative", "neutral", "positive"]
+CUES = {0: ["fell", "cut", "weakened", "losses"], 1: ["unchanged", "expected", "remain", "proposed"], 2: ["rose", "grew", "raised", "increased"]}
+
+
+def rows(n: int, seed: int = 0, weights: tuple[float, ...] = (1, 1, 1)) -> list[dict]:
+    """Normalised classify examples whose label is given away by one cue word."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = rng.choices(range(3), weights=weights)[0]
+        text = f"sales {rng.choice(CUES[label])} by {rng.randint(1, 40)} percent in the quarter"
+        out.append({"id": str(i), "text": text, "options": [], "label": label, "answers": [], "idx": i})
+    return out
+
+
+def without_dropout(model: torch.nn.Module) -> None:
+    """Dropout draws different masks for different micro-batch shapes; invariance tests switch it off."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: int, max_steps: int = 6,
+                 dropout: bool = True, checkpoint_every: int = 10_000, seed: int = 0, gamma: float = 0.0) -> Job:
+    """Student = layers [0, 2] of the tiny BERT teacher, distilled with KL + hidden MSE from the live teacher."""
+    teacher = load_task_model(TeacherConfig(ref=str(teacher_dir), finetune={}), "classify", 3)
+    torch.manual_seed(seed)
+    student = student_from_teacher(teacher, [0, 2])
+    if not dropout:
+        without_dropout(student.model)
+    data = rows(64, seed=1)
+    return Job(
+        name="main", student=student, rows={"train": data[:48], "validation": [dict(r, idx=i) for i, r in enumerate(data[48:])]},
+        loss=LossConfig(alpha=0.5, temperature=2.0, beta=1.0, gamma=gamma),
+        train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, eval_every=16,
+                          checkpoint_every=checkpoint_every, log_every=8, eval_batch_size=16),
+        seed=seed, max_length=32, template=None,
+        checkpoint_dir=out / "checkpoints", output_dir=out / "student", metrics_path=out / "metrics.jsonl",
+        teachers={"t": LiveTeacher(teacher, [1, 3], "mean", 32, None)}, teacher_weights={"t": 1.0},
+        hidden_pairs={"t": [(0, 1), (1, 3)]}, teacher_widths={"t": teacher.hidden_size}, pooling={"t": "mean"},
+        label_prior=[1 / 3] * 3, extra_metadata={"label_names": LABELS},
+    )
+
+
+def make_teacher_dir(root: Path) -> Path:
+    return kit.make_model_dir(root, "bert", "sequence-classification", num_labels=3, layers=4)
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

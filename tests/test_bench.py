@@ -1,0 +1,69 @@
+"""`kd bench` measurements on a tiny model, and how it finds sizes and the latest run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kdcli.bench import bench_model, latest_run, size_on_disk
+from kdcli.errors import KdError
+from kdcli.models import load_task_model
+from kdcli.recipe import ModelSpec
+
+ROWS = [
+    {"id": str(i), "text": text, "options": [], "label": i % 3, "answers": []}
+    for i, text in enumerate([
+        "Operating profit rose to EUR 13.1 mn.",
+        "Net sales fell by 5 percent in the third quarter.",
+        "Shares of the bank were unchanged after the report.",
+        "The group cut 200 jobs to reduce costs and the outlook for the year was lowered again.",
+        "Orders received increased by 12 percent.",
+    ])
+]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny):
+    return load_task_model(ModelSpec(ref=str(tiny("bert", "sequence-classification", num_labels=3))), "classify", 3)
+
+
+def test_bench_percentiles_are_positive_and_ordered(classifier):
+    threads_before = torch.get_num_threads()
+    result = bench_model(classifier, ROWS, batch_sizes=[4, 8, 4], warmup=1, iters=6, threads=1, max_length=32)
+    assert list(result["batches"]) == ["1", "4", "8"]  # batch 1 always first; duplicates dropped
+    for size, measured in result["batches"].items():
+        for key in ("latency_ms_per_example", "batch_ms"):
+            p = measured[key]
+            assert 0 < p["p50"] <= p["p95"] and p["mean"] > 0, (size, key, p)
+        assert measured["batch_ms"]["p50"] == pytest.approx(measured["latency_ms_per_example"]["p50"] * int(size))
+        assert measured["throughput"] > 0 and measured["iters"] == 6
+    assert result["threads"] == 1 and torch.get_num_threads() == threads_before  # recorded, then restored
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["peak_memory_bytes"] > 0 and result["memory_kind"].startswith("rss")
+
+
+def test_bench_needs_inputs(classifier):
+    with pytest.raises(KdError, match="no examples"):
+        bench_model(classifier, [], batch_sizes=[1], warmup=0, iters=1)
+
+
+def test_size_on_disk_counts_weight_files(tiny, tmp_path):
+    path = tiny("bert", "sequence-classification", num_labels=3)
+    assert size_on_disk(path) == (path / "model.safetensors").stat().st_size
+    assert size_on_disk(None) is None and size_on_disk(tmp_path) is None
+
+
+def test_latest_run_is_the_most_recently_changed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match="no runs"):
+        latest_run()
+    for age, name in ((100, "new"), (1000, "old")):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "recipe.resolved.toml").write_text(f'name = "{name}"\n')
+        then = 1_700_000_000 - age
+        for path in (run / "recipe.resolved.toml", run):
+            os.utime(path, (then, then))
+    assert latest_run().parent.name == "new"

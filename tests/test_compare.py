@@ -1,0 +1,221 @@
+"""`kd compare` from run-directory files, its exports and plots; and eval -> bench -> compare end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+from kdcli.report import (
+    collect_run,
+    compare_csv,
+    compare_json,
+    compare_markdown,
+    plot_losses,
+    plot_quality_speed,
+    print_compare,
+    read_metrics,
+)
+from kdcli.rundir import write_json
+
+runner = CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root: Path, evals: dict[str, float], benches: dict[str, tuple[int, float]], task: str = "classify") -> Path:
+    """A run directory as eval/bench would leave it: {role: accuracy}, {role: (parameters, ms/example)}."""
+    root.mkdir(parents=True)
+    (root / "recipe.resolved.toml").write_text(
+        f'name = "{root.name}"\ntask = "{task}"\n'
+        '[student]\nfrom_teacher = "big"\nlayers = [0, 2]\n'
+        '[teachers.big]\nref = "bert-base-uncased"\n[teachers.small]\nref = "/models/tiny-bert"\n'
+    )
+    for role, accuracy in evals.items():
+        metrics = {"accuracy": accuracy, "f1": accuracy - 0.1, "precision": accuracy - 0.05, "recall": accuracy - 0.15}
+        write_json(root / "eval" / f"{role.replace(':', '-')}.json",
+                   {"role": role, "model": f"model of {role}", "parameters": benches.get(role, (1000, 0))[0], "metrics": metrics})
+    for role, (parameters, ms) in benches.items():
+        write_json(root / "bench" / f"{role.replace(':', '-')}.json",
+                   {"role": role, "model": f"model of {role}", "parameters": parameters,
+                    "batches": {"1": {"latency_ms_per_example": {"p50": ms, "p95": ms * 1.2, "mean": ms * 1.1}}}})
+    return root
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return write_run(
+        tmp_path / "runs" / "fin",
+        evals={"teacher:big": 0.90, "teacher:small": 0.80, "student": 0.882},
+        benches={"teacher:big": (110_000_000, 40.0), "teacher:small": (4_400_000, 8.0),
+                 "student": (66_000_000, 20.0), "baseline": (66_000_000, 21.0)},
+    )
+
+
+def test_collect_run_relates_every_row_to_the_teachers(run):
+    table = collect_run(run)
+    assert [r["role"] for r in table.rows] == ["teacher:big", "teacher:small", "baseline", "student"]
+    assert [c.key for c in table.columns] == ["role", "model", "parameters", "accuracy", "f1", "ms_per_example",
+                                              "kept_pct", "speedup", "size_ratio"]
+    student = table.rows[3]
+    assert student["kept_pct"] == pytest.approx(98.0)  # 0.882 of the best teacher's 0.90
+    assert student["speedup"] == pytest.approx(2.0)  # the slowest teacher takes 40 ms, the student 20
+    assert student["size_ratio"] == pytest.approx(0.6)  # 66M of the largest teacher's 110M
+    assert table.best == 3
+    baseline = table.rows[2]
+    assert baseline["accuracy"] is None and baseline["kept_pct"] is None and baseline["parameters"] == 66_000_000
+    assert table.hints == ["baseline: no eval, run `kd eval runs/fin/recipe.resolved.toml --model baseline`"]
+
+
+def test_rich_table_shows_missing_values_as_blanks(run):
+    out = io.StringIO()
+    print_compare([collect_run(run)], Console(file=out, width=220, color_system=None))
+    text = out.getvalue()
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    assert set(lines) == {"teacher:big", "teacher:small", "baseline", "student"}
+    assert "0.8820" in lines["student"] and "98.0%" in lines["student"] and "2.00x" in lines["student"]
+    assert "0.0000" not in lines["baseline"] and "21.000" in lines["baseline"]
+    assert "kd eval runs/fin/recipe.resolved.toml --model baseline" in text
+
+
+def test_markdown_csv_and_json_agree(run, tmp_path):
+    second = write_run(tmp_path / "runs" / "choice", evals={"teacher:big": 0.7, "student": 0.6},
+                       benches={"student": (10, 5.0)}, task="choice")
+    tables = [collect_run(run), collect_run(second)]
+    documents = compare_json(tables)
+    csv_rows = list(csv.DictReader(io.StringIO(compare_csv(tables))))
+    md_rows = [
+        [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        for line in compare_markdown(tables).splitlines()
+        if line.startswith("| ") and not line.startswith("| Role")
+    ]
+    assert len(md_rows) == len(csv_rows) == sum(len(d["rows"]) for d in documents) == 8
+    position = 0
+    for table, document in zip(tables, documents):
+        assert document["best"] == "student"
+        for row in document["rows"]:
+            md, flat = md_rows[position], csv_rows[position]
+            position += 1
+            assert flat["run"] == document["run"] and (flat["best"] == "True") == (row["role"] == "student")
+            for column, md_cell in zip(table.columns, md):
+                value = row[column.key]
+                assert md_cell == ("" if value is None else column.fmt(value)), (column.key, row["role"])
+                assert flat[column.key] == ("" if value is None else str(value)), (column.key, row["role"])
+    # The choice run's table is Table 5's shape: accuracy and seconds per question.
+    assert [c["key"] for c in documents[1]["columns"]][3:5] == ["accuracy", "s_per_question"]
+    assert documents[1]["rows"][-1]["s_per_question"] == pytest.approx(0.005)
+
+
+def test_read_metrics_keeps_the_latest_attempt(tmp_path):
+    lines = [
+        {"stage": "main", "kind": "train", "step": s, "samples": 8 * s, "loss": 1.0} for s in (1, 2, 3, 4)
+    ] + [
+        {"stage": "main", "kind": "train", "step": s, "samples": 8 * s, "loss": 0.5} for s in (3, 4, 5)  # resumed at 2
+    ] + [
+        {"stage": "t", "kind": "train", "step": s, "samples": s, "loss": 2.0} for s in (1, 2)
+    ] + [
+        {"stage": "t", "kind": "train", "step": 1, "samples": 1, "loss": 3.0},  # started again from scratch
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"stage\": \"main\", \"ki")  # a torn last line
+    jobs = read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in jobs["main"]] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5), (5, 0.5)]
+    assert [(r["step"], r["loss"]) for r in jobs["t"]] == [(1, 3.0)]
+
+
+def test_plots_are_written_as_png(run):
+    records = []
+    for step in range(1, 7):
+        records.append({"stage": "main", "kind": "train", "step": step, "samples": 8 * step, "loss": 1 / step, "ce": 1.5 / step})
+        if step % 2 == 0:
+            records.append({"stage": "main", "kind": "eval", "step": step, "samples": 8 * step,
+                            "val_loss": 0.5 + abs(step - 4) / 10, "val_accuracy": 0.7, "best": step <= 4})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = collect_run(run)
+    written = plot_losses(table) + plot_quality_speed([table])
+    assert written == [run / "plots" / "loss-main.png", run / "plots" / "accuracy-latency.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+# --------------------------------------------------------------------------- end to end
+
+RECIPE = """
+name = "tiny"
+task = "classify"
+[data]
+format = "jsonl"
+path = "data.jsonl"
+label_names = ["positive", "negative", "neutral"]
+max_length = 32
+[teachers.t]
+ref = "{teacher}"
+finetune = {{epochs = 1, batch_size = 8}}
+[student]
+from_teacher = "t"
+layers = [0, 2]
+[train]
+epochs = 1
+batch_size = 8
+eval_every = 16
+log_every = 8
+eval_batch_size = 16
+[eval]
+examples = 2
+[bench]
+batch_sizes = [1, 4]
+warmup = 1
+iters = 3
+threads = 1
+max_examples = 8
+"""
+
+
+def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    words = {"positive": "profit rose strongly", "negative": "losses widened again", "neutral": "shares were unchanged"}
+    with open("data.jsonl", "w") as handle:
+        for i in range(40):
+            label = list(words)[i % 3]
+            handle.write(json.dumps({"text": f"Report {i}: {words[label]} in quarter {i % 4}", "label": label}) + "\n")
+    Path("tiny.toml").write_text(RECIPE.format(teacher=tiny("bert", "sequence-classification", num_labels=3)))
+
+    def kd(*args: str):
+        result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result
+
+    kd("distill", "tiny.toml")
+    student = json.loads(kd("eval", "tiny.toml", "--model", "student", "--json").stdout)
+    assert student["role"] == "student" and student["split"] == "test" and student["n"] == 4
+    assert 0 <= student["metrics"]["accuracy"] <= 1 and student["parameters"] > 0
+    assert set(student["agreement"]) == {"t"}
+    assert len(student["disagreements"]) == min(2, round(4 * (1 - student["agreement"]["t"])))
+    saved = json.loads(Path("runs/tiny/eval/student.json").read_text())
+    assert saved["metrics"] == student["metrics"] and saved["data_fingerprint"] == student["data_fingerprint"]
+
+    teacher = kd("eval", "tiny.toml", "--model", "teacher:t")
+    assert "teacher:t on test (4 examples)" in teacher.stdout and "confusion" in teacher.stdout
+    assert json.loads(Path("runs/tiny/eval/teacher-t.json").read_text())["agreement"] == {}  # not with itself
+    kd("eval", "tiny.toml", "--model", "baseline")
+
+    benched = json.loads(kd("bench", "tiny.toml", "--model", "all", "--json").stdout)
+    assert [r["role"] for r in benched["results"]] == ["teacher:t", "baseline", "student"]
+    assert all(list(r["batches"]) == ["1", "4"] and r["threads"] == 1 for r in benched["results"])
+    latest = json.loads(kd("bench", "--model", "student", "--json").stdout)  # no recipe: the latest run
+    assert latest["results"][0]["size_bytes"] == Path("runs/tiny/student/model.safetensors").stat().st_size
+
+    table = kd("compare", "--format", "md", "--plots").stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Role" not in line]
+    assert [row.split("|")[1].strip(" *") for row in rows] == ["teacher:t", "baseline", "student"]
+    assert "no eval" not in table and "no bench" not in table
+    plots = [Path(line.removeprefix("plot: ")) for line in runner.invoke(app, ["compare", "--plots"]).stdout.splitlines()
+             if line.startswith("plot: ")]
+    assert {p.name for p in plots} == {"loss-teacher.t.png", "loss-main.png", "accuracy-latency.png"}
+    assert all(p.read_bytes()[:8] == PNG for p in plots)

@@ -1,0 +1,220 @@
+"""`kd cache-teachers` and `kd distill` end to end through the CLI, on tiny models and data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import jobs
+import kit
+from kdcli.cache import check_cache
+from kdcli.cli import app
+from kdcli.errors import CacheError
+from kdcli.rundir import read_json
+
+runner = CliRunner()
+
+
+def kd(*args: str):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "bert": kit.make_model_dir(root, "bert", "sequence-classification", num_labels=3, layers=4),
+        "roberta": kit.make_model_dir(root, "roberta", "sequence-classification", num_labels=3, layers=2),
+        "t5": kit.make_model_dir(root, "t5", "seq2seq", layers=2),
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    with open("sentences.jsonl", "w") as handle:
+        for row in jobs.rows(60, seed=3):
+            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    with open("questions.jsonl", "w") as handle:
+        for i in range(60):
+            handle.write(json.dumps({"text": f"which one is right {i}?", "a": f"red {i}", "b": f"blue {i}", "c": f"green {i}", "label": i % 3}) + "\n")
+    return tmp_path
+
+
+def classify_recipe(models: dict[str, Path], **extra: str) -> Path:
+    text = f"""
+name = "cls"
+task = "classify"
+[data]
+format = "jsonl"
+path = "sentences.jsonl"
+label_names = ["negative", "neutral", "positive"]
+[student]
+from_teacher = "bert"
+layers = [0, 2]
+[teachers.bert]
+ref = "{models['bert']}"
+finetune = {{epochs = 2, batch_size = 8, lr = 1e-3}}
+hidden = {{map = "skip"}}
+[teachers.roberta]
+ref = "{models['roberta']}"
+[loss]
+alpha = 0.5
+beta = 0.5
+[train]
+epochs = 2
+batch_size = 8
+lr = 1e-3
+eval_every = 16
+checkpoint_every = 32
+log_every = 8
+"""
+    Path("classify.toml").write_text(text)
+    return Path("classify.toml")
+
+
+def test_classify_with_two_teachers_one_fine_tuned_first(models, workdir):
+    recipe = classify_recipe(models)
+    first = kd("distill", str(recipe))
+    assert "fine-tuning teacher bert" in first.output
+    assert "bert (live), roberta (live)" in first.output
+    run = workdir / "runs" / "cls"
+    assert read_json(run / "teachers" / "bert" / "done.json")["fingerprint"]
+
+    # The student is a Hugging Face model with the recipe's label names.
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "student")
+    assert model.config.num_hidden_layers == 2
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    predicted = pipeline("text-classification", model=str(run / "student"))("sales rose by 3 percent")[0]["label"]
+    assert predicted in jobs.LABELS
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["stage"] == "main" and x["kind"] == "train"]
+    assert {"ce", "kd", "hidden", "lr", "samples_per_s", "elapsed"} <= train_lines[-1].keys()
+    assert any(x["kind"] == "eval" and x["best"] for x in lines if x["stage"] == "main")
+
+    again = kd("distill", str(recipe))
+    assert "up to date" in again.output and "fine-tuning" not in again.output
+
+    cached = kd("cache-teachers", str(recipe))
+    assert "built" in cached.output
+    assert (run / "cache" / "main" / "bert" / "manifest.json").is_file()
+    assert "up to date" in kd("cache-teachers", str(recipe)).output
+    rerun = kd("distill", str(recipe), "--set", "train.lr=5e-4")
+    assert "bert (cache), roberta (cache)" in rerun.output
+
+
+def test_dataset_role_trains_the_student_on_labels_only(models, workdir):
+    recipe = classify_recipe(models)
+    result = kd("distill", str(recipe), "--no-teachers", "--json")
+    assert json.loads(result.stdout)[0]["name"] == "main.dataset"
+    assert (workdir / "runs" / "cls" / "dataset" / "config.json").is_file()
+    assert not (workdir / "runs" / "cls" / "student").exists()
+    assert not (workdir / "runs" / "cls" / "teachers" / "roberta").exists()  # not fine-tuned, not needed
+
+
+def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, workdir):
+    recipe = classify_recipe(models)
+    kd("cache-teachers", str(recipe))
+    from kdcli import engine, recipe as recipe_mod
+    from kdcli.rundir import RunDir
+
+    changed = recipe_mod.load(recipe, ["teachers.roberta.dtype=bfloat16"])
+    run = RunDir.for_recipe(changed)
+    stage = changed.resolved_stages()[0]
+    data = engine.stage_data(changed, run, stage, console=None)
+    identity = engine.cache_identity(changed, run, stage, "roberta", data)
+    with pytest.raises(CacheError, match="dtype = 'auto', but the recipe now gives 'bfloat16'"):
+        check_cache(run.cache("main", "roberta"), identity, "roberta")
+    result = kd("distill", str(recipe), "--set", "teachers.roberta.dtype=bfloat16")
+    assert "using the live teacher" in result.output
+
+
+def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
+    recipe = classify_recipe(models)
+    kd("cache-teachers", str(recipe))
+    cache = workdir / "runs" / "cls" / "cache" / "main" / "roberta"
+    (cache / "train-00000.safetensors").unlink()
+    result = kd("distill", str(recipe))
+    assert "missing train-00000.safetensors" in result.output and "roberta (live)" in result.output
+
+
+def test_two_stage_choice_with_a_seq2seq_student(models, workdir):
+    Path("choice.toml").write_text(f"""
+name = "mc"
+task = "choice"
+[data]
+format = "jsonl"
+path = "questions.jsonl"
+columns = {{text = "text", label = "label", options = ["a", "b", "c"]}}
+[student]
+ref = "{models['t5']}"
+[teachers.big]
+ref = "{models['t5']}"
+[train]
+epochs = 1
+batch_size = 8
+lr = 1e-3
+eval_every = 24
+[[stages]]
+name = "labels"
+teachers = []
+loss = {{alpha = 1.0}}
+[[stages]]
+name = "distil"
+loss = {{alpha = 0.5, divergence = "jsd"}}
+""")
+    result = kd("distill", "choice.toml")
+    run = workdir / "runs" / "mc"
+    assert (run / "stages" / "labels" / "student" / "done.json").is_file()
+    assert (run / "stages" / "distil" / "student" / "done.json").is_file()
+    assert read_json(run / "student" / "training.json")["stage"] == "distil"
+    assert "big (live)" in result.output
+    # Stage 2 started from stage 1's best student, not from the pretrained one.
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {x["stage"] for x in lines} == {"labels", "distil"}
+    assert "up to date" in kd("distill", "choice.toml").output
+
+
+def test_mismatched_label_count_is_refused_before_training(models, workdir, tmp_path):
+    recipe = classify_recipe(models)
+    two = kit.make_model_dir(tmp_path / "two", "roberta", "sequence-classification", num_labels=2, layers=2)
+    result = runner.invoke(app, ["distill", str(recipe), "--set", f'teachers.roberta.ref="{two}"'])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "2 labels" in result.output
+    assert not (workdir / "runs" / "cls" / "checkpoints").exists()  # not even the teacher was fine-tuned
+
+
+def test_a_layer_map_out_of_range_is_refused_before_training(models, workdir):
+    recipe = classify_recipe(models)
+    result = runner.invoke(app, ["distill", str(recipe), "--set", 'teachers.bert.hidden={map = "pairs", pairs = [[0, 9]]}'])
+    assert result.exit_code == 1
+    assert "teacher layer 9 is out of range" in result.output
+    assert not (workdir / "runs" / "cls" / "checkpoints").exists()
+
+
+def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minilm_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from kdcli.cache import LiveTeacher, build_cache
+    from kdcli.models import load_task_model
+    from kdcli.recipe import TeacherConfig
+
+    rows = jobs.rows(24)
+    caches = {}
+    for name, eight in (("fp32", False), ("int8", True)):
+        torch.manual_seed(0)  # the same freshly initialised head for both
+        teacher = load_task_model(TeacherConfig(ref=str(minilm_dir), load_in_8bit=eight, finetune={}), "classify", 3)
+        build_cache(tmp_path / name, LiveTeacher(teacher, [], "mean", 32, None), {"train": rows}, {}, batch_size=8)
+        from safetensors.torch import load_file
+
+        caches[name] = load_file(tmp_path / name / "train-00000.safetensors")["logits"]
+    assert (caches["fp32"] - caches["int8"]).abs().max() < 0.05
+    assert (caches["fp32"].argmax(-1) == caches["int8"].argmax(-1)).float().mean() >= 0.9
