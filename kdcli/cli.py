@@ -84,7 +84,11 @@ def _write_resolved(recipe) -> None:
     from kdcli.recipe import to_toml
     from kdcli.rundir import RunDir, write_text_atomic
 
-    write_text_atomic(RunDir.for_recipe(recipe).resolved_recipe, to_toml(recipe))
+    path = RunDir.for_recipe(recipe).resolved_recipe
+    text = to_toml(recipe)
+    # Rewritten only on change: its time stamp tells `kd run` whether results are stale.
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
 
 
 def _emit_json(payload: Any) -> None:
@@ -302,9 +306,12 @@ def compare(
 @app.command()
 @_error_boundary
 def run(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
-    """Every step in order: prepare, cache-teachers, distill, eval, bench, compare."""
-    _load(recipe_path, overrides)
-    _not_built("run", "the distillation engine")
+    """Every step in order: prepare, cache-teachers, distill (with and without teachers), eval, bench, compare."""
+    from kdcli.engine import run_all
+
+    recipe = _load(recipe_path, overrides)
+    _write_resolved(recipe)
+    run_all(recipe)
 
 
 @app.command()

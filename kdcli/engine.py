@@ -403,3 +403,64 @@ def load_role(recipe: Recipe, role: str, num_classes: int) -> "TaskModel":
             raise ModelError(f"no teacher named '{name}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
         return load_teacher(recipe, run, name, num_classes)
     return load_task_model(ModelSpec(ref=role), recipe.task, num_classes)
+
+
+def _inputs_of(recipe: Recipe, run: RunDir, role: str) -> list[Path]:
+    """Files whose change makes a role's eval/bench result stale."""
+    inputs = [run.resolved_recipe, run.data(recipe.resolved_stages()[-1].name) / "manifest.json"]
+    if role in ROLES:
+        inputs.append(run.final(role) / "done.json")
+    elif role.startswith("teacher:"):
+        inputs.append(run.teacher(role.split(":", 1)[1]) / "done.json")
+    elif role == "baseline" and recipe.student.from_teacher:
+        inputs.append(run.teacher(recipe.student.from_teacher) / "done.json")
+    return [p for p in inputs if p.exists()]
+
+
+def _fresh(result: Path, inputs: list[Path]) -> bool:
+    return result.is_file() and all(result.stat().st_mtime >= p.stat().st_mtime for p in inputs)
+
+
+def run_all(recipe: Recipe, console: Console | None = None) -> Path:
+    """`kd run`: prepare, fine-tune and cache teachers, distil (with and without teachers), evaluate
+    and benchmark every role, then compare. Each step skips what is already done and current.
+    Returns the run directory."""
+    from kdcli.bench import bench_role
+    from kdcli.data import prepare_recipe
+    from kdcli.evaluate import evaluate_role
+    from kdcli.report import collect_run, print_cache_summary, print_compare, print_distill_summary, print_prepare_summary
+
+    console = console or Console()
+    run = RunDir.for_recipe(recipe)
+
+    def step(title: str) -> None:
+        console.rule(f"[bold]{title}")
+
+    step("prepare")
+    print_prepare_summary(prepare_recipe(recipe))
+    if recipe.teachers:
+        step("teachers: fine-tune and cache")
+        print_cache_summary(cache_teachers(recipe, console=console), console)
+        step("distil: student trained on the dataset alone")
+        print_distill_summary(distill(recipe, role="dataset", console=console), console)
+    step("distil: student")
+    print_distill_summary(distill(recipe, console=console), console)
+
+    roles = [f"teacher:{name}" for name in recipe.teachers] + ["baseline"]
+    roles += ["dataset", "student"] if recipe.teachers else ["student"]
+    step("evaluate and benchmark")
+    for role in roles:
+        inputs = _inputs_of(recipe, run, role)
+        if _fresh(run.eval(role), inputs):
+            console.print(f"eval {role}: up to date")
+        else:
+            result = evaluate_role(recipe, role, console=console)
+            console.print(f"eval {role}: accuracy {result['metrics']['accuracy']:.4f}")
+        if _fresh(run.bench(role), inputs):
+            console.print(f"bench {role}: up to date")
+        else:
+            result = bench_role(recipe, role, console=console)
+            console.print(f"bench {role}: done")
+    step("compare")
+    print_compare([collect_run(run.root)], console)
+    return run.root

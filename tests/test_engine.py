@@ -218,3 +218,18 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
         caches[name] = load_file(tmp_path / name / "train-00000.safetensors")["logits"]
     assert (caches["fp32"] - caches["int8"]).abs().max() < 0.05
     assert (caches["fp32"].argmax(-1) == caches["int8"].argmax(-1)).float().mean() >= 0.9
+
+
+def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
+    recipe = classify_recipe(models)
+    with open(recipe, "a") as handle:
+        handle.write("[bench]\nbatch_sizes = [1, 4]\niters = 3\nwarmup = 1\nthreads = 1\n")
+    first = kd("run", str(recipe))
+    run = workdir / "runs" / "cls"
+    for role in ("teacher:bert", "teacher:roberta", "baseline", "dataset", "student"):
+        assert run.joinpath("eval", role.replace(":", "-") + ".json").is_file(), role
+        assert run.joinpath("bench", role.replace(":", "-") + ".json").is_file(), role
+    assert "student" in first.output and "compare" in first.output
+    second = kd("run", str(recipe))
+    assert second.output.count("up to date") >= 12  # prepare, two distils, 5 evals, 5 benches
+    assert "fine-tuning" not in second.output
