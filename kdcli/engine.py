@@ -313,6 +313,14 @@ def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Pat
     return load_task_model(recipe.student, recipe.task, num_classes)
 
 
+def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded random share of the rows (at least one); rows keep their `idx` for cache lookups."""
+    import random
+
+    keep = max(1, round(len(rows) * fraction))
+    return random.Random(seed).sample(rows, keep)
+
+
 def _stage_fingerprint(recipe: Recipe, stage: Stage, role: str, data: StageData, previous: str | None) -> str:
     teachers = {} if role == "dataset" else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
     return fingerprint({
@@ -322,13 +330,21 @@ def _stage_fingerprint(recipe: Recipe, stage: Stage, role: str, data: StageData,
 
 
 def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", console: Console | None = None,
-            show_progress: bool = True) -> list["JobResult"]:
-    """Run every stage in order; `role = "dataset"` trains the same student on labels only."""
+            show_progress: bool = True, on_eval=None, train_fraction: float = 1.0,
+            workdir: RunDir | None = None) -> list["JobResult"]:
+    """Run every stage in order; `role = "dataset"` trains the same student on labels only.
+
+    Data, teachers and caches come from the recipe's run directory; checkpoints, stage outputs,
+    the final model and metrics go to ``workdir`` (default: the same directory). `kd tune` runs
+    its trials in their own workdirs on ``train_fraction`` of each train split, reporting every
+    validation to ``on_eval`` (see ``train.run_job``).
+    """
     from kdcli.runtime import make_accelerator
     from kdcli.train import Job, run_job
 
     console = console or Console()
     run = RunDir.for_recipe(recipe)
+    out = workdir or run
     preflight(recipe, run, console)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if role == "student":
@@ -340,8 +356,10 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     previous_fingerprint: str | None = None
     for stage in recipe.resolved_stages():
         data = stage_data(recipe, run, stage, console)
-        wanted = _stage_fingerprint(recipe, stage, role, data, previous_fingerprint)
-        output = run.stage_output(stage.name, role)
+        if train_fraction < 1.0:
+            data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
+        wanted = _stage_fingerprint(recipe, stage, role, data, previous_fingerprint) + f"-{train_fraction:g}"
+        output = out.stage_output(stage.name, role)
         done = output / "done.json"
         if done.is_file() and read_json(done).get("fingerprint") == wanted:
             console.print(f"stage {stage.name} ({role}) is up to date: {output}")
@@ -360,13 +378,13 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
             name=stage.name if role == "student" else f"{stage.name}.{role}",
             student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template,
-            checkpoint_dir=run.checkpoints(stage.name if role == "student" else f"{stage.name}.{role}"),
-            output_dir=output, metrics_path=run.metrics, teachers=teachers,
+            checkpoint_dir=out.checkpoints(stage.name if role == "student" else f"{stage.name}.{role}"),
+            output_dir=output, metrics_path=out.metrics, teachers=teachers,
             teacher_weights={n: recipe.teachers[n].weight for n in teachers},
             hidden_pairs=pairs, teacher_widths=widths, pooling=pooling, label_prior=data.label_prior,
             extra_metadata={"role": role, "label_names": data.manifest.get("label_names", []), "teachers": sources},
         )
-        result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress)
+        result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:
             write_json(done, {"fingerprint": wanted, "steps": result.steps, "best_metric": result.best_metric,
                               "best_step": result.best_step, "stopped_early": result.stopped_early,
@@ -375,7 +393,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
         results.append(result)
         previous, previous_fingerprint = output, wanted
     if previous is not None and accelerator.is_main_process:
-        with atomic_dir(run.final(role)) as tmp:
+        with atomic_dir(out.final(role)) as tmp:
             shutil.copytree(previous, tmp, dirs_exist_ok=True)
     accelerator.wait_for_everyone()
     return results

@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kdcli.errors import KdError
 from kdcli.recipe import LossConfig, TrainConfig
@@ -263,8 +263,13 @@ def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
 # --------------------------------------------------------------------------- the loop
 
 
-def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_progress: bool = True) -> JobResult:
-    """Train ``job.student`` and write its best checkpoint to ``job.output_dir``."""
+def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_progress: bool = True,
+            on_eval: Callable[[int, dict[str, float]], None] | None = None) -> JobResult:
+    """Train ``job.student`` and write its best checkpoint to ``job.output_dir``.
+
+    ``on_eval(samples_seen, scores)`` is called after every validation; it may raise to stop the
+    run (`kd tune` prunes trials that fall behind this way).
+    """
     import torch
     from rich.console import Console
     from transformers import get_scheduler
@@ -389,6 +394,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                     progress.update(bar, status=f"loss {record['loss']:.4f}  {rate:.1f} samples/s")
             if crossed(cfg.eval_every) or final:
                 last_scores = validate_and_keep_best()
+                if on_eval is not None:
+                    on_eval(samples, last_scores)
                 if progress:
                     progress.update(bar, description=f"{job.name} val {cfg.metric} {last_scores.get(cfg.metric, last_scores['loss']):.4f}")
                 if cfg.patience and state.bad_evals >= cfg.patience:
