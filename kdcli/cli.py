@@ -79,6 +79,13 @@ def _load(recipe_path: Path, overrides: list[str] | None):
     return recipe.load(recipe_path, overrides or [])
 
 
+def _locked(recipe):
+    """The run's lock, held by every command that writes into the run directory."""
+    from kdcli.rundir import RunDir, run_lock
+
+    return run_lock(RunDir.for_recipe(recipe))
+
+
 def _write_resolved(recipe) -> None:
     """Every command that writes into a run records the recipe it ran with."""
     from kdcli.recipe import to_toml
@@ -148,7 +155,8 @@ def prepare(
     from kdcli.report import print_prepare_summary
 
     recipe = _load(recipe_path, overrides)
-    results = prepare_recipe(recipe, force=force, quiet=as_json)
+    with _locked(recipe):
+        results = prepare_recipe(recipe, force=force, quiet=as_json)
     if as_json:
         _emit_json([r.to_json() for r in results])
     else:
@@ -175,8 +183,9 @@ def cache_teachers(
     from kdcli.report import print_cache_summary
 
     recipe = _load(recipe_path, overrides)
-    _write_resolved(recipe)
-    reports = build(recipe, force=force, quiet=as_json)  # quiet: nothing but the JSON on stdout
+    with _locked(recipe):
+        _write_resolved(recipe)
+        reports = build(recipe, force=force, quiet=as_json)  # quiet: nothing but the JSON on stdout
     if as_json:
         _emit_json(reports)
     else:
@@ -201,9 +210,10 @@ def distill(
     from rich.console import Console
 
     recipe = _load(recipe_path, overrides)
-    _write_resolved(recipe)
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
-    results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json,
+    with _locked(recipe):
+        _write_resolved(recipe)
+        results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json,
                          console=Console(stderr=as_json))
     if as_json:
         from dataclasses import asdict
@@ -310,8 +320,9 @@ def run(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
     from kdcli.engine import run_all
 
     recipe = _load(recipe_path, overrides)
-    _write_resolved(recipe)
-    run_all(recipe)
+    with _locked(recipe):
+        _write_resolved(recipe)
+        run_all(recipe)
 
 
 @app.command()

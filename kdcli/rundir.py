@@ -130,3 +130,36 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def run_lock(run: RunDir) -> Iterator[None]:
+    """Hold ``runs/NAME/.lock`` so that two kd processes never write the same run at once.
+
+    Under `accelerate launch` every process of one job shares the lock: the launcher sets
+    LOCAL_RANK, and only rank 0 takes it.
+    """
+    from filelock import FileLock, Timeout
+
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    created = [p for p in (run.root, *run.root.parents) if not p.exists()]
+    run.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run.root / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise KdError(
+            f"another kd process is working on {run.root}",
+            "wait for it to finish (or stop it); if none is running, delete the .lock file in that folder",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        # A command that failed before writing anything leaves nothing behind, not even the lock.
+        if created and [p.name for p in run.root.iterdir()] == [".lock"]:
+            (run.root / ".lock").unlink()
+            for folder in created:
+                folder.rmdir()

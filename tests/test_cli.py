@@ -141,7 +141,6 @@ def test_kd_debug_raises_the_error(bad_recipe):
 
 # Commands whose engine is not built yet. Delete a command's entry when it gets built.
 NOT_BUILT = {
-    "run": ["run", "{recipe}"],
     "tune": ["tune", "{recipe}"],
 }
 
