@@ -191,21 +191,121 @@ def divergence(
     p = torch.where(keep, teacher_probs.detach().float(), uniform)
 
     log_q = F.log_softmax(logits / temperature, dim=-1)
+    return _masked_mean(_per_position(log_q, p, kind, skew, jsd_beta), valid)
+
+
+def _per_position(log_q: Tensor, p: Tensor, kind: str, skew: float, jsd_beta: float) -> Tensor:
+    """D(p, q) per position from the student's log-probabilities and the teacher's probabilities [..., C]."""
     if kind == "forward_kl":
-        per_position = (torch.xlogy(p, p) - p * log_q).sum(-1)
-    elif kind == "reverse_kl":
+        return (torch.xlogy(p, p) - p * log_q).sum(-1)
+    if kind == "reverse_kl":
         log_p = torch.log(p.clamp(min=PROB_FLOOR))
-        per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
-    elif kind == "skew_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "skew_kl":
         # log(skew * p + (1 - skew) * q) computed from logs, so a tiny q does not underflow.
         log_mix = torch.logaddexp(math.log(skew) + torch.log(p), math.log(1 - skew) + log_q)
-        per_position = (torch.xlogy(p, p) - p * log_mix).sum(-1)
-    else:  # jsd
-        log_m = torch.logaddexp(math.log(jsd_beta) + torch.log(p), math.log(1 - jsd_beta) + log_q)
-        kl_p_m = (torch.xlogy(p, p) - p * log_m).sum(-1)
-        kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
-        per_position = jsd_beta * kl_p_m + (1 - jsd_beta) * kl_q_m
-    return _masked_mean(per_position, valid)
+        return (torch.xlogy(p, p) - p * log_mix).sum(-1)
+    # jsd
+    log_m = torch.logaddexp(math.log(jsd_beta) + torch.log(p), math.log(1 - jsd_beta) + log_q)
+    kl_p_m = (torch.xlogy(p, p) - p * log_m).sum(-1)
+    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return jsd_beta * kl_p_m + (1 - jsd_beta) * kl_q_m
+
+
+# Stands in for log 0 in the student's collapsed tail when the top-k ids cover the whole
+# vocabulary: finite, so gradients stay finite, and exp() of it is exactly 0 in float32.
+_LOG_ZERO = -1e9
+
+
+def topk_tail(teacher_logprobs: Tensor, vocab_size: int) -> Tensor:
+    """The teacher's probability mass outside its top k: ``1 - sum(exp(top-k log-probs))``, >= 0.
+
+    teacher_logprobs [..., k] -> [...]. Exactly 0 when k covers the vocabulary (k >= vocab_size):
+    fp16 rounding would otherwise leave a tiny positive "tail" against a student tail of exactly 0.
+    """
+    if teacher_logprobs.shape[-1] >= vocab_size:
+        return torch.zeros(teacher_logprobs.shape[:-1], device=teacher_logprobs.device)
+    return (1 - teacher_logprobs.float().exp().sum(-1)).clamp(min=0)
+
+
+def sparse_divergence(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_ids: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    skew: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """``divergence`` against a top-k teacher: k log-probabilities plus one tail bucket.
+
+    student_logits [..., V]; teacher_logprobs [..., k], the log-probabilities of the teacher's k
+    most likely tokens, already softened at ``temperature`` (a teacher cache stores
+    ``log_softmax(logits / T)``); teacher_ids [..., k] their token ids; mask [...] or None -> scalar.
+
+    Both distributions are collapsed onto the same k + 1 outcomes: the teacher's k tokens and
+    "any other token". The teacher's tail is ``1 - sum(top-k probabilities)`` (``topk_tail``);
+    the student's is the mass ``softmax(student_logits / T)`` puts outside those k ids. Then the
+    divergence is the dense one on these [..., k + 1] distributions, so with k = V it equals
+    ``divergence`` on the full distributions (up to the teacher's rounding).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    if teacher_logprobs.shape != teacher_ids.shape or teacher_logprobs.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)}, teacher log-probs {tuple(teacher_logprobs.shape)} and ids "
+            f"{tuple(teacher_ids.shape)} must agree on the leading shape, and log-probs and ids on k"
+        )
+    vocab = student_logits.shape[-1]
+    valid = _valid_mask(mask, student_logits.shape[:-1], student_logits.device)
+    keep = valid.unsqueeze(-1)
+    device = student_logits.device
+    logits = torch.where(keep, student_logits.float(), torch.zeros((), device=device))
+    ids = torch.where(keep, teacher_ids.to(device=device, dtype=torch.long), torch.zeros((), dtype=torch.long, device=device))
+    k = ids.shape[-1]
+    # Masked rows: a uniform teacher over the k ids (no tail), harmless finite values.
+    log_p_k = torch.where(keep, teacher_logprobs.detach().float().to(device), torch.full((), -math.log(k), device=device))
+    p_k = log_p_k.exp()
+    tail_p = torch.where(valid, topk_tail(log_p_k, vocab), torch.zeros((), device=device))
+
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    log_q_k = log_q.gather(-1, ids)
+    in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, ids, True)
+    # With k = V every entry is filled: about -1e9, whose exp is 0 (no tail), with zero gradients.
+    log_q_tail = torch.logsumexp(log_q.masked_fill(in_top, _LOG_ZERO), dim=-1)
+    p = torch.cat([p_k, tail_p.unsqueeze(-1)], dim=-1)
+    collapsed_log_q = torch.cat([log_q_k, log_q_tail.unsqueeze(-1)], dim=-1)
+    return _masked_mean(_per_position(collapsed_log_q, p, kind, skew, jsd_beta), valid)
+
+
+def sparse_kd_term(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_ids: Tensor,
+    temperature: float,
+    kind: str,
+    mask: Tensor | None = None,
+    skew: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """``temperature**2 * sparse_divergence(...)``, the top-k counterpart of ``kd_term``."""
+    return temperature**2 * sparse_divergence(
+        student_logits, teacher_logprobs, teacher_ids, kind=kind, temperature=temperature, mask=mask,
+        skew=skew, jsd_beta=jsd_beta,
+    )
+
+
+def topk_to_dense(teacher_logprobs: Tensor, teacher_ids: Tensor, vocab_size: int) -> Tensor:
+    """A full distribution [..., V] from a top-k one: the k probabilities at their ids and the tail
+    spread evenly over the other V - k ids (the maximum-entropy guess). Used to mix several
+    top-k teachers, and by benchmarks/topk_cache.py to measure what the top k loses."""
+    probs = teacher_logprobs.float().exp()
+    k = probs.shape[-1]
+    tail = topk_tail(teacher_logprobs, vocab_size)
+    rest = (tail / max(vocab_size - k, 1)).unsqueeze(-1)
+    dense = rest.expand(*probs.shape[:-1], vocab_size).clone()
+    return dense.scatter(-1, teacher_ids.long(), probs)
 
 
 def kd_term(

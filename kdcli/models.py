@@ -12,7 +12,16 @@ Heads (``kind``):
 - ``multiple-choice``: each (text, option) pair is scored by an encoder -> logits over options.
 - ``seq2seq`` / ``causal``: a prompt lists the numbered options; the logits of the LM's
   next token at the answer position, restricted to the tokens "1".."N", are the logits
-  over options. Generation (task ``generate``) uses ``TaskModel.model`` directly.
+  over options.
+- ``seq2seq`` / ``causal`` for task ``generate``: a prompt (``data.template``, default
+  ``GENERATE_TEMPLATE``) and its reference answer (the first of ``answers``, or a teacher's
+  answer put in ``target`` for sequence-level KD) become ``labels`` [B, T]: the answer tokens
+  plus EOS, -100 elsewhere. A causal model reads prompt + answer in one sequence and only the
+  answer tokens are targets; a seq2seq model reads the prompt and its decoder the answer.
+  ``forward`` returns next-token logits [B, T, V] aligned with ``TaskOutput.labels`` and
+  ``token_mask`` (True at answer tokens), over the shared vocabulary only (``vocab_size``: an
+  embedding matrix padded beyond the tokenizer, as T5's is, is trimmed). ``generate`` answers
+  with batched greedy decoding (left padding for causal models).
 
 Layer numbering: layer ``i`` is the output of transformer block ``i`` (0-based), which is
 ``hidden_states[i + 1]``; ``hidden_states[0]`` is the embeddings output.
@@ -27,6 +36,7 @@ would be a random head.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -56,6 +66,7 @@ HEAD_CLASSES = {
 # because they are tiny and their precision decides the logits we distil.
 HEAD_MODULES = ["classifier", "score", "pre_classifier", "qa_outputs", "classification_head", "pooler"]
 DEFAULT_TEMPLATE = "{text}\nOptions:\n{options}\nAnswer:"
+GENERATE_TEMPLATE = "Question: {text}\nAnswer:"
 ANSWER_CUE = "Answer:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -110,9 +121,11 @@ def _check_model_dir(path: Path, ref: str, needed: str) -> None:
 
 @dataclass
 class TaskOutput:
-    logits: Tensor  # [B, C] over classes or options
+    logits: Tensor  # [B, C] over classes or options; generate: [B, T, V] next-token logits
     hidden_states: tuple[Tensor, ...] | None  # per layer [B', L, D], embeddings at index 0; B' = B*C for multiple-choice
     attention_mask: Tensor  # [B', L], for pooling hidden states
+    labels: Tensor | None = None  # generate: [B, T] target token of each logits position, -100 = not an answer token
+    token_mask: Tensor | None = None  # generate: [B, T], True at answer tokens (labels != -100)
 
 
 @dataclass
@@ -126,6 +139,14 @@ class TaskModel:
     max_length: int = 128
     prompt_suffix: str = ""  # appended to decoder prompts so that the option token comes next
     runner: nn.Module | None = None  # what runs forward when it is not `model` itself: a DDP wrapper in training
+    answer_max_length: int = 32  # generate: answer tokens (EOS included) kept as targets
+
+    @property
+    def vocab_size(self) -> int:
+        """The token ids the logits cover: the tokenizer's, even when the embedding matrix is padded larger."""
+        head = self.model.get_output_embeddings()
+        rows = head.weight.shape[0] if head is not None else self.model.config.vocab_size
+        return min(len(self.tokenizer), rows)
 
     @property
     def num_layers(self) -> int:
@@ -142,9 +163,13 @@ class TaskModel:
 
     # ----------------------------------------------------------------- encode
 
-    def encode(self, examples: list[dict], max_length: int | None = None, template: str | None = None) -> dict[str, Tensor]:
-        """Tensors for a batch of normalised examples, always with ``labels`` [B] (-100 = no label)."""
+    def encode(self, examples: list[dict], max_length: int | None = None, template: str | None = None,
+               answer_max_length: int | None = None) -> dict[str, Tensor]:
+        """Tensors for a batch of normalised examples, always with ``labels`` [B] (-100 = no label);
+        generate: ``labels`` [B, T] over the answer tokens (see the module docstring)."""
         max_length = max_length or self.max_length
+        if self.task == "generate":
+            return self._encode_generate(examples, max_length, template, answer_max_length or self.answer_max_length)
         labels = torch.tensor([ex["label"] if ex["label"] >= 0 else -100 for ex in examples], dtype=torch.long)
         if self.task == "classify":
             batch = self._tokenize([ex["text"] for ex in examples], max_length=max_length)
@@ -166,6 +191,88 @@ class TaskModel:
             raise ModelError(f"TaskModel.encode covers classify and choice, not '{self.task}'")
         batch["labels"] = labels
         return batch
+
+    def _encode_generate(self, examples: list[dict], max_length: int, template: str | None, answer_max_length: int) -> dict[str, Tensor]:
+        prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
+        targets = [answer_target(ex) for ex in examples]
+        pad = self.tokenizer.pad_token_id
+        if self.kind == "seq2seq":
+            batch = self._tokenize(prompts, max_length=max_length)
+            answers = [self._answer_ids(None, None, target, answer_max_length) for target in targets]
+            labels = _pad([a for a in answers], -100)
+            batch["labels"] = labels
+            if hasattr(self.model, "prepare_decoder_input_ids_from_labels"):
+                batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+            else:
+                start = torch.full((len(examples), 1), self.model.config.decoder_start_token_id, dtype=torch.long)
+                batch["decoder_input_ids"] = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
+            return batch
+        if self.kind != "causal":
+            raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{self.kind}'")
+        sequences, labels = [], []
+        for prompt, target in zip(prompts, targets):
+            prompt_ids = self.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            answer = self._answer_ids(prompt_ids, prompt, target, answer_max_length)
+            sequences.append(prompt_ids + answer)
+            labels.append([-100] * len(prompt_ids) + answer)
+        input_ids = _pad(sequences, pad)
+        mask = _pad([[1] * len(x) for x in sequences], 0)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(labels, -100)}
+
+    def _answer_ids(self, prompt_ids: list[int] | None, prompt: str | None, answer: str, limit: int) -> list[int]:
+        """The answer's tokens as they follow the prompt, cut to ``limit - 1``, then EOS.
+
+        A causal model sees ``prompt + " " + answer``; the answer's tokens are what that adds to the
+        prompt's own tokens (so merges across the boundary are as in the text). Tokenizers that
+        add special tokens at the end of a text break that prefix; the answer is then tokenized
+        on its own with a leading space.
+        """
+        tokenizer = self.tokenizer
+        ids: list[int] | None = None
+        if prompt_ids is not None and answer:
+            full = tokenizer(prompt + " " + answer)["input_ids"]
+            if full[: len(prompt_ids)] == prompt_ids:
+                ids = full[len(prompt_ids):]
+            else:
+                ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        elif answer:
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return (ids or [])[: max(limit - 1, 0)] + [tokenizer.eos_token_id]
+
+    def encode_prompts(self, examples: list[dict], max_length: int | None = None, template: str | None = None) -> dict[str, Tensor]:
+        """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one)."""
+        prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
+        try:
+            return self._tokenize(prompts, max_length=max_length or self.max_length)
+        finally:
+            self.tokenizer.padding_side = side
+
+    def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
+        """Greedy decoding of an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]."""
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return out[:, inputs["input_ids"].shape[1]:] if self.kind == "causal" else out
+
+    def generate(self, examples: list[dict], max_new_tokens: int, max_length: int | None = None,
+                 template: str | None = None, batch_size: int = 32) -> list[str]:
+        """Greedy answers (text) for a list of examples, in batches of ``batch_size``."""
+        was_training = self.model.training
+        self.model.eval()
+        answers: list[str] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(examples), batch_size):
+                    batch = self.encode_prompts(examples[start : start + batch_size], max_length, template)
+                    new = self.generate_ids(batch, max_new_tokens)
+                    answers += [clean_answer(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            self.model.train(was_training)
+        return answers
 
     def _tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int) -> dict[str, Tensor]:
         return dict(
@@ -195,6 +302,8 @@ class TaskModel:
 
     def forward(self, batch: dict[str, Tensor], output_hidden_states: bool = False) -> TaskOutput:
         """Logits over classes/options for an ``encode`` batch (on any device; moved to the model's)."""
+        if self.task == "generate":
+            return self._forward_generate(batch, output_hidden_states)
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         mask = inputs["attention_mask"]
         if _is_decoder_only(self.model.config):
@@ -220,6 +329,31 @@ class TaskModel:
 
     __call__ = forward
 
+    def _forward_generate(self, batch: dict[str, Tensor], output_hidden_states: bool) -> TaskOutput:
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"].to(self.device)
+        mask = inputs["attention_mask"]
+        if self.kind == "causal":
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs["use_cache"] = False
+        out = (self.runner or self.model)(**inputs, output_hidden_states=output_hidden_states)
+        logits = out.logits[..., : self.vocab_size]
+        if self.kind == "causal":
+            # Position t predicts token t + 1.
+            logits, labels = logits[:, :-1], labels[:, 1:]
+            hidden = out.hidden_states
+        else:
+            hidden = out.encoder_hidden_states
+        return TaskOutput(logits=logits, hidden_states=hidden if output_hidden_states else None, attention_mask=mask,
+                          labels=labels, token_mask=labels != -100)
+
+    def count_answer_tokens(self, examples: list[dict], max_length: int | None = None, template: str | None = None,
+                            answer_max_length: int | None = None) -> int:
+        """generate: the answer tokens (targets) a batch of examples has; other tasks: one per example."""
+        if self.task != "generate":
+            return len(examples)
+        return int((self.encode(examples, max_length, template, answer_max_length)["labels"] != -100).sum())
+
     # ----------------------------------------------------------------- save
 
     def save(self, path: str | Path, label_names: list[str] | None = None) -> Path:
@@ -233,6 +367,26 @@ class TaskModel:
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def answer_target(example: dict) -> str:
+    """generate: the answer a model is trained to give: ``target`` when set (a teacher's answer,
+    sequence-level KD), else the first reference answer."""
+    if "target" in example:
+        return example["target"]
+    return example["answers"][0] if example.get("answers") else ""
+
+
+def clean_answer(text: str) -> str:
+    """A generated answer as scored: its first line, stripped (a causal LM may go on to a new question)."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip()
+
+
+def _pad(rows: list[list[int]], value: int) -> Tensor:
+    """Right-pad lists of ids to one [B, T] tensor (T >= 1)."""
+    width = max([len(r) for r in rows] + [1])
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def render_prompt(example: dict, template: str | None = None) -> str:
@@ -462,10 +616,7 @@ def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
         # T5 keeps its relative position bias in block 0 only; it stays with block 0.
         state[key] = source[mapped] if mapped in source else source[key]
     student.load_state_dict(state, strict=True)
-    return TaskModel(
-        student, teacher.tokenizer, teacher.kind, teacher.task, teacher.num_classes,
-        teacher.option_token_ids, teacher.max_length, teacher.prompt_suffix,
-    )
+    return dataclasses.replace(teacher, model=student, runner=None)
 
 
 def _block_lists(model: nn.Module, n: int) -> list[str]:
@@ -505,6 +656,28 @@ def check_compatible(student: TaskModel, teachers: dict[str, TaskModel], hidden_
         raise ModelError("; ".join(problems), hint="fix the teachers' hidden maps or the models in the recipe")
 
 
+def check_shared_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str) -> None:
+    """Refuse token-level KD between tokenizers that give different ids to the same tokens.
+
+    The vocabularies (token -> id, added tokens included) must be equal; an embedding matrix
+    padded beyond the tokenizer is fine (``TaskModel.vocab_size`` trims the logits to the
+    shared ids). Anything else would compare the distributions of different tokens.
+    """
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    only_teacher = len(teacher_vocab.keys() - student_vocab.keys())
+    only_student = len(student_vocab.keys() - teacher_vocab.keys())
+    moved = sum(1 for token, i in teacher_vocab.items() if token in student_vocab and student_vocab[token] != i)
+    raise ModelError(
+        f"teacher {teacher_name} and the student do not share a vocabulary ({len(teacher_vocab):,} vs "
+        f"{len(student_vocab):,} tokens; {only_teacher:,} only the teacher's, {only_student:,} only the student's, "
+        f"{moved:,} with other ids): token-level KD compares next-token distributions id by id",
+        'set loss.kd_level = "sequence" (the teacher\'s greedy answers become the targets), or use a teacher '
+        "with the student's tokenizer",
+    )
+
+
 def weights_fingerprint(model_or_path: nn.Module | str | Path) -> str:
     """A short hash of a model's weights: of the weight files in a directory, or of a state dict."""
     digest = hashlib.sha256()
@@ -536,5 +709,5 @@ def tokenizer_fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> st
 __all__ = [
     "TaskModel", "TaskOutput", "resolve_ref", "load_task_model", "pick_head", "render_prompt", "option_token_ids",
     "student_from_teacher", "check_compatible", "weights_fingerprint", "tokenizer_fingerprint", "load_tokenizer",
-    "load_config", "check_label_count",
+    "load_config", "check_label_count", "check_shared_vocabulary", "answer_target", "clean_answer", "GENERATE_TEMPLATE",
 ]

@@ -579,18 +579,54 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(problems, source=source) from None
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a TOML recipe, apply ``--set`` overrides and validate."""
-    path = Path(path)
+def _read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
     if not path.is_file():
-        raise RecipeError([f"no recipe file at {path}"], source=str(path), hint="check the path; recipes/ has examples")
+        raise RecipeError([f"no {what} file at {path}"], source=str(path), hint=hint)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the recipe as UTF-8 TOML") from None
+        raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the file as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"invalid TOML: {exc}"], source=str(path), hint="check the TOML syntax at that line") from None
-    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def _overlay(base: Any, over: dict[str, Any], source: str, where: tuple[str, ...] = ()) -> Any:
+    """Deep-merge a params file into the raw recipe: tables merge key by key, other values replace.
+
+    Stages are a list in the recipe, so the overlay addresses them by index as tables,
+    ``[stages.1.train]``, the same way ``--set stages.1.train.lr=...`` does.
+    """
+    if isinstance(base, list):
+        merged_list = list(base)
+        for key, value in over.items():
+            if not (key.isdigit() and int(key) < len(base) and isinstance(value, dict) and isinstance(base[int(key)], dict)):
+                path = ".".join((*where, key))
+                raise RecipeError([f"{path}: not a stage index (the recipe has {len(base)} stages)"], source=source)
+            merged_list[int(key)] = _overlay(base[int(key)], value, source, (*where, key))
+        return merged_list
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), (dict, list)):
+            merged[key] = _overlay(merged[key], value, source, (*where, key))
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None, params: list[str | Path] | None = None) -> dict[str, Any]:
+    """The recipe as a plain dict, before validation: the TOML file, each ``params`` file
+    (e.g. `kd tune`'s best.toml) deep-merged over it in order, then the ``--set`` overrides."""
+    path = Path(path)
+    raw = _read_toml(path, "recipe", "check the path; recipes/ has examples")
+    for overlay in params or []:
+        overlay = Path(overlay)
+        raw = _overlay(raw, _read_toml(overlay, "params", "check the path; `kd tune` writes runs/NAME/tune/best.toml"), str(overlay))
+    return apply_overrides(raw, overrides or [])
+
+
+def load(path: str | Path, overrides: list[str] | None = None, params: list[str | Path] | None = None) -> Recipe:
+    """Read a TOML recipe, merge ``params`` files over it, apply ``--set`` overrides and validate."""
+    return validate(load_raw(path, overrides, params), source=str(path))
 
 
 def to_toml(recipe: Recipe) -> str:
@@ -656,4 +692,4 @@ def _show_type(annotation: Any) -> str:
     return text.replace("|", "\\|")
 
 
-__all__ = ["Recipe", "load", "validate", "apply_overrides", "to_toml", "reference_markdown", "fingerprint"]
+__all__ = ["Recipe", "load", "load_raw", "validate", "apply_overrides", "to_toml", "reference_markdown", "fingerprint"]

@@ -71,8 +71,8 @@ class JobResult:
     best_metric: float | None
     best_step: int | None
     stopped_early: bool
-    seconds: float
-    samples_per_second: float
+    seconds: float  # wall time, validation and checkpoints included
+    samples_per_second: float  # training throughput: samples over the time spent in optimizer steps
 
 
 @dataclass
@@ -316,6 +316,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
 
     maximise = cfg.metric in MAXIMISED
     started = time.perf_counter()
+    train_seconds = 0.0  # optimizer steps only: validation and checkpoints are not training speed
     first_step = state.step
     window: dict[str, float] = {}
     window_steps = 0
@@ -356,6 +357,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     try:
         model.train()
         while state.step < total_steps and not state.stopped_early:
+            step_started = time.perf_counter()
             indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
             for micro in range(cfg.grad_accum):
                 chunk = micro * world + rank
@@ -374,6 +376,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - step_started
             previous_samples = state.step * per_step
             state.step += 1
             window_steps += 1
@@ -385,7 +388,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             final = state.step == total_steps
             if crossed(cfg.log_every) or final:
                 elapsed = time.perf_counter() - started
-                rate = (state.step - first_step) * per_step / max(elapsed, 1e-9)
+                rate = (state.step - first_step) * per_step / max(train_seconds, 1e-9)
                 record = {k: v / window_steps for k, v in window.items()}
                 log({"kind": "train", "step": state.step, "samples": samples, "epoch": samples / len(train_rows),
                      "lr": scheduler.get_last_lr()[0], **record, "samples_per_s": rate, "elapsed": elapsed})
@@ -431,5 +434,5 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         best_step=state.best_step,
         stopped_early=state.stopped_early,
         seconds=elapsed,
-        samples_per_second=(state.step - first_step) * per_step / max(elapsed, 1e-9),
+        samples_per_second=(state.step - first_step) * per_step / max(train_seconds, 1e-9),
     )
