@@ -10,6 +10,17 @@ that looks whole.
 
 ``LiveTeacher`` and ``CachedTeacher`` answer the same call, so the training loop
 cannot tell them apart: the loss is the same either way (a test holds them equal).
+
+Generation (task ``generate``) stores, per answer token, the teacher's top-k
+log-probabilities at the loss temperature (``log_softmax(logits / T)``, fp16) and their
+token ids (uint16 when the vocabulary has at most 65,536 ids, else int32), flat
+``[total_tokens, k]`` with per-row ``offsets`` [rows + 1] into them. The probability mass
+outside the top k (the tail) is not stored: it is ``1 - sum(exp(top-k))``, computed when
+read (``losses.topk_tail``), so a token costs exactly ``k * (2 + 2)`` bytes with uint16
+ids: 128 bytes at k = 32. ``temperature`` and ``top_k`` are part of the cache's identity.
+A live teacher answers in the same form (fp16-rounded top k), so live and cached losses
+agree. With ``kd_level = "sequence"`` the cache holds the teacher's greedy answers instead
+(``SPLIT-answers.json``).
 """
 
 from __future__ import annotations
@@ -47,15 +58,31 @@ IDENTITY_FIELDS = (
     "pooling",
     "max_length",
     "template",
+    # generate only (None otherwise)
+    "kd_level",
+    "top_k",
+    "temperature",
+    "answer_max_length",
+    "vocab_size",
 )
 
 
 @dataclass
 class TeacherBatch:
-    """A teacher's answer for a batch: ``logits`` [B, C]; ``hidden`` teacher layer -> pooled [B, ..., D]."""
+    """A teacher's answer for a batch: ``logits`` [B, C]; ``hidden`` teacher layer -> pooled [B, ..., D].
 
-    logits: "torch.Tensor"
+    generate, token level: ``token_logprobs`` and ``token_ids`` [N, k] for the N answer tokens of
+    the batch (row after row, in order), ``lengths`` the answer tokens of each row, ``targets``
+    [N] the gold tokens (for the cache's accuracy). Sequence level: ``texts``, the greedy answers.
+    """
+
+    logits: "torch.Tensor | None" = None
     hidden: dict[int, "torch.Tensor"] = field(default_factory=dict)
+    token_logprobs: "torch.Tensor | None" = None
+    token_ids: "torch.Tensor | None" = None
+    lengths: list[int] | None = None
+    targets: "torch.Tensor | None" = None
+    texts: list[str] | None = None
 
 
 def pooled_layers(output: Any, layers: list[int], pooling: str, batch_size: int) -> dict[int, "torch.Tensor"]:
@@ -77,22 +104,49 @@ def pooled_layers(output: Any, layers: list[int], pooling: str, batch_size: int)
 class LiveTeacher:
     """Runs the teacher model on each batch (eval mode, no gradients)."""
 
-    def __init__(self, model: "TaskModel", layers: list[int], pooling: str, max_length: int, template: str | None):
+    def __init__(self, model: "TaskModel", layers: list[int], pooling: str, max_length: int, template: str | None,
+                 *, kd_level: str = "token", top_k: int | None = None, temperature: float = 1.0,
+                 answer_max_length: int = 32):
         self.model = model
         self.layers = sorted(set(layers))
         self.pooling = pooling
         self.max_length = max_length
         self.template = template
+        self.kd_level = kd_level
+        self.top_k = top_k
+        self.temperature = temperature
+        self.answer_max_length = answer_max_length
         self.model.model.eval()
 
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         import torch
 
+        if self.model.task == "generate":
+            return self._generate(examples)
         with torch.no_grad():
             batch = self.model.encode(examples, self.max_length, self.template)
             output = self.model.forward(batch, output_hidden_states=bool(self.layers))
             hidden = pooled_layers(output, self.layers, self.pooling, len(examples)) if self.layers else {}
         return TeacherBatch(output.logits.float(), {k: v.float() for k, v in hidden.items()})
+
+    def _generate(self, examples: list[dict]) -> TeacherBatch:
+        import torch
+        import torch.nn.functional as F
+
+        model = self.model
+        if self.kd_level == "sequence":
+            texts = model.generate(examples, self.answer_max_length, self.max_length, self.template, batch_size=len(examples) or 1)
+            return TeacherBatch(texts=texts)
+        with torch.no_grad():
+            batch = model.encode(examples, self.max_length, self.template, self.answer_max_length)
+            output = model.forward(batch)
+            mask = output.token_mask
+            logprobs = F.log_softmax(output.logits[mask].float() / self.temperature, dim=-1)
+            k = min(self.top_k or logprobs.shape[-1], logprobs.shape[-1])
+            values, ids = logprobs.topk(k, dim=-1)
+        # Rounded as the cache stores them, so a live teacher and its cache give the same loss.
+        return TeacherBatch(token_logprobs=values.half().float(), token_ids=ids, lengths=mask.sum(1).tolist(),
+                            targets=output.labels[mask])
 
 
 class CachedTeacher:
@@ -105,10 +159,29 @@ class CachedTeacher:
         self.manifest = read_json(path / "manifest.json")
         self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        for split, info in self.manifest["splits"].items():
-            parts = [load_file(path / shard) for shard in info["shards"]]
-            import torch
+        self.answers: dict[str, list[str]] = {}
+        import torch
 
+        for split, info in self.manifest["splits"].items():
+            if self.manifest.get("kd_level") == "sequence":
+                self.answers[split] = [a for shard in info["shards"] for a in read_json(path / shard)]
+                continue
+            parts = [load_file(path / shard) for shard in info["shards"]]
+            if self.manifest.get("task") == "generate":
+                # Shards keep their own offsets; on load they become global starts and lengths per row.
+                starts, lengths, base = [], [], 0
+                for part in parts:
+                    offsets = part["offsets"]
+                    starts.append(offsets[:-1] + base)
+                    lengths.append(offsets[1:] - offsets[:-1])
+                    base += int(offsets[-1])
+                self.tensors[split] = {
+                    "logprobs": torch.cat([p["logprobs"] for p in parts]) if parts else torch.zeros(0),
+                    "ids": torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0),
+                    "starts": torch.cat(starts) if parts else torch.zeros(0, dtype=torch.long),
+                    "lengths": torch.cat(lengths) if parts else torch.zeros(0, dtype=torch.long),
+                }
+                continue
             self.tensors[split] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
 
     @property
@@ -118,10 +191,21 @@ class CachedTeacher:
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         import torch
 
-        if split not in self.tensors:
+        if split not in self.tensors and split not in self.answers:
             raise CacheError(
                 f"the cache at {self.path} has no '{split}' split",
                 "run `kd cache-teachers RECIPE` again",
+            )
+        if split in self.answers:
+            return TeacherBatch(texts=[self.answers[split][ex["idx"]] for ex in examples])
+        if self.manifest.get("task") == "generate":
+            stored = self.tensors[split]
+            spans = [(int(stored["starts"][ex["idx"]]), int(stored["lengths"][ex["idx"]])) for ex in examples]
+            index = torch.cat([torch.arange(start, start + n) for start, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
+            return TeacherBatch(
+                token_logprobs=stored["logprobs"][index].float().to(self.device),
+                token_ids=stored["ids"][index].to(torch.long).to(self.device),
+                lengths=[n for _, n in spans],
             )
         rows = torch.tensor([ex["idx"] for ex in examples])
         stored = self.tensors[split]
@@ -144,6 +228,11 @@ def expected_manifest(
     pooling: str,
     max_length: int,
     template: str | None,
+    kd_level: str | None = None,
+    top_k: int | None = None,
+    temperature: float | None = None,
+    answer_max_length: int | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     return {
         "cache_format": CACHE_FORMAT,
@@ -160,6 +249,11 @@ def expected_manifest(
         "pooling": pooling,
         "max_length": max_length,
         "template": template,
+        "kd_level": kd_level,
+        "top_k": top_k,
+        "temperature": temperature,
+        "answer_max_length": answer_max_length,
+        "vocab_size": vocab_size,
     }
 
 
@@ -202,6 +296,8 @@ def build_cache(
 
     started = time.perf_counter()
     manifest = dict(identity, hidden_layers=teacher.layers, kd_version=__version__, splits={})
+    if teacher.model.task == "generate":
+        return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
     with atomic_dir(path) as tmp:
         for split, rows in splits.items():
             # Sorting by length keeps padding (wasted work) small; outputs go back to row order.
@@ -233,6 +329,96 @@ def build_cache(
             accuracy = float((predicted[labelled] == gold[labelled]).float().mean()) if labelled.any() else None
             manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy}
         manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        manifest["seconds"] = round(time.perf_counter() - started, 3)
+        manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def id_dtype(vocab_size: int) -> "torch.dtype":
+    """Token ids are stored as uint16 when every id fits (vocabularies up to 65,536), else int32."""
+    import torch
+
+    return torch.uint16 if vocab_size <= 65_536 else torch.int32
+
+
+def bytes_per_token(top_k: int, vocab_size: int) -> int:
+    """Stored bytes per answer token: k fp16 log-probs and k ids; the tail is implicit (0 bytes)."""
+    return top_k * (2 + (2 if vocab_size <= 65_536 else 4))
+
+
+def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, list[dict]], manifest: dict[str, Any],
+                          batch_size: int, progress: Any, started: float) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from kdcli.evaluate import exact_match
+
+    vocab = teacher.model.vocab_size
+    sequence = teacher.kd_level == "sequence"
+    # What CachedTeacher reads the shards by (cache_identity sets both; a bare identity may not).
+    manifest.update(task="generate", kd_level=teacher.kd_level)
+    k = min(teacher.top_k or vocab, vocab)
+    if not sequence:
+        manifest.update(top_k_stored=k, id_dtype=str(id_dtype(vocab)).removeprefix("torch."),
+                        bytes_per_token=bytes_per_token(k, vocab), tail="implicit: 1 - sum(exp(top-k log-probs))")
+    tokens_total = 0
+    with atomic_dir(path) as tmp:
+        for split, rows in splits.items():
+            order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
+            task_id = progress.add_task(f"{path.name} {split}", total=len(rows)) if progress else None
+            per_row: list[Any] = [None] * len(rows)
+            hits = count = 0
+            for start in range(0, len(rows), batch_size):
+                index = order[start : start + batch_size]
+                chunk = [rows[i] for i in index]
+                answer = teacher(chunk, split)
+                if sequence:
+                    for i, text in zip(index, answer.texts):
+                        per_row[i] = text
+                    hits += sum(exact_match(text, ex["answers"]) for text, ex in zip(answer.texts, chunk) if ex["answers"])
+                    count += sum(1 for ex in chunk if ex["answers"])
+                else:
+                    at = 0
+                    for i, n in zip(index, answer.lengths):
+                        per_row[i] = (answer.token_logprobs[at : at + n].half().cpu(),
+                                      answer.token_ids[at : at + n].to(id_dtype(vocab)).cpu())
+                        at += n
+                    hits += int((answer.token_ids[:, 0] == answer.targets).sum())
+                    count += len(answer.targets)
+                if progress:
+                    progress.advance(task_id, len(index))
+            shards = []
+            if sequence:
+                name = f"{split}-answers.json"
+                write_json(tmp / name, per_row)
+                shards.append(name)
+                tokens = None
+            else:
+                tokens = sum(len(r[0]) for r in per_row)
+                tokens_total += tokens
+                for shard_no, first in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
+                    part = per_row[first : first + SHARD_ROWS]
+                    lengths = torch.tensor([0] + [len(r[0]) for r in part], dtype=torch.long)
+                    tensors = {
+                        "logprobs": torch.cat([r[0] for r in part]) if part else torch.zeros(0, k, dtype=torch.float16),
+                        "ids": torch.cat([r[1] for r in part]) if part else torch.zeros(0, k, dtype=id_dtype(vocab)),
+                        "offsets": lengths.cumsum(0),
+                    }
+                    name = f"{split}-{shard_no:05d}.safetensors"
+                    save_file({key: value.contiguous() for key, value in tensors.items()}, tmp / name)
+                    shards.append(name)
+            # token level: the teacher's top-1 token equals the gold answer token (teacher forcing);
+            # sequence level: exact match of its greedy answers against the aliases.
+            accuracy = hits / count if count else None
+            manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy, "tokens": tokens,
+                                         "accuracy_kind": "exact_match" if sequence else "top1_answer_token"}
+        manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        if not sequence:
+            manifest["tokens"] = tokens_total
+            manifest["file_bytes_per_token"] = round(
+                sum(f.stat().st_size for f in tmp.iterdir() if f.suffix == ".safetensors") / max(tokens_total, 1), 2
+            )
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
         write_json(tmp / "manifest.json", manifest)

@@ -201,15 +201,20 @@ def distill(
     no_teachers: Annotated[
         bool, typer.Option("--no-teachers", help="Train the same student on labels only (the `dataset` role).")
     ] = False,
+    params: Annotated[
+        Optional[list[Path]],
+        typer.Option("--params", help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).", show_default=False),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the student from the teachers (and gold labels), stage by stage."""
+    from kdcli import recipe as recipe_mod
     from kdcli.engine import distill as run_stages
     from kdcli.report import print_distill_summary
 
     from rich.console import Console
 
-    recipe = _load(recipe_path, overrides)
+    recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
     with _locked(recipe):
         _write_resolved(recipe)
@@ -315,11 +320,19 @@ def compare(
 
 @app.command()
 @_error_boundary
-def run(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
+def run(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    params: Annotated[
+        Optional[list[Path]],
+        typer.Option("--params", help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).", show_default=False),
+    ] = None,
+) -> None:
     """Every step in order: prepare, cache-teachers, distill (with and without teachers), eval, bench, compare."""
+    from kdcli import recipe as recipe_mod
     from kdcli.engine import run_all
 
-    recipe = _load(recipe_path, overrides)
+    recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
     with _locked(recipe):
         _write_resolved(recipe)
         run_all(recipe)
@@ -330,15 +343,43 @@ def run(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
 def tune(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    trials: Annotated[int, typer.Option("--trials", help="Trials to run.")] = 25,
-    fraction: Annotated[float, typer.Option("--fraction", help="Share of the train split each trial uses.")] = 0.05,
+    trials: Annotated[int, typer.Option("--trials", help="Trials the study should have; a rerun runs only the missing ones.")] = 25,
+    fraction: Annotated[float, typer.Option("--fraction", help="Share of each train split a trial trains on.")] = 0.05,
+    sampler: Annotated[str, typer.Option("--sampler", help="random (as the study did) or tpe.")] = "random",
+    storage: Annotated[
+        Optional[str],
+        typer.Option("--storage", help="Optuna RDB URL of the study (default sqlite:///runs/NAME/tune.db); "
+                     "machines sharing one run trials of one study.", show_default=False),
+    ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Search hyperparameters on a fraction of the data (the study's stage 0)."""
-    _load(recipe_path, overrides)
-    _not_built("tune", "hyperparameter search")
+    """Search hyperparameters on a fraction of the data (the study's stage 0); writes runs/NAME/tune/best.toml."""
+    from rich.console import Console
+
+    from kdcli import recipe as recipe_mod
+    from kdcli import tune as tuning
+
+    raw = recipe_mod.load_raw(recipe_path, overrides or [])
+    recipe = recipe_mod.validate(raw, source=str(recipe_path))
+    tuning.check_arguments(recipe, raw, trials=trials, fraction=fraction, sampler=sampler)
+    console = Console(stderr=as_json)  # with --json, stdout carries the JSON document alone
+    with _locked(recipe):
+        study = tuning.open_study(recipe, storage=storage, sampler=sampler, fraction=fraction)
+        try:
+            tuning.run_trials(study, recipe, raw, trials=trials, fraction=fraction, console=console, quiet=as_json)
+        finally:
+            _write_resolved(recipe)  # each trial's data step recorded the trial's own recipe there
+        result = tuning.summarise(study, recipe, storage=storage)
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        tuning.print_result(result, recipe_path, console)
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun / accelerate launch only the main process reports; errors still reach stderr.
+        sys.stdout = open(os.devnull, "w")
     app(prog_name="kd")
 
 

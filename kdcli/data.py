@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 from kdcli import __version__
 from kdcli.errors import DataError
 from kdcli.recipe import Columns, DataConfig, Recipe, Stage, fingerprint, to_toml
-from kdcli.rundir import RunDir, atomic_dir, read_json, write_json, write_text_atomic
+from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, write_json, write_text_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -1013,6 +1013,8 @@ def _plan_stage(
     if not force and old is not None and old["fingerprint"] == print_id:
         return _result(stage.name, out, old, True, "up to date (no changes)", time.perf_counter() - started)
     reason = _why_prepare(old, identity, force, out.exists())
+    if leftovers(out.parent, out.name):  # a prepare killed while writing: its partial copy is removed below
+        reason = f"{reason}; an earlier prepare was interrupted, its partial output is discarded"
     if print_id not in built:  # stages with the same data are read once
         built[print_id] = _build(
             stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}")

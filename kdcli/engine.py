@@ -45,11 +45,17 @@ def stage_data(recipe: Recipe, run: RunDir, stage: Stage, console: Console) -> S
     """The stage's prepared splits (running `prepare` first when they are missing or stale)."""
     from kdcli.data import load_prepared, prepare_recipe
 
-    prepare_recipe(recipe, quiet=True)
+    from kdcli.runtime import process_state
+
+    # Under several processes the main one prepares; the others then find it up to date.
+    with process_state().main_process_first():
+        prepare_recipe(recipe, quiet=True)
     splits, manifest = load_prepared(run, stage.name)
     rows = {name: [dict(row, idx=i) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
     if recipe.task == "classify":
         num_classes = len(manifest["label_names"])
+    elif recipe.task == "generate":
+        num_classes = 0  # answers are text: no classes, no label prior
     else:
         num_classes = int(manifest["num_options"])
     histogram = [0] * num_classes
@@ -166,19 +172,57 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: S
         layers = [t for _, t in pairs]
     quantisation = "8bit" if spec.load_in_8bit else "4bit" if spec.load_in_4bit else "none"
     hidden = recipe.teachers[name].hidden
+    generate: dict[str, Any] = {}
+    if recipe.task == "generate":
+        token = stage.loss.kd_level == "token"
+        generate = dict(
+            kd_level=stage.loss.kd_level, answer_max_length=stage.data.answer_max_length,
+            top_k=stage.loss.top_k if token else None, temperature=stage.loss.temperature if token else None,
+            vocab_size=len(load_tokenizer(spec)) if token else None,
+        )
+        layers = []
     return expected_manifest(
         teacher_ref=spec.ref, revision=spec.revision, weights=weights, tokenizer=tokenizer,
         data_fingerprint=data.fingerprint, task=recipe.task, num_classes=data.num_classes,
         quantisation=quantisation, dtype=spec.dtype, hidden_layers=layers,
         pooling=hidden.pooling if hidden else "mean", max_length=stage.data.max_length, template=stage.data.template,
+        **generate,
     )
+
+
+def live_teacher(model: "TaskModel", identity: dict[str, Any], pooling: str, stage: Stage):
+    """A LiveTeacher answering as the cache described by ``identity`` would (generate: top k at T)."""
+    from kdcli.cache import LiveTeacher
+
+    return LiveTeacher(
+        model, identity["hidden_layers"], pooling, stage.data.max_length, stage.data.template,
+        kd_level=stage.loss.kd_level, top_k=stage.loss.top_k, temperature=stage.loss.temperature,
+        answer_max_length=stage.data.answer_max_length,
+    )
+
+
+def check_vocabularies(recipe: Recipe) -> None:
+    """generate, token-level KD: every teacher must share the student's vocabulary (checked on
+    the tokenizers alone, before any model is loaded); a mismatch suggests sequence-level KD."""
+    from kdcli.models import check_shared_vocabulary, load_tokenizer
+
+    if recipe.task != "generate":
+        return
+    names = sorted({n for s in recipe.resolved_stages() if s.loss.kd_level == "token" for n in s.teachers or []})
+    if not names:
+        return
+    origin = recipe.student.from_teacher
+    student_tokenizer = load_tokenizer(recipe.teachers[origin] if origin else recipe.student)
+    for name in names:
+        if name != origin:
+            check_shared_vocabulary(student_tokenizer, load_tokenizer(recipe.teachers[name]), name)
 
 
 def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | None = None, quiet: bool = False) -> list[dict[str, Any]]:
     """Build the cache of every teacher of every stage (fine-tuning first where asked). Returns reports."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from kdcli.cache import LiveTeacher, build_cache, check_cache
+    from kdcli.cache import build_cache, check_cache
     from kdcli.runtime import make_accelerator
 
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
@@ -206,8 +250,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             model = load_teacher(recipe, run, name, data.num_classes)
             model.model.to(accelerator.device)
             hidden = recipe.teachers[name].hidden
-            live = LiveTeacher(model, identity["hidden_layers"], hidden.pooling if hidden else "mean",
-                               stage.data.max_length, stage.data.template)
+            live = live_teacher(model, identity, hidden.pooling if hidden else "mean", stage)
             splits = {split: data.rows[split] for split in ("train", "validation") if split in data.rows}
             progress = None if quiet else Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
@@ -233,14 +276,20 @@ def _report(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         "bytes": manifest.get("bytes"),
         "rows_per_second": manifest.get("rows_per_second"),
         "validation_accuracy": splits.get("validation", {}).get("accuracy"),
+        **({"bytes_per_token": manifest["bytes_per_token"], "file_bytes_per_token": manifest.get("file_bytes_per_token"),
+            "tokens": manifest.get("tokens"), "top_k": manifest.get("top_k_stored")}
+           if "bytes_per_token" in manifest else {}),
     }
 
 
 def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, student: "TaskModel", accelerator, console: Console):
     """The stage's teachers, each from its cache when it matches, else live; plus their layer maps."""
-    from kdcli.cache import CachedTeacher, LiveTeacher, check_cache
+    from kdcli.cache import CachedTeacher, check_cache
     from kdcli.models import check_compatible
 
+    if recipe.task == "generate" and stage.loss.beta > 0:
+        raise ModelError(f"stage {stage.name}: the hidden-state MSE (loss.beta) is not available for task generate",
+                         "set loss.beta = 0")
     teachers, pairs, widths, pooling, live_models, sources = {}, {}, {}, {}, {}, {}
     for name in stage.teachers or []:
         identity = cache_identity(recipe, run, stage, name, data)
@@ -257,7 +306,7 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
             model = load_teacher(recipe, run, name, data.num_classes)
             model.model.to(accelerator.device)
             live_models[name] = model
-            teachers[name] = LiveTeacher(model, identity["hidden_layers"], pooling[name], stage.data.max_length, stage.data.template)
+            teachers[name] = live_teacher(model, identity, pooling[name], stage)
             sources[name] = "live"
         if stage.loss.beta > 0 and hidden is not None:
             config = live_models[name].model.config if name in live_models else _teacher_config(recipe, run, name)
@@ -288,6 +337,7 @@ def preflight(recipe: Recipe, run: RunDir, console: Console) -> None:
                 "pick layers that exist in the teacher",
             )
     student_layers = _student_layers(recipe)
+    check_vocabularies(recipe)
     for stage in recipe.resolved_stages():
         data = stage_data(recipe, run, stage, console)
         for name in stage.teachers or []:
@@ -383,6 +433,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
             teacher_weights={n: recipe.teachers[n].weight for n in teachers},
             hidden_pairs=pairs, teacher_widths=widths, pooling=pooling, label_prior=data.label_prior,
             extra_metadata={"role": role, "label_names": data.manifest.get("label_names", []), "teachers": sources},
+            answer_max_length=stage.data.answer_max_length,
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:
@@ -473,7 +524,11 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
             console.print(f"eval {role}: up to date")
         else:
             result = evaluate_role(recipe, role, console=console)
-            console.print(f"eval {role}: accuracy {result['metrics']['accuracy']:.4f}")
+            metrics = result["metrics"]
+            if "accuracy" in metrics:
+                console.print(f"eval {role}: accuracy {metrics['accuracy']:.4f}")
+            else:
+                console.print(f"eval {role}: exact match {metrics['exact_match']:.4f}, token F1 {metrics['f1']:.4f}")
         if _fresh(run.bench(role), inputs):
             console.print(f"bench {role}: up to date")
         else:

@@ -256,10 +256,7 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
 
     console = console or Console(stderr=True)
     if recipe.task == "generate":
-        raise KdError(
-            "`kd eval` of a generate recipe arrives with the generate task (batched greedy generation)",
-            "the metric functions (exact match, token F1) are ready; eval classify and choice recipes today",
-        )
+        return _evaluate_generate_role(recipe, role, split, console)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
     data = stage_data(recipe, run, stage, console)
@@ -324,6 +321,81 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
                 "gold": _show(row, gold[i], recipe.task, names),
                 "teacher_answer": _show(row, teacher_pred[i], recipe.task, names),
                 "model_answer": _show(row, pred[i], recipe.task, names),
+            })
+    write_json(run.eval(role), result)
+    result["path"] = str(run.eval(role))
+    return result
+
+
+def _evaluate_generate_role(recipe: "Recipe", role: str, split: str | None, console: "Console") -> dict[str, Any]:
+    """`kd eval` for generate: batched greedy answers (eval.max_new_tokens), exact match and token
+    F1/precision/recall against every alias, agreement with each teacher (same normalised answer)."""
+    from kdcli.engine import load_role, stage_data
+    from kdcli.rundir import RunDir, write_json
+    from kdcli.runtime import describe
+
+    run = RunDir.for_recipe(recipe)
+    stage = recipe.resolved_stages()[-1]
+    data = stage_data(recipe, run, stage, console)
+    split = split or recipe.eval.split
+    if split not in data.rows:
+        raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",
+                      "pick one with --split, or add it to data.split")
+    rows = [row for row in data.rows[split] if row["answers"]]
+    if not rows:
+        raise KdError(f"the {split} split of stage '{stage.name}' has no reference answers", "score another split with --split")
+    cfg = recipe.eval
+    max_length, template = stage.data.max_length, stage.data.template
+
+    def answer(model: "TaskModel") -> list[str]:
+        return model.generate(rows, cfg.max_new_tokens, max_length, template, cfg.batch_size)
+
+    model = load_role(recipe, role, data.num_classes)
+    device = place(model)
+    started = time.perf_counter()
+    pred = answer(model)
+    seconds = time.perf_counter() - started
+    metrics = generation_metrics(pred, [row["answers"] for row in rows])
+    result: dict[str, Any] = {
+        "role": role,
+        "model": model_description(recipe.model_dump(mode="json"), role),
+        "ref": str(model.model.name_or_path),
+        "task": recipe.task,
+        "stage": stage.name,
+        "split": split,
+        "data_fingerprint": data.fingerprint,
+        "n": len(rows),
+        "parameters": parameter_count(model),
+        "seconds": seconds,
+        "examples_per_second": len(rows) / seconds,
+        "max_new_tokens": cfg.max_new_tokens,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics,
+        "shortcut": None,
+        "agreement": {},
+        "agreement_skipped": {},
+        "disagreements": [],
+        "predictions": [{"id": row["id"], "prediction": p} for row, p in zip(rows, pred)],
+        "env": {**describe(), "device": str(device), "dtype": str(model.model.dtype).removeprefix("torch.")},
+    }
+    del model
+    for name in stage.teachers or []:
+        if role == f"teacher:{name}":
+            continue
+        try:
+            teacher = load_role(recipe, f"teacher:{name}", data.num_classes)
+        except ModelError as exc:
+            result["agreement_skipped"][name] = exc.message
+            continue
+        place(teacher)
+        theirs = answer(teacher)
+        del teacher
+        same = [squad_normalize(a) == squad_normalize(b) for a, b in zip(pred, theirs)]
+        result["agreement"][name] = sum(same) / len(same)
+        for i in [i for i, agree in enumerate(same) if not agree][: cfg.examples]:
+            result["disagreements"].append({
+                "teacher": name, "id": rows[i]["id"], "input": rows[i]["text"], "options": [],
+                "gold": rows[i]["answers"][0], "teacher_answer": theirs[i], "model_answer": pred[i],
             })
     write_json(run.eval(role), result)
     result["path"] = str(run.eval(role))

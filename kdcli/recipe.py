@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdcli.errors import RecipeError
 
@@ -44,6 +44,31 @@ FILE_FORMATS = ("csv", "jsonl", "parquet")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def plain_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a folder of the run directory (run, stage and teacher names do), or None.
+
+    A name is one path component: with a '/' or '..' it would put outputs outside runs/NAME/
+    (a stage named '../../x' would write its data anywhere); a leading '.' is kept for kd's
+    temporary files.
+    """
+    if value in (".", "..") or "/" in value or "\\" in value:
+        return f"{value!r} is not a plain name: no '/', '\\' or '..' (it names a folder of the run directory)"
+    if value.startswith("."):
+        return f"{value!r} must not start with '.' (kd's temporary files do)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"{value!r} contains control characters"
+    if len(value) > 100:
+        return f"is {len(value)} characters long (at most 100)"
+    return None
+
+
+def _plain_name(value: str) -> str:
+    problem = plain_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class Columns(Section):
@@ -321,6 +346,8 @@ class Stage(Section):
     loss: LossConfig = Field(default_factory=LossConfig, description="This stage's loss (merged over [loss]).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="This stage's schedule (merged over [train]).")
 
+    _name = field_validator("name")(_plain_name)
+
 
 class EvalConfig(Section):
     split: SplitName = Field("test", description="Split that `kd eval` scores.")
@@ -388,9 +415,15 @@ class Recipe(Section):
         description="`kd tune` search space by dotted key, e.g. 'train.lr' = {log_uniform = [1e-5, 1e-3]}.",
     )
 
+    _name = field_validator("name")(_plain_name)
+
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
         problems: list[str] = []
+        for teacher in self.teachers:
+            problem = plain_name_problem(teacher)
+            if problem:
+                problems.append(f"teachers: the teacher name {problem}")
         names = [s.name for s in self.stages]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"stages: stage name '{dup}' is used twice")

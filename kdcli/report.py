@@ -47,12 +47,15 @@ def print_cache_summary(reports: list[dict], console: Console | None = None) -> 
     """One row per cached teacher: rows, bytes written, speed, teacher accuracy on validation."""
     console = console or Console()
     table = Table(title="teacher caches")
-    for column in ("stage", "teacher", "rows", "size", "rows/s", "val accuracy", "status"):
-        table.add_column(column, justify="right" if column in {"rows", "size", "rows/s", "val accuracy"} else "left")
+    tokens = any("bytes_per_token" in r for r in reports)  # generate: top-k token caches
+    columns = ["stage", "teacher", "rows", "size", *(["bytes/token"] if tokens else []), "rows/s", "val accuracy", "status"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in {"rows", "size", "bytes/token", "rows/s", "val accuracy"} else "left")
     for r in reports:
         accuracy = r.get("validation_accuracy")
+        per_token = [f"{r['bytes_per_token']} (k={r.get('top_k')})" if "bytes_per_token" in r else ""] if tokens else []
         table.add_row(
-            r["stage"], r["teacher"], f"{sum(r['rows'].values()):,}", _human_bytes(r.get("bytes") or 0),
+            r["stage"], r["teacher"], f"{sum(r['rows'].values()):,}", _human_bytes(r.get("bytes") or 0), *per_token,
             f"{r['rows_per_second']:,.1f}" if r.get("rows_per_second") else "",
             f"{accuracy:.4f}" if accuracy is not None else "",
             "up to date" if r["skipped"] else "built",
@@ -93,6 +96,9 @@ def print_eval(result: dict, console: Console | None = None) -> None:
     """Headline metrics, per-class report, confusion matrix, answer histogram, agreement and disagreements."""
     console = console or Console(highlight=False)
     metrics = result["metrics"]
+    if result.get("task") == "generate":
+        _print_generate_eval(result, console)
+        return
     names = metrics["label_names"]
     table = Table(title=f"{escape(result['role'])} on {result['split']} ({result['n']} examples)")
     for column in ("model", "parameters", "accuracy", "F1", "precision", "recall", "examples/s"):
@@ -127,6 +133,25 @@ def print_eval(result: dict, console: Console | None = None) -> None:
         console.print(f"[bold yellow]warning:[/] {escape(result['shortcut'])}")
     for teacher, rate in result.get("agreement", {}).items():
         console.print(f"agreement with teacher {escape(teacher)}: {rate:.1%}")
+    for teacher, why in result.get("agreement_skipped", {}).items():
+        console.print(f"[yellow]no agreement with teacher {escape(teacher)}: {escape(why)}[/]")
+    _print_disagreements(result, console)
+    console.print(f"saved {escape(result['path'])}")
+
+
+def _print_generate_eval(result: dict, console: Console) -> None:
+    """generate: exact match and token F1/precision/recall, agreement and disagreements."""
+    metrics = result["metrics"]
+    table = Table(title=f"{escape(result['role'])} on {result['split']} ({result['n']} questions)")
+    for column in ("model", "parameters", "exact match", "F1", "precision", "recall", "questions/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(
+        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['exact_match']:.4f}", f"{metrics['f1']:.4f}",
+        f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}", f"{result['examples_per_second']:,.1f}",
+    )
+    console.print(table)
+    for teacher, rate in result.get("agreement", {}).items():
+        console.print(f"agreement with teacher {escape(teacher)} (same normalised answer): {rate:.1%}")
     for teacher, why in result.get("agreement_skipped", {}).items():
         console.print(f"[yellow]no agreement with teacher {escape(teacher)}: {escape(why)}[/]")
     _print_disagreements(result, console)

@@ -8,9 +8,14 @@ that looks whole.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,18 +94,139 @@ def role_filename(role: str) -> str:
     return role.replace(":", "-").replace("/", "_")
 
 
+# ----------------------------------------------------------------------- atomic writes
+#
+# A temporary sibling is named `.NAME.tmp-PID.HOST-XXXX` (a directory, or `.NAME.tmp-PID.HOST`
+# for a file) and the output it replaces is parked as `.NAME.old-PID.HOST` for the instant
+# between the two renames. A process killed with SIGKILL cannot clean up after itself, so the
+# next write into the same folder removes what a dead process of this machine left there (and
+# puts a parked output back if the kill fell between the two renames). Only processes of this
+# machine are judged: on a shared file system another machine's pids mean nothing here.
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})(?:-.*)?$")
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def leftovers(folder: Path, name: str | None = None) -> list[Path]:
+    """Partial outputs that a dead kd process of this machine left in ``folder`` (for ``name`` only, if given)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if not match or match["host"] != _HOST or (name is not None and match["name"] != name):
+            continue
+        if not _alive(int(match["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def clean_leftovers(folder: Path, say: Any = None) -> list[Path]:
+    """Remove the partial outputs of interrupted writes in ``folder``; put back an output parked by
+    a write that was killed between its two renames. Returns what was removed or restored."""
+    say = say or (lambda message: print(message, file=sys.stderr))
+    done = []
+    for entry in leftovers(folder):
+        match = _LEFTOVER.match(entry.name)
+        assert match is not None
+        final = entry.with_name(match["name"])
+        if match["kind"] == "old" and not final.exists():
+            entry.rename(final)  # the previous complete output; its replacement never arrived
+            say(f"kd: restored {final}, which an interrupted write had moved aside")
+        else:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            say(f"kd: removed {entry.name}, the partial output of an interrupted kd process, from {folder}")
+        done.append(entry)
+    return done
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """True when ``exc`` means the device (or the user's quota) is full.
+
+    An OSError says so by its errno; safetensors and torch.save wrap the OS error in their
+    own exception types, so their messages are read too.
+    """
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if error is not None and any(
+            text in str(error) for text in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+        ):
+            return True
+    if where is not None and isinstance(exc, (OSError, RuntimeError)):
+        # torch.save says only "file write failed" (a RuntimeError): look at the device itself.
+        try:
+            return shutil.disk_usage(_existing(where)).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def no_space(where: Path) -> KdError:
+    """The KdError for a full device while writing ``where``."""
+    try:
+        free = f"{shutil.disk_usage(_existing(where)).free / 1e6:,.0f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    return KdError(
+        f"no space left on the device writing {where} ({free})",
+        "free some space (or set output_dir to a larger disk) and run the same command again; earlier "
+        "outputs are intact, and `kd distill --resume` continues from the last checkpoint",
+    )
+
+
+def _tag() -> str:
+    return f"{os.getpid()}.{_HOST}"
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; it replaces ``final`` only if the block succeeds."""
+    """Yield a temporary directory beside ``final``; it replaces ``final`` only if the block succeeds.
+
+    A full device while writing becomes a KdError naming ``final``; the previous ``final`` is
+    left as it was.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_leftovers(final.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_tag()}-", dir=final.parent))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise no_space(final) from None
+        raise
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs should be as readable as any other file
     try:
-        yield tmp
+        try:
+            yield tmp
+        except KdError:
+            raise
+        except Exception as exc:
+            if is_disk_full(exc, final.parent):
+                raise no_space(final) from exc
+            raise
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f".{final.name}.old-{_tag()}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -112,14 +238,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling and rename it over ``path``: ``path`` is never half written.
+
+    A full device becomes a KdError naming ``path``; the previous ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_tag()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise no_space(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -154,12 +288,19 @@ def run_lock(run: RunDir) -> Iterator[None]:
             f"another kd process is working on {run.root}",
             "wait for it to finish (or stop it); if none is running, delete the .lock file in that folder",
         ) from None
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         lock.release()
-        # A command that failed before writing anything leaves nothing behind, not even the lock.
-        if created and [p.name for p in run.root.iterdir()] == [".lock"]:
-            (run.root / ".lock").unlink()
+        # A command that failed before writing anything leaves nothing behind, not even the lock
+        # or the copy of the recipe it was given (it never ran with it).
+        removable = {".lock", run.resolved_recipe.name} if failed else {".lock"}
+        if created and {p.name for p in run.root.iterdir()} <= removable:
+            for name in removable:
+                (run.root / name).unlink(missing_ok=True)
             for folder in created:
                 folder.rmdir()

@@ -25,6 +25,18 @@ def make_accelerator(mixed_precision: str = "no"):
     return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
 
 
+def process_state():
+    """accelerate's per-process state, set up exactly as ``make_accelerator`` sets it up.
+
+    A bare ``PartialState()`` on a CPU machine decides it is a single process, even under
+    torchrun, and every Accelerator made afterwards inherits that; so kd always asks with ``cpu``.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 

@@ -12,6 +12,9 @@ Every loss term is a mean over its micro-batch; each is weighted by the micro-ba
 share of the optimizer step's examples, so batch 8 x accumulation 1 and batch 2 x
 accumulation 4 give the same gradient. The diversity penalty is the exception: it is
 a property of a batch's mean prediction, so it depends on the micro-batch size.
+For task ``generate`` the terms are means over answer tokens, and the share is of the
+step's answer tokens (counted before the step, summed over processes), so the same
+equality holds per token.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Job:
     pooling: dict[str, str] = field(default_factory=dict)
     label_prior: list[float] | None = None
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    answer_max_length: int = 32  # generate: answer tokens kept as targets; also the validation's generation length
 
 
 @dataclass
@@ -114,6 +118,8 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tup
 
     cfg = job.loss
     student = job.student
+    if student.task == "generate":
+        return _generate_loss(job, examples, split)
     batch = student.encode(examples, job.max_length, job.template)
     batch = {k: v.to(student.device) for k, v in batch.items()}
     want_hidden = cfg.beta > 0 and bool(job.hidden_pairs)
@@ -156,12 +162,95 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tup
     return total, parts, output
 
 
-def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None) -> dict[str, float]:
-    """Validation loss (CE on gold), accuracy and macro-F1 of ``student`` over ``rows``."""
+def _generate_loss(job: Job, examples: list[dict], split: str) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
+    """compute_loss for task generate: every term is a mean over answer tokens.
+
+    ``ce``: the gold answer's tokens. ``kd``, token level: T^2 * D(teacher || student) at each
+    answer token, against the teacher's top-k distribution (``losses.sparse_kd_term``); several
+    teachers are mixed as full distributions (tail spread evenly, ``losses.topk_to_dense``).
+    Sequence level: cross-entropy on each teacher's greedy answer, teachers weighted statically.
+    """
+    import torch
+
+    from kdcli import losses
+
+    cfg = job.loss
+    student = job.student
+    batch = student.encode(examples, job.max_length, job.template, job.answer_max_length)
+    output = student.forward(batch)
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.alpha > 0:
+        parts["ce"] = losses.cross_entropy(output.logits, output.labels)
+    if job.teachers and cfg.alpha < 1:
+        answers = {name: teacher(examples, split) for name, teacher in job.teachers.items()}
+        weights = [job.teacher_weights.get(name, 1.0) for name in job.teachers]
+        if cfg.kd_level == "sequence":
+            terms = []
+            for name in job.teachers:
+                targets = [dict(ex, target=text) for ex, text in zip(examples, answers[name].texts)]
+                theirs = student.forward(student.encode(targets, job.max_length, job.template, job.answer_max_length))
+                terms.append(losses.cross_entropy(theirs.logits, theirs.labels))
+            parts["kd"] = sum(w * t for w, t in zip(weights, terms)) / sum(weights)
+        else:
+            mask = output.token_mask
+            flat = output.logits[mask]  # [N, V]: the answer tokens, row after row
+            mine = mask.sum(1).tolist()
+            for name, answer in answers.items():
+                if list(answer.lengths) != mine:
+                    raise KdError(
+                        f"teacher {name} scores {answer.lengths} answer tokens per example, the student {mine}",
+                        "teacher and student must tokenize answers alike for token-level KD; "
+                        'use loss.kd_level = "sequence"',
+                    )
+            device = flat.device
+            if len(answers) == 1:
+                answer = next(iter(answers.values()))
+                parts["kd"] = losses.sparse_kd_term(
+                    flat, answer.token_logprobs.to(device), answer.token_ids.to(device), cfg.temperature,
+                    cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta,
+                )
+            else:
+                vocab = flat.shape[-1]
+                dense = [losses.topk_to_dense(a.token_logprobs.to(device), a.token_ids.to(device), vocab) for a in answers.values()]
+                # Already softened: mixed at temperature 1 (log-probabilities are valid logits).
+                probs = losses.teacher_probs(
+                    [d.clamp(min=losses.PROB_FLOOR).log() for d in dense], 1.0, weights=weights,
+                    mode=cfg.teacher_weighting, labels=output.labels[mask],
+                )
+                parts["kd"] = losses.kd_term(flat, probs, cfg.temperature, cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta)
+    weights_by_part = {"ce": cfg.alpha, "kd": 1 - cfg.alpha}
+    total = sum(weights_by_part[k] * v for k, v in parts.items())
+    return total, parts, output
+
+
+def _step_units(job: Job, chunks: list[list[dict]], accelerator) -> tuple[list[int], float]:
+    """What one optimizer step averages over: per micro-batch and in all, examples, or for generate
+    answer tokens (the total summed over every process)."""
+    import torch
+
+    student = job.student
+    if student.task != "generate":
+        return [len(chunk) for chunk in chunks], float(job.train.batch_size * accelerator.num_processes * job.train.grad_accum)
+    units = [student.count_answer_tokens(chunk, job.max_length, job.template, job.answer_max_length) for chunk in chunks]
+    if accelerator.num_processes > 1:
+        return units, float(accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), reduction="sum"))
+    return units, float(sum(units))
+
+
+def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
+                  *, metric: str | None = None, answer_max_length: int = 32) -> dict[str, float]:
+    """Validation loss (CE on gold), accuracy and macro-F1 of ``student`` over ``rows``.
+
+    generate: the loss per answer token, and, when ``metric`` is exact_match or token_f1, greedy
+    answers (up to ``answer_max_length`` new tokens) scored against every alias.
+    """
     import torch
     from sklearn.metrics import f1_score
 
     from kdcli import losses
+
+    if student.task == "generate":
+        return _evaluate_generate(student, rows, batch_size, max_length, template, metric, answer_max_length)
 
     was_training = student.model.training
     student.model.eval()
@@ -183,6 +272,33 @@ def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_l
         return {"loss": float("nan"), "accuracy": float("nan"), "f1": float("nan")}
     accuracy = sum(p == g for p, g in zip(predictions, gold)) / count
     return {"loss": loss_sum / count, "accuracy": accuracy, "f1": float(f1_score(gold, predictions, average="macro"))}
+
+
+def _evaluate_generate(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
+                       metric: str | None, answer_max_length: int) -> dict[str, float]:
+    import torch
+
+    from kdcli import losses
+    from kdcli.evaluate import generation_metrics
+
+    was_training = student.model.training
+    student.model.eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            output = student.forward(student.encode(chunk, max_length, template, answer_max_length))
+            n = int(output.token_mask.sum())
+            loss_sum += float(losses.cross_entropy(output.logits, output.labels)) * n
+            count += n
+    scores = {"loss": loss_sum / count if count else float("nan")}
+    if metric in ("exact_match", "token_f1"):
+        scored = [row for row in rows if row["answers"]]
+        predictions = student.generate(scored, answer_max_length, max_length, template, batch_size)
+        measured = generation_metrics(predictions, [row["answers"] for row in scored])
+        scores.update(exact_match=measured["exact_match"], token_f1=measured["f1"])
+    student.model.train(was_training)
+    return scores
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -328,7 +444,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 handle.write(json.dumps({"stage": job.name, **record}) + "\n")
 
     def validate_and_keep_best() -> dict[str, float]:
-        scores = evaluate_rows(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template)
+        scores = evaluate_rows(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template,
+                               metric=cfg.metric, answer_max_length=job.answer_max_length)
         value = scores[cfg.metric if cfg.metric in scores else "loss"]
         improved = state.best is None or (value > state.best if maximise else value < state.best)
         if improved:
@@ -359,15 +476,19 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         while state.step < total_steps and not state.stopped_early:
             step_started = time.perf_counter()
             indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
+            micro_batches = []
             for micro in range(cfg.grad_accum):
                 chunk = micro * world + rank
-                examples = [train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]]
+                micro_batches.append([train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]])
+            micro_units, step_units = _step_units(job, micro_batches, accelerator)
+            for micro, examples in enumerate(micro_batches):
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     total, parts, _ = compute_loss(job, examples, "train", projections)
                     check_finite({k: v.detach() for k, v in {**parts, "total": total}.items()}, state.step + 1)
-                    # Weight by this micro-batch's share of the step's examples; DDP averages over processes.
-                    accelerator.backward(total * len(examples) * world / per_step)
+                    # Weight by this micro-batch's share of the step's examples (generate: answer tokens);
+                    # DDP averages over processes.
+                    accelerator.backward(total * micro_units[micro] * world / max(step_units, 1.0))
                 for key, value in parts.items():
                     window[key] = window.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
                 window["loss"] = window.get("loss", 0.0) + float(total.detach()) / cfg.grad_accum

@@ -1,0 +1,319 @@
+"""Task generate: seq2seq and causal students, token-level KD from live and top-k cached teachers,
+sequence-level KD, vocabulary checks, answer masking, token-count normalisation, eval and bench."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import jobs
+import kit
+from kdcli import losses, train
+from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
+from kdcli.cli import app
+from kdcli.models import load_task_model, student_from_teacher
+from kdcli.recipe import LossConfig, StudentConfig, TeacherConfig, TrainConfig
+from kdcli.rundir import read_json
+from kdcli.runtime import make_accelerator
+
+runner = CliRunner()
+HEADS = {"t5": "seq2seq", "llama": "causal"}
+QUESTIONS = [
+    ("What is the capital of France", ["Paris", "Paris city"]),
+    ("Which planet is known as the red planet", ["Mars"]),
+    ("Who wrote Hamlet", ["William Shakespeare", "Shakespeare"]),
+    ("How many legs does a spider have", ["eight", "8"]),
+    ("Which river flows through Egypt", ["the Nile", "Nile"]),
+]
+
+
+def qa_rows(n: int) -> list[dict]:
+    """Normalised generate examples (what `prepare` makes of a TriviaQA file)."""
+    out = []
+    for i in range(n):
+        question, answers = QUESTIONS[i % len(QUESTIONS)]
+        out.append({"id": str(i), "text": f"{question} {i}?", "options": [], "label": -1, "answers": answers, "idx": i})
+    return out
+
+
+def kd(*args: str):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gen-models")
+    return {family: kit.make_model_dir(root, family, head, layers=2) for family, head in HEADS.items()}
+
+
+def generate_model(path: Path, *, seed: int | None = None):
+    model = load_task_model(TeacherConfig(ref=str(path)), "generate", 0)
+    if seed is not None:  # a different "trained" teacher: perturb the weights, same tokenizer
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum: int, top_k: int = 16,
+                 divergence: str = "forward_kl", kd_level: str = "token", max_steps: int = 3) -> train.Job:
+    teacher = generate_model(models[family], seed=1)
+    torch.manual_seed(0)
+    student = student_from_teacher(teacher, [0])
+    jobs.without_dropout(student.model)
+    data = qa_rows(40)
+    loss = LossConfig(alpha=0.5, temperature=2.0, divergence=divergence, kd_level=kd_level, top_k=top_k)
+    return train.Job(
+        name="main", student=student, rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
+        loss=loss, train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
+                                     eval_every=10_000, checkpoint_every=10_000, log_every=8, eval_batch_size=8),
+        seed=0, max_length=32, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",
+        metrics_path=out / "metrics.jsonl",
+        teachers={"t": LiveTeacher(teacher, [], "mean", 32, None, kd_level=kd_level, top_k=top_k, temperature=2.0,
+                                   answer_max_length=8)},
+        teacher_weights={"t": 1.0}, answer_max_length=8,
+    )
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_causal_targets_are_the_answer_tokens_and_eos_only(models):
+    model = generate_model(models["llama"])
+    rows = qa_rows(3)
+    batch = model.encode(rows, 32, None, 16)
+    tokenizer = model.tokenizer
+    for i, row in enumerate(rows):
+        real = batch["attention_mask"][i].bool()
+        ids, labels = batch["input_ids"][i][real], batch["labels"][i][real]
+        answer = labels != -100
+        # The prompt is masked, the answer is a suffix ending in EOS, and it reads as the first answer.
+        prompt_length = len(tokenizer(f"Question: {row['text']}\nAnswer:")["input_ids"])
+        assert not answer[:prompt_length].any() and answer[prompt_length:].all()
+        assert labels[answer][-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(labels[answer][:-1]).strip() == row["answers"][0]
+        assert torch.equal(ids[answer], labels[answer])
+    assert (batch["labels"][~batch["attention_mask"].bool()] == -100).all()
+    # forward shifts: logits at t predict labels[t + 1]
+    out = model.forward(batch)
+    assert out.logits.shape[:2] == out.labels.shape and torch.equal(out.labels, batch["labels"][:, 1:])
+    assert int(out.token_mask.sum()) == int((batch["labels"] != -100).sum())
+
+
+def test_seq2seq_labels_are_the_answer_and_the_decoder_reads_them_shifted(models):
+    model = generate_model(models["t5"])
+    batch = model.encode(qa_rows(2), 32, None, 4)
+    labels = batch["labels"]
+    assert labels.shape[1] <= 4 and (labels == model.tokenizer.eos_token_id).sum() == 2
+    assert batch["decoder_input_ids"][0, 0] == model.model.config.decoder_start_token_id
+    assert torch.equal(batch["decoder_input_ids"][:, 1:], labels[:, :-1].clamp(min=0))
+    assert model.forward(batch).logits.shape == (2, labels.shape[1], model.vocab_size)
+
+
+def test_left_padded_batched_generation_equals_one_at_a_time(models):
+    model = generate_model(models["llama"], seed=3)
+    rows = [qa_rows(5)[0], qa_rows(5)[3]]  # prompts of different lengths
+    together = model.generate(rows, 5, 32, None, batch_size=2)
+    alone = [model.generate([row], 5, 32, None)[0] for row in rows]
+    assert together == alone
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _tokens(seed: int, vocab: int = 40):
+    torch.manual_seed(seed)
+    student = torch.randn(3, 6, vocab) * 3
+    teacher = torch.randn(3, 6, vocab) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_top_k_equal_to_the_vocabulary_is_the_dense_loss(kind):
+    student, teacher, mask = _tokens(0)
+    log_p = F.log_softmax(teacher / 2.0, dim=-1)
+    values, ids = log_p.topk(log_p.shape[-1], dim=-1)
+    dense = losses.kd_term(student, log_p.exp(), 2.0, kind, mask=mask)
+    sparse = losses.sparse_kd_term(student, values, ids, 2.0, kind, mask=mask)
+    assert float(sparse) == pytest.approx(float(dense), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_top_k_divergences_on_padded_token_sequences(kind, seed):
+    student, teacher, mask = _tokens(seed)
+    log_p = F.log_softmax(teacher, dim=-1)
+    values, ids = log_p.topk(8, dim=-1)
+    value = losses.sparse_divergence(student, values, ids, kind, mask=mask)
+    assert torch.isfinite(value) and float(value) >= -1e-6
+    if kind == "jsd":
+        assert float(value) <= math.log(2) + 1e-6
+    # Padding holds garbage: the value is that of the valid tokens alone, gradients stay finite.
+    garbage = student.clone().requires_grad_(True)
+    with torch.no_grad():
+        garbage[~mask] = float("nan")
+    bad_values = values.clone()
+    bad_values[~mask] = float("inf")
+    padded = losses.sparse_divergence(garbage, bad_values, ids, kind, mask=mask)
+    rows = losses.sparse_divergence(student[mask], values[mask], ids[mask], kind)
+    assert float(padded.detach()) == pytest.approx(float(rows), rel=1e-5)
+    padded.backward()
+    assert torch.isfinite(garbage.grad).all() and (garbage.grad[~mask] == 0).all()
+    # A student equal to the teacher has divergence 0, and the collapsed tail is counted.
+    assert float(losses.sparse_divergence(teacher, values, ids, kind, mask=mask)) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses.topk_tail(values, 40).min()) > 0
+
+
+# --------------------------------------------------------------------------- loop invariants
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("kd_level", ["token", "sequence"])
+def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, kd_level, tmp_path):
+    job = generate_job(models, family, tmp_path, batch_size=8, grad_accum=1, kd_level=kd_level)
+    live = job.teachers["t"]
+    manifest = build_cache(tmp_path / "cache", live, {"train": job.rows["train"]}, {"kd_level": kd_level}, batch_size=5)
+    if kd_level == "token":
+        assert manifest["bytes_per_token"] == 16 * (2 + 2)  # uint16 ids
+    batch = job.rows["train"][8:16]
+    live_total, live_parts, _ = train.compute_loss(job, batch, "train", None)
+    job.teachers = {"t": CachedTeacher(tmp_path / "cache")}
+    cached_total, cached_parts, _ = train.compute_loss(job, batch, "train", None)
+    assert set(live_parts) == {"ce", "kd"}
+    for name in live_parts:
+        assert float(live_parts[name]) == pytest.approx(float(cached_parts[name]), abs=1e-5), name
+    assert float(live_total) == pytest.approx(float(cached_total), abs=1e-5)
+
+
+def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path):
+    # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ.
+    for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
+        train.run_job(generate_job(models, "llama", tmp_path / name, batch_size=batch, grad_accum=accum, max_steps=2),
+                      make_accelerator(), show_progress=False)
+    final = {name: jobs.state_dict(train._checkpoints(tmp_path / name / "checkpoints")[0]) for name in "ab"}
+    assert jobs.max_difference(final["a"], final["b"]) < 1e-5
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+def test_a_padded_teacher_vocabulary_is_trimmed_and_a_real_mismatch_is_refused(models, tmp_path):
+    from kdcli.errors import ModelError
+    from kdcli.models import check_shared_vocabulary
+
+    padded_dir = tmp_path / "padded"
+    model, tokenizer = kit.make_model("llama", "causal", layers=2)
+    model.resize_token_embeddings(len(tokenizer) + 24)
+    model.save_pretrained(padded_dir)
+    tokenizer.save_pretrained(padded_dir)
+    padded = generate_model(padded_dir)
+    assert padded.model.config.vocab_size == len(tokenizer) + 24 and padded.vocab_size == len(tokenizer)
+    student = generate_model(models["llama"])
+    check_shared_vocabulary(student.tokenizer, padded.tokenizer, "padded")
+    out = padded.forward(padded.encode(qa_rows(2), 32, None, 8))
+    assert out.logits.shape[-1] == len(tokenizer) == student.vocab_size
+    t5 = generate_model(models["t5"])
+    with pytest.raises(ModelError, match="do not share a vocabulary") as caught:
+        check_shared_vocabulary(student.tokenizer, t5.tokenizer, "t5")
+    assert 'kd_level = "sequence"' in caught.value.hint
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    with open("trivia.jsonl", "w") as handle:
+        for row in qa_rows(40):
+            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
+                                     "aliases": row["answers"]}) + "\n")
+    return tmp_path
+
+
+def generate_recipe(models, family: str, extra: str = "") -> Path:
+    Path("gen.toml").write_text(f"""
+name = "gen"
+task = "generate"
+[data]
+format = "triviaqa"
+path = "trivia.jsonl"
+max_length = 32
+answer_max_length = 8
+[student]
+from_teacher = "big"
+layers = [0]
+[teachers.big]
+ref = "{models[family]}"
+[loss]
+alpha = 0.5
+temperature = 2.0
+top_k = 8
+[train]
+epochs = 1
+batch_size = 8
+lr = 1e-3
+eval_every = 16
+checkpoint_every = 64
+log_every = 8
+metric = "token_f1"
+eval_batch_size = 16
+[eval]
+max_new_tokens = 6
+batch_size = 16
+[bench]
+batch_sizes = [1, 4]
+iters = 2
+warmup = 1
+threads = 1
+{extra}
+""")
+    return Path("gen.toml")
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, workdir, family):
+    recipe = generate_recipe(models, family)
+    run = workdir / "runs" / "gen"
+    assert "big (live)" in kd("distill", str(recipe)).output
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "kd"} <= next(x for x in lines if x["kind"] == "train").keys()
+    assert "val_token_f1" in next(x for x in lines if x["kind"] == "eval")
+
+    cached = json.loads(kd("cache-teachers", str(recipe), "--json").stdout)[0]
+    assert cached["bytes_per_token"] == 8 * 4 and cached["top_k"] == 8 and cached["tokens"] > 0
+    manifest = read_json(run / "cache" / "main" / "big" / "manifest.json")
+    assert manifest["top_k"] == 8 and manifest["vocab_size"] > 0 and manifest["id_dtype"] == "uint16"
+    assert "bytes/token" in kd("cache-teachers", str(recipe), "--force").output
+    assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
+
+    result = json.loads(kd("eval", str(recipe), "--json").stdout)
+    assert {"exact_match", "f1", "precision", "recall"} <= result["metrics"].keys()
+    assert 0 <= result["metrics"]["f1"] <= 1 and result["n"] == len(result["predictions"]) > 0
+    assert "big" in result["agreement"]
+    assert read_json(run / "eval" / "student.json")["metrics"] == result["metrics"]
+    assert "exact match" in kd("eval", str(recipe), "--model", "teacher:big").output
+    bench = json.loads(kd("bench", str(recipe), "--model", "student", "--json").stdout)
+    bench = bench[0] if isinstance(bench, list) else bench
+    assert "greedy generation" in bench["timed"] and bench["batches"]["1"]["throughput"] > 0
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_work_unless_sequence_level(models, workdir):
+    recipe = generate_recipe(models, "llama", f'[teachers.t5]\nref = "{models["t5"]}"\n')
+    result = runner.invoke(app, ["distill", str(recipe)])
+    assert result.exit_code == 1, result.output
+    assert "do not share a vocabulary" in result.output and "kd_level" in result.output
+    assert not (workdir / "runs" / "gen" / "checkpoints").exists()
+    # Sequence-level KD only needs the teachers' answers as text.
+    done = kd("distill", str(recipe), "--set", 'loss.kd_level="sequence"', "--set", "train.metric=loss")
+    assert "t5 (live)" in done.output

@@ -1,0 +1,241 @@
+"""`kd tune` end to end on tiny models and data: the study, resuming, pruning, best.toml, bad input.
+
+One test trains real tiny students; the others replace `engine.distill` with a stand-in whose
+score follows the sampled values, so pruning and interruption are deterministic and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from rich.console import Console
+from typer.testing import CliRunner
+
+import jobs
+import kit
+from kdcli import engine, recipe as recipe_mod, tune
+from kdcli.cli import app
+from kdcli.errors import RecipeError
+from kdcli.train import JobResult
+
+runner = CliRunner()
+
+
+def kd(*args: str):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return kit.make_model_dir(tmp_path_factory.mktemp("models"), "bert", "sequence-classification", num_labels=3, layers=2)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    with open("sentences.jsonl", "w") as handle:
+        for row in jobs.rows(60, seed=3):
+            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    return tmp_path
+
+
+SEARCH = """
+[search]
+"train.lr" = {log_uniform = [1e-4, 1e-2]}
+"loss.alpha" = {uniform = [0.1, 0.9]}
+"train.batch_size" = {choice = [2, 4]}
+"""
+
+
+def write_recipe(teacher: Path, search: str = SEARCH, extra: str = "") -> str:
+    Path("tune.toml").write_text(f"""
+name = "tun"
+task = "classify"
+[data]
+format = "jsonl"
+path = "sentences.jsonl"
+label_names = ["negative", "neutral", "positive"]
+[student]
+from_teacher = "bert"
+layers = [0]
+[teachers.bert]
+ref = "{teacher}"
+[train]
+epochs = 1
+batch_size = 4
+eval_every = 4
+checkpoint_every = 1000
+log_every = 1000
+eval_batch_size = 32
+{extra}
+{search}
+""")
+    return "tune.toml"
+
+
+def study_trials(name: str = "tun") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{Path('runs', name, 'tune.db').resolve()}").trials
+
+
+def test_a_study_runs_resumes_and_writes_an_overlay_that_distill_applies(teacher, workdir):
+    recipe = write_recipe(teacher)
+    first = kd("tune", recipe, "--trials", "4", "--fraction", "0.5")
+    run = workdir / "runs" / "tun"
+    assert (run / "tune.db").is_file()
+    assert "bert (cache)" in first.output and "(live)" not in first.output  # teachers run once, before the trials
+    assert "kd tune tun: 4 trials" in first.output and "parameter importance" in first.output
+    assert len(study_trials()) == 4
+    # A trial keeps its validation curve, not its checkpoints and models.
+    assert [p.name for p in (run / "tune" / "trial-0").iterdir()] == ["metrics.jsonl"]
+
+    again = kd("tune", recipe, "--trials", "6", "--fraction", "0.5", "--json")
+    result = json.loads(again.stdout)
+    assert sorted(t["number"] for t in result["trials"]) == list(range(6))  # 2 more, none repeated
+    assert "running 2 of 6 trials" in again.stderr
+    params = [tuple(sorted(t.params.items())) for t in study_trials()]
+    assert len(set(params)) == 6  # the resumed sampler draws new values
+    assert "nothing to run" in kd("tune", recipe, "--trials", "6", "--fraction", "0.5").output
+
+    best = result["best"]
+    scores = [t["score"] for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert best["score"] == max(scores) == result["trials"][0]["score"]
+    overlay = run / "tune" / "best.toml"
+    assert result["best_params_file"] == str(overlay)
+    assert "[train]" in overlay.read_text() and "[loss]" in overlay.read_text()
+    tuned = recipe_mod.load(recipe, params=[overlay])
+    assert tuned.train.lr == best["params"]["train.lr"] and tuned.loss.alpha == best["params"]["loss.alpha"]
+    assert tuned.train.batch_size == best["params"]["train.batch_size"]
+    # The run's resolved recipe is its own again, not the last trial's.
+    assert recipe_mod.validate(tomllib.loads((run / "recipe.resolved.toml").read_text())).train.lr == 5e-5
+
+    kd("distill", recipe, "--params", str(overlay), "--json")
+    resolved = (run / "recipe.resolved.toml").read_text()
+    assert f"lr = {best['params']['train.lr']!r}" in resolved
+
+
+class FakeDistill:
+    """Stands in for engine.distill: reports `loss.alpha` as the accuracy at four validations."""
+
+    def __init__(self, interrupt_on: int | None = None) -> None:
+        self.calls, self.interrupt_on = 0, interrupt_on
+
+    def __call__(self, recipe, *, on_eval, workdir, train_fraction, **_):
+        self.calls += 1
+        if self.calls == self.interrupt_on:
+            raise KeyboardInterrupt
+        workdir.root.mkdir(parents=True, exist_ok=True)
+        (workdir.root / "student").mkdir()
+        for samples in (4, 8, 12, 16):
+            on_eval(samples, {"loss": 1.0, "accuracy": recipe.loss.alpha, "f1": 0.0})
+        return [JobResult("main", workdir.root, 4, 16, recipe.loss.alpha, 4, False, 0.1, 160.0)]
+
+
+def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, workdir, monkeypatch):
+    recipe = write_recipe(teacher)
+    monkeypatch.setattr(engine, "distill", FakeDistill(interrupt_on=3))
+    result = runner.invoke(app, ["tune", recipe, "--trials", "4"])
+    assert result.exit_code == 130  # Ctrl-C, as click reports it
+    assert [t.state for t in study_trials()] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
+    assert not (workdir / "runs" / "tun" / "tune" / "trial-2" / "student").exists()  # cleaned up even so
+
+    # A process killed mid-trial leaves its trial RUNNING.
+    storage = f"sqlite:///{(workdir / 'runs' / 'tun' / 'tune.db')}"
+    optuna.load_study(study_name="tun", storage=storage).ask()
+
+    monkeypatch.setattr(engine, "distill", FakeDistill())
+    resumed = kd("tune", recipe, "--trials", "4")
+    states = [t.state for t in study_trials()]
+    assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 2
+    assert states.count(TrialState.RUNNING) == 0
+    assert "interrupted (not counted" in resumed.output
+
+
+def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir, monkeypatch):
+    # Labels only: alpha below 1 is not a valid recipe, so every trial that samples 0.5 fails.
+    path = write_recipe(teacher, search='[search]\n"loss.alpha" = {choice = [0.5, 1.0]}\n'
+                                        '"train.lr" = {uniform = [1e-4, 1e-3]}',
+                        extra="[loss]\nalpha = 1.0\n[[stages]]\nname = 'main'\nteachers = []\n")
+    raw = recipe_mod.load_raw(path)
+    recipe = recipe_mod.validate(raw)
+    monkeypatch.setattr(engine, "distill", FakeDistill())
+    study = tune.open_study(recipe, storage=None, sampler="random", fraction=0.5,
+                            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    tune.run_trials(study, recipe, raw, trials=8, fraction=0.5, console=Console(quiet=True))
+    result = tune.summarise(study, recipe, storage=None)
+    states = {t["state"] for t in result.trials}
+    assert {"COMPLETE", "FAIL"} <= states, states
+    failed = [t for t in result.trials if t["state"] == "FAIL"]
+    assert all("alpha" in t["error"] and "no teachers" in t["error"] for t in failed)
+    assert all(t["params"]["loss.alpha"] == 0.5 for t in failed)
+    assert sum(tune.counted(t) for t in study.trials) == 8  # failed combinations count: they are results
+
+    # With teachers, low alpha scores worse and is pruned against the median.
+    path = write_recipe(teacher, search='[search]\n"loss.alpha" = {uniform = [0.0, 1.0]}')
+    raw = recipe_mod.load_raw(path, ["name=tun2"])
+    recipe = recipe_mod.validate(raw)
+    study = tune.open_study(recipe, storage=None, sampler="random", fraction=0.5,
+                            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    tune.run_trials(study, recipe, raw, trials=8, fraction=0.5, console=Console(quiet=True))
+    result = tune.summarise(study, recipe, storage=None)
+    pruned = [t for t in result.trials if t["state"] == "PRUNED"]
+    assert pruned, result.trials
+    assert result.trials[0]["state"] == "COMPLETE" and result.best["params"]["loss.alpha"] == max(
+        t["params"]["loss.alpha"] for t in result.trials)
+
+
+def test_a_params_overlay_reaches_one_stage_by_index(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("stages.toml").write_text("""
+name = "s"
+task = "classify"
+[data]
+format = "jsonl"
+path = "x.jsonl"
+[student]
+ref = "m"
+[loss]
+alpha = 1.0
+[[stages]]
+name = "one"
+[[stages]]
+name = "two"
+train = {lr = 1e-4}
+""")
+    Path("best.toml").write_text("[train]\nepochs = 2.0\n[stages.1.train]\nlr = 0.0003\n")
+    recipe = recipe_mod.load("stages.toml", params=["best.toml"])
+    assert [s.train.lr for s in recipe.stages] == [5e-5, 0.0003]
+    assert [s.train.epochs for s in recipe.stages] == [2.0, 2.0]
+    Path("bad.toml").write_text("[stages.2.train]\nlr = 0.1\n")
+    with pytest.raises(RecipeError, match=r"stages\.2: not a stage index \(the recipe has 2 stages\)"):
+        recipe_mod.load("stages.toml", params=["bad.toml"])
+    with pytest.raises(RecipeError, match="no params file at"):
+        recipe_mod.load("stages.toml", params=["missing.toml"])
+
+
+@pytest.mark.parametrize(
+    "search, args, message",
+    [
+        ("", [], "has no [search] table"),
+        ('[search]\n"train.lr" = {uniform = [1e-3, 1e-4]}', [], "uniform needs low < high"),
+        (SEARCH, ["--fraction", "0"], "--fraction 0: the share"),
+        (SEARCH, ["--fraction", "1.5"], "--fraction 1.5: the share"),
+        (SEARCH, ["--trials", "0"], "--trials 0"),
+        (SEARCH, ["--sampler", "grid"], "--sampler 'grid'"),
+        ('[search]\n"teachers.bert.weight" = {uniform = [0.5, 1.0]}', [], "search.teachers.bert.weight"),
+        (SEARCH, ["--storage", "nonsense://nowhere"], "cannot open the study storage nonsense://nowhere"),
+        (SEARCH, ["--storage", "sqlite:////no/such/dir/x.db"], "cannot open the study storage"),
+    ],
+)
+def test_bad_input_says_what_and_writes_nothing(teacher, workdir, search, args, message):
+    recipe = write_recipe(teacher, search=search)
+    result = runner.invoke(app, ["tune", recipe, *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "hint:" in result.stderr
+    assert not (workdir / "runs").exists()
