@@ -91,6 +91,7 @@ def _finetune_fingerprint(recipe: Recipe, name: str, data: StageData) -> str:
 def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console, names: list[str] | None = None) -> None:
     """Fine-tune every teacher with a `finetune` table (labels only); reuse a matching earlier result."""
     from kdcli.models import load_task_model
+    from kdcli.runtime import seed_everything
     from kdcli.train import Job, run_job
 
     for name in names if names is not None else list(recipe.teachers):
@@ -104,6 +105,7 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
         if done.is_file() and read_json(done).get("fingerprint") == wanted:
             continue
         console.print(f"fine-tuning teacher [bold]{name}[/] on {stage.name}/train ({len(data.rows['train'])} rows)")
+        seed_everything(recipe.seed)  # the new classification head is drawn here
         model = load_task_model(teacher, recipe.task, data.num_classes, max_length=stage.data.max_length)
         ft = teacher.finetune
         train = recipe.train.model_copy(
@@ -352,7 +354,9 @@ def preflight(recipe: Recipe, run: RunDir, console: Console) -> None:
 def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Path | None) -> "TaskModel":
     """Stage 1 starts from the recipe's student (pretrained or cut from a teacher); later stages from the previous best."""
     from kdcli.models import load_task_model, student_from_teacher
+    from kdcli.runtime import seed_everything
 
+    seed_everything(recipe.seed)  # a student with a new head draws it while loading
     if previous is not None:
         spec = recipe.student.model_copy(update={"ref": str(previous), "from_teacher": None, "layers": [],
                                                  "revision": None, "gguf_file": None})

@@ -141,6 +141,28 @@ class DataConfig(Section):
     max_length: int = Field(128, gt=0, description="Maximum input length in tokens; longer inputs are truncated.")
     answer_max_length: int = Field(32, gt=0, description="Maximum answer length in tokens (generate).")
 
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        """A template is filled with str.format: only {text} and {options}, so that a typo fails here,
+        not an hour into caching, and a template can reach nothing but the two strings."""
+        if value is None:
+            return value
+        import string
+
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write a literal brace as '{{{{' or '}}}}')") from None
+        unknown = sorted({name for name in fields if name not in ("text", "options")})
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder{'s' if len(unknown) > 1 else ''} "
+                + ", ".join("{" + name + "}" for name in unknown)
+                + " (a template may use {text} and {options}; write a literal brace as '{{' or '}}')"
+            )
+        return value
+
     @model_validator(mode="after")
     def _source(self) -> "DataConfig":
         problems = []
