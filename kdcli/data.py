@@ -1051,6 +1051,28 @@ def _write_stage(pending: _Pending) -> PrepareResult:
     return _result(manifest["stage"], pending.out, manifest, False, manifest["reason"], manifest["seconds"])
 
 
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """One writer per prepared folder: under torchrun/accelerate every process of a job prepares
+    the data; the first writes it, the others wait here and then find it done."""
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        yield
+
+
+def _written_meanwhile(plan: _Pending, planned_at: float, force: bool) -> PrepareResult | None:
+    """The result of another process that wrote this very data while we waited for the lock, else None."""
+    manifest = _complete_manifest(plan.out)
+    if manifest is None or manifest["fingerprint"] != plan.manifest["fingerprint"]:
+        return None
+    if force and (plan.out / MANIFEST).stat().st_mtime < planned_at:
+        return None  # --force: the copy from before this command does not count
+    return _result(plan.manifest["stage"], plan.out, manifest, True, "up to date (prepared by another process)",
+                   time.perf_counter() - plan.started)
+
+
 def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False) -> list[PrepareResult]:
     """Prepare every stage's data under the run directory; a stage whose data is up to date is skipped.
 
@@ -1058,13 +1080,19 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False) -> 
     """
     run = RunDir.for_recipe(recipe)
     built: dict[str, _Prepared] = {}
+    planned_at = time.time()
     with _status(quiet) as say:
         plans = [_plan_stage(recipe, stage, run, force, built, say) for stage in recipe.resolved_stages()]
         results = []
         for plan in plans:
             if isinstance(plan, _Pending):
-                say(f"stage {plan.manifest['stage']}: saving {plan.out}")
-                plan = _write_stage(plan)
+                with _writing(plan.out):
+                    done = _written_meanwhile(plan, planned_at, force)
+                    if done is None:
+                        say(f"stage {plan.manifest['stage']}: saving {plan.out}")
+                        plan = _write_stage(plan)
+                    else:
+                        plan = done
             results.append(plan)
     resolved = to_toml(recipe)
     if not run.resolved_recipe.is_file() or run.resolved_recipe.read_text(encoding="utf-8") != resolved:

@@ -215,7 +215,9 @@ def place(model: "TaskModel"):
     """Move the model to the GPU when there is one (quantised models are already placed)."""
     import torch
 
-    if not getattr(model.model, "is_quantized", False):
+    from kdcli.models import is_weight_quantized
+
+    if not is_weight_quantized(model.model):
         model.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model.model.eval()
     return model.device

@@ -586,7 +586,7 @@ def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
     Works for any architecture whose blocks live in top-level ``nn.ModuleList``s (BERT, RoBERTa,
     DistilBERT, Llama-style decoders; T5's encoder and decoder stacks take the same indices).
     """
-    if getattr(teacher.model, "is_quantized", False):
+    if is_weight_quantized(teacher.model):
         raise ModelError(
             "a quantised (8-bit/4-bit) teacher cannot be copied into a student",
             hint="load that teacher without load_in_8bit/load_in_4bit to build the student from it",
@@ -597,6 +597,8 @@ def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
         raise ModelError(f"student layers {bad or layers}: the teacher has layers 0..{n - 1}")
 
     config = copy.deepcopy(teacher.model.config)
+    if hasattr(config, "quantization_config"):  # a GGUF teacher, dequantised at load: the student is plain
+        del config.quantization_config
     config.num_hidden_layers = len(layers)  # attribute_map covers DistilBERT's n_layers, T5's num_layers
     if getattr(config, "num_decoder_layers", None) is not None:
         config.num_decoder_layers = len(layers)
@@ -617,6 +619,14 @@ def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
         state[key] = source[mapped] if mapped in source else source[key]
     student.load_state_dict(state, strict=True)
     return dataclasses.replace(teacher, model=student, runner=None)
+
+
+def is_weight_quantized(model: nn.Module) -> bool:
+    """True for 8/4-bit (bitsandbytes) weights; a GGUF model is dequantised when loaded, so it is not."""
+    if not getattr(model, "is_quantized", False):
+        return False
+    method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
+    return str(getattr(method, "value", method)) != "gguf"
 
 
 def _block_lists(model: nn.Module, n: int) -> list[str]:

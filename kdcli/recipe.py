@@ -161,6 +161,10 @@ class DataConfig(Section):
                 + ", ".join("{" + name + "}" for name in unknown)
                 + " (a template may use {text} and {options}; write a literal brace as '{{' or '}}')"
             )
+        try:  # what parse() does not look into: placeholders nested in a format spec, bad specs
+            value.format(text="text", options="1. option")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"cannot be filled in ({type(exc).__name__}: {exc}); a template may use {{text}} and {{options}}") from None
         return value
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,11 +121,13 @@ def open_study(recipe: Recipe, *, storage: str | None, sampler: str, fraction: f
         RunDir.for_recipe(recipe).root.mkdir(parents=True, exist_ok=True)
     metric = _metric(recipe)
     try:
-        # A shared storage is written by several machines: a trial whose machine stops sending
-        # heartbeats is failed by the others, so it neither blocks the count nor stays RUNNING.
-        rdb = optuna.storages.RDBStorage(url) if local else optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-        study = optuna.create_study(storage=rdb, study_name=recipe.name, load_if_exists=True,
-                                    direction="maximize" if metric in MAXIMISED else "minimize")
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A shared storage is written by several machines: a trial whose machine stops sending
+            # heartbeats is failed by the others, so it neither blocks the count nor stays RUNNING.
+            rdb = optuna.storages.RDBStorage(url) if local else optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            study = optuna.create_study(storage=rdb, study_name=recipe.name, load_if_exists=True,
+                                        direction="maximize" if metric in MAXIMISED else "minimize")
     except Exception as exc:  # sqlalchemy, a missing database driver, a bad URL: all mean "cannot open"
         raise KdError(
             f"cannot open the study storage {_shown(url)}: {type(exc).__name__}: {exc}",
@@ -146,9 +149,11 @@ def open_study(recipe: Recipe, *, storage: str | None, sampler: str, fraction: f
         # We hold the run lock, so no other process is running a trial of this study: a RUNNING
         # trial was left by a process that was killed. Failed without an `error`, it is not counted.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            study.tell(trial.number, state=TrialState.FAIL)
     else:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     # Seeded by the recipe and the trials so far, so a resumed study draws new values rather
     # than repeating its first ones. Machines sharing a study draw independently (unseeded):
     # with one seed they would all try the same values.
@@ -398,7 +403,7 @@ def print_result(result: TuneResult, recipe_path: Path, console: Console) -> Non
     console.print(table)
     for row in result.trials:
         if row["error"]:
-            console.print(f"trial {row['number']} {row['state'].lower()}: {row['error']}", markup=False, highlight=False)
+            console.print(f"trial {row['number']} {_STATE_WORDS[row['state']]}: {row['error']}", markup=False, highlight=False)
     if result.importance:
         console.print("parameter importance (fANOVA): "
                       + ", ".join(f"{key} {value:.2f}" for key, value in result.importance.items()))
@@ -407,8 +412,12 @@ def print_result(result: TuneResult, recipe_path: Path, console: Console) -> Non
     if result.best is None:
         console.print("no trial has completed yet, so there is no best.toml")
         return
-    console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['score']:.4f} -> {result.best_params_file}")
-    console.print(f"apply it: kd distill {recipe_path} --params {result.best_params_file}", markup=False, highlight=False)
+    shown = _relative(Path(result.best_params_file))
+    console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['score']:.4f} -> {shown}", markup=False)
+    console.print(f"apply it: kd distill {recipe_path} --params {shown}", markup=False, highlight=False)
+
+
+_STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 
 
 def _one_line(trial: "optuna.trial.FrozenTrial", metric: str) -> str:
@@ -417,7 +426,12 @@ def _one_line(trial: "optuna.trial.FrozenTrial", metric: str) -> str:
     score = "" if row["score"] is None else f" {metric} {row['score']:.4f}"
     time = "" if row["seconds"] is None else f" ({row['seconds']:.1f} s)"
     reason = f": {row['error']}" if row["error"] else ""
-    return f"trial {row['number']} {row['state'].lower()}{score}{time} [{values}]{reason}"
+    return f"trial {row['number']} {_STATE_WORDS[row['state']]}{score}{time} [{values}]{reason}"
+
+
+def _relative(path: Path) -> Path:
+    """A path under the current directory as the user would type it."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def _shown_value(value: Any) -> str:

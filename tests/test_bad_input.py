@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import tomli_w
+import torch
 from typer.testing import CliRunner
 
 import jobs
@@ -148,6 +150,8 @@ RECIPE_CASES = [
     Case("stage name that climbs out of the run", "stages.0.name: '../../../x' is not a plain name", _set("stages", [{"name": "../../../x"}])),
     Case("teacher name with a slash", "the teacher name '../t' is not a plain name", _edits(_set("teachers", {"../t": {"ref": "@bert3"}}))),
     Case("output_dir outside the current directory", "is outside the current directory", _set("output_dir", "/tmp/kd-elsewhere")),
+    Case("template with an unknown placeholder", "data.template: unknown placeholder {question}", _set("data.template", "Q: {question}")),
+    Case("template with an unbalanced brace", "data.template: expected '}' before end of string", _set("data.template", "Q: {text")),
     Case("invalid TOML", "invalid TOML", 'name = "x"\ntask = \n'),
     Case("duplicated TOML key", "invalid TOML", 'name = "x"\nname = "y"\n'),
     Case("recipe not UTF-8", "not UTF-8 text", b'name = "caf\xe9"\n'),
@@ -219,6 +223,10 @@ MODEL_CASES = [
     Case("model directory without config.json", "has no config.json", _set("teachers.t.ref", "@noconfig"), command="distill"),
     Case("config.json that is not JSON", "is not a valid JSON file", _set("teachers.t.ref", "@badconfig"), command="distill",
          bug="models._load re-raises the OSError of a damaged config.json in a local directory: a traceback, not error:/hint:"),
+    Case("weights file truncated", "damaged", _set("teachers.t.ref", "@truncated"), command="distill",
+         bug="models._load lets safetensors' SafetensorError (invalid header) through: a traceback, not error:/hint:"),
+    Case("weights file that is a pickle with code", "weights", _set("teachers.t.ref", "@pickled"), command="distill",
+         bug="models._load lets pickle.UnpicklingError (weights_only refused the payload: safe) through as a traceback"),
     Case("teacher with a head for another task", "has no trained sequence-classification head", _set("teachers.t.ref", "@t5"), command="distill"),
     Case("teacher head with too few labels", "its classification head has 2 labels, the task has 3", _set("teachers.t.ref", "@bert2"), command="distill"),
     Case("student layers out of range", "student.layers [7]", _edits(_set("student.ref", DELETE), _set("student.from_teacher", "t"), _set("student.layers", [0, 7])), command="distill"),
@@ -257,7 +265,24 @@ def models(tmp_path_factory) -> dict[str, str]:
     (bad / "config.json").write_text('{"model_type": "bert", "hidden_size": ')
     found["@badconfig"] = bad
     found["@remote"] = remote_code_model(root / "remote", root / "REMOTE_CODE_RAN")
+    truncated = root / "truncated"
+    shutil.copytree(found["@bert3"], truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    found["@truncated"] = truncated
+    pickled = root / "pickled"
+    shutil.copytree(found["@bert3"], pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": _Payload(root / "REMOTE_CODE_RAN")}, pickled / "pytorch_model.bin")
+    found["@pickled"] = pickled
     return {k: str(v) for k, v in found.items()} | {"marker": str(root / "REMOTE_CODE_RAN")}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
 
 def remote_code_model(path: Path, marker: Path) -> Path:
@@ -322,6 +347,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def check_clean_failure(result, expect: str) -> None:
     text = result.stderr
     assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}"
+    assert isinstance(result.exception, SystemExit), f"{type(result.exception).__name__}: {result.exception}"  # not a crash
     assert "Traceback" not in result.output, result.output
     lines = [line for line in text.splitlines() if line.strip()]
     errors = [i for i, line in enumerate(lines) if line.startswith("error:")]

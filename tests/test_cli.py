@@ -139,20 +139,6 @@ def test_kd_debug_raises_the_error(bad_recipe):
     assert "train.lrr" in str(result.exception)
 
 
-# Commands whose engine is not built yet. Delete a command's entry when it gets built.
-NOT_BUILT = {
-    "tune": ["tune", "{recipe}"],
-}
-
-
-@pytest.mark.parametrize("command", sorted(NOT_BUILT))
-def test_unbuilt_command_says_so(command, valid_recipe):
-    args = [arg.format(recipe=valid_recipe) for arg in NOT_BUILT[command]]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1
-    assert f"error: `kd {command}` is not built yet" in result.stderr
-
-
 def test_help_is_fast_and_imports_no_torch():
     """`kd --help` must answer at once: heavy libraries are imported inside the commands only."""
     script = (

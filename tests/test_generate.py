@@ -304,7 +304,7 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert read_json(run / "eval" / "student.json")["metrics"] == result["metrics"]
     assert "teacher:big on test (4 questions)" in kd("eval", str(recipe), "--model", "teacher:big").output
     bench = json.loads(kd("bench", str(recipe), "--model", "student", "--json").stdout)
-    bench = bench[0] if isinstance(bench, list) else bench
+    bench = bench["results"][0]
     assert "greedy generation" in bench["timed"] and bench["batches"]["1"]["throughput"] > 0
 
 

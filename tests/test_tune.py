@@ -157,6 +157,43 @@ def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, work
     assert "interrupted (not counted" in resumed.output
 
 
+def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdir, monkeypatch):
+    recipe = write_recipe(teacher)
+    fake = FakeDistill()
+    monkeypatch.setattr(engine, "distill", fake)
+    result = json.loads(kd("tune", recipe, "--trials", "2", "--storage", "sqlite:///shared.db", "--json").stdout)
+    assert result["storage"] == "sqlite:///shared.db" and len(result["trials"]) == 2
+    assert (workdir / "shared.db").is_file() and not (workdir / "runs" / "tun" / "tune.db").exists()
+    assert (workdir / "runs" / "tun" / "tune" / "best.toml").is_file()
+
+    # Scores made on another share of the data would not compare: refused, nothing run.
+    other = runner.invoke(app, ["tune", recipe, "--trials", "3", "--storage", "sqlite:///shared.db", "--fraction", "0.5"])
+    assert other.exit_code == 1 and "would not compare" in other.stderr and "hint:" in other.stderr
+    assert fake.calls == 2
+
+
+def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, workdir):
+    recipe = recipe_mod.load(write_recipe(teacher, extra="[[stages]]\nname = 'one'\n[[stages]]\nname = 'two'\n"
+                                                         "train = {eval_every = 8}\n"))
+
+    class Trial:
+        def __init__(self):
+            self.reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return False
+
+    trial = Trial()
+    report = tune._Reporter(trial, recipe, "accuracy")
+    # Stage one validates every 4 samples and last at 10; stage two every 8 samples, from zero again.
+    for samples, accuracy in [(4, 0.1), (8, 0.2), (10, 0.3), (8, 0.4), (17, 0.5), (20, 0.6)]:
+        report(samples, {"loss": 1.0, "accuracy": accuracy})
+    assert trial.reported == [(4, 0.1), (8, 0.2), (16, 0.4), (24, 0.5)]
+
+
 def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir, monkeypatch):
     # Labels only: alpha below 1 is not a valid recipe, so every trial that samples 0.5 fails.
     path = write_recipe(teacher, search='[search]\n"loss.alpha" = {choice = [0.5, 1.0]}\n'
