@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import typer
 
 from kdcli import __version__
-from kdcli.errors import KdError, NotBuiltYet
+from kdcli.errors import KdError
 
 app = typer.Typer(
     name="kd",
@@ -161,13 +161,6 @@ def prepare(
         _emit_json([r.to_json() for r in results])
     else:
         print_prepare_summary(results)
-
-
-def _not_built(command: str, issue: str) -> None:
-    raise NotBuiltYet(
-        f"`kd {command}` is not built yet ({issue})",
-        "`kd check` and `kd prepare` work today; follow the project's issues for the rest",
-    )
 
 
 @app.command("cache-teachers")

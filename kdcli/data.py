@@ -1057,8 +1057,9 @@ def _writing(out: Path) -> Iterator[None]:
     the data; the first writes it, the others wait here and then find it done."""
     from filelock import FileLock
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
+    run_root = out.parent.parent  # runs/NAME/data/STAGE
+    run_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_root / ".prepare.lock")):
         yield
 
 

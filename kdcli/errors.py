@@ -44,6 +44,3 @@ class ModelError(KdError):
 class CacheError(KdError):
     """A teacher cache is missing, incomplete or does not match the recipe."""
 
-
-class NotBuiltYet(KdError):
-    """A command whose engine is not implemented yet."""

@@ -141,14 +141,6 @@ def test_model_description():
     assert model_description({"student": {"ref": "distilbert-base-uncased"}}, "dataset") == "distilbert-base-uncased, labels only"
 
 
-def test_generate_eval_says_it_arrives_with_the_generate_task(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    recipe = validate({"name": "qa", "task": "generate", "data": {"format": "jsonl", "path": "qa.jsonl"},
-                       "student": {"ref": "t5-small"}, "loss": {"alpha": 1.0}})
-    with pytest.raises(KdError, match="arrives with the generate task"):
-        evaluate_role(recipe, "student")
-
-
 def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path, monkeypatch):
     """A multiple-choice encoder as baseline and teacher, no training: the eval's choice-only parts."""
     import json

