@@ -10,8 +10,8 @@ it (top-k log-probs in fp16, ids in uint16, tail implicit) and compared with the
   kl_reconstruction      KL(full || top-k with the tail spread evenly over the other ids), nats/token
   kl_collapsed           KL between the exact and the stored (k + 1)-bucket distributions: the
                          error of fp16 storage and of the implicit tail, what the loss sees
-  kd_rel_error           |top-k KD loss - dense KD loss| / dense, for a real student
-  grad_cosine            cosine between the gradients (w.r.t. the student's logits) of the top-k
+  KIND_rel_error         |top-k KD loss - dense KD loss| / dense, for a real student, per divergence
+  KIND_grad_cosine       cosine between the gradients (w.r.t. the student's logits) of the top-k
                          and the dense KD loss: how differently the student would be trained
 
 The student is the teacher cut to a third of its layers (`from_teacher`, untrained), so its
@@ -115,7 +115,7 @@ def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, 
               "kl_reconstruction_mean": float(kl_reconstruction.mean()),
               "kl_reconstruction_max": float(kl_reconstruction.max()),
               "kl_collapsed_mean": float(kl_collapsed.mean())}
-    for kind in ("forward_kl", "reverse_kl"):
+    for kind in losses.DIVERGENCES:
         a = student_logits.clone().requires_grad_(True)
         dense_loss = losses.kd_term(a, full.exp(), temperature, kind)
         dense_loss.backward()
@@ -164,13 +164,13 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"topk_cache{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
+    short = {"forward_kl": "fKL", "reverse_kl": "rKL", "skew_kl": "skew", "jsd": "JSD"}
     print(f"{'T':>4} {'k':>4} {'B/token':>8} {'file B/tok':>10} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
-          f"{'fKL err':>8} {'fKL cos':>8} {'rKL err':>8} {'rKL cos':>8}")
+          + " ".join(f"{short[kind] + ' err':>9} {short[kind] + ' cos':>9}" for kind in losses.DIVERGENCES))
     for r in results:
         print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
-              f"{r['forward_kl_rel_error']:>8.4f} {r['forward_kl_grad_cosine']:>8.4f} "
-              f"{r['reverse_kl_rel_error']:>8.4f} {r['reverse_kl_grad_cosine']:>8.4f}")
+              + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
     print(json.dumps({"answer_tokens": document["answer_tokens"], "vocab_size": vocab, "out": str(out)}))
 
 

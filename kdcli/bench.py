@@ -199,7 +199,7 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
     """Benchmark one role on the last stage's test split; save and return ``runs/NAME/bench/ROLE.json``."""
     from rich.console import Console
 
-    from kdcli.engine import load_role, stage_data
+    from kdcli.engine import check_role, load_role, stage_data
     from kdcli.evaluate import model_description, parameter_count, place
     from kdcli.rundir import RunDir, write_json
     from kdcli.runtime import describe
@@ -207,6 +207,7 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
+    check_role(recipe, role)  # a missing model is reported before any data is prepared
     data = stage_data(recipe, run, stage, console)
     split = "test" if data.rows.get("test") else recipe.eval.split
     rows = data.rows.get(split, [])[: recipe.bench.max_examples]

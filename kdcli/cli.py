@@ -43,19 +43,31 @@ def _error_boundary(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except OSError as exc:
+            from kdcli.rundir import is_disk_full, no_space
+
+            # The atomic writers report a full disk themselves; this catches every other write.
+            if os.environ.get("KD_DEBUG") or not is_disk_full(exc):
+                raise
+            _print_error(no_space(Path(exc.filename or ".")))
+            raise typer.Exit(1) from None
         except KdError as exc:
             if os.environ.get("KD_DEBUG"):
                 raise
-            from rich.console import Console
-            from rich.markup import escape
-
-            err = Console(stderr=True, highlight=False, soft_wrap=True)
-            err.print(f"[bold red]error:[/] {escape(exc.message)}")
-            if exc.hint:
-                err.print(f"[bold]hint:[/] {escape(exc.hint)}")
+            _print_error(exc)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_error(exc: KdError) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(exc.message)}")
+    if exc.hint:
+        err.print(f"[bold]hint:[/] {escape(exc.hint)}")
 
 
 def _version(value: bool) -> None:
@@ -86,16 +98,10 @@ def _locked(recipe):
     return run_lock(RunDir.for_recipe(recipe))
 
 
-def _write_resolved(recipe) -> None:
-    """Every command that writes into a run records the recipe it ran with."""
-    from kdcli.recipe import to_toml
-    from kdcli.rundir import RunDir, write_text_atomic
+def _record(recipe) -> None:
+    from kdcli.rundir import RunDir, record_recipe
 
-    path = RunDir.for_recipe(recipe).resolved_recipe
-    text = to_toml(recipe)
-    # Rewritten only on change: its time stamp tells `kd run` whether results are stale.
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        write_text_atomic(path, text)
+    record_recipe(recipe, RunDir.for_recipe(recipe).resolved_recipe)
 
 
 def _emit_json(payload: Any) -> None:
@@ -157,6 +163,7 @@ def prepare(
     recipe = _load(recipe_path, overrides)
     with _locked(recipe):
         results = prepare_recipe(recipe, force=force, quiet=as_json)
+        _record(recipe)
     if as_json:
         _emit_json([r.to_json() for r in results])
     else:
@@ -177,7 +184,6 @@ def cache_teachers(
 
     recipe = _load(recipe_path, overrides)
     with _locked(recipe):
-        _write_resolved(recipe)
         reports = build(recipe, force=force, quiet=as_json)  # quiet: nothing but the JSON on stdout
     if as_json:
         _emit_json(reports)
@@ -210,7 +216,6 @@ def distill(
     recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
     with _locked(recipe):
-        _write_resolved(recipe)
         results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json,
                          console=Console(stderr=as_json))
     if as_json:
@@ -235,8 +240,8 @@ def eval_(
     from kdcli.report import print_eval
 
     recipe = _load(recipe_path, overrides)
-    _write_resolved(recipe)
     result = evaluate_role(recipe, model, split)
+    _record(recipe)
     if as_json:
         _emit_json(result)
     else:
@@ -262,7 +267,6 @@ def bench(
         if not as_json:
             typer.echo(f"using the latest run: {recipe_path}", err=True)
     recipe = _load(recipe_path, overrides)
-    _write_resolved(recipe)
     results, skipped = [], {}
     if model == "all":
         for role in roles_for_all(recipe, RunDir.for_recipe(recipe)):
@@ -274,6 +278,7 @@ def bench(
             raise ModelError("no model of this recipe could be benchmarked", "; ".join(f"{r}: {w}" for r, w in skipped.items()))
     else:
         results.append(bench_role(recipe, model))
+    _record(recipe)
     if as_json:
         _emit_json({"results": results, "skipped": skipped})
     else:
@@ -327,7 +332,6 @@ def run(
 
     recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
     with _locked(recipe):
-        _write_resolved(recipe)
         run_all(recipe)
 
 
@@ -358,10 +362,8 @@ def tune(
     console = Console(stderr=as_json)  # with --json, stdout carries the JSON document alone
     with _locked(recipe):
         study = tuning.open_study(recipe, storage=storage, sampler=sampler, fraction=fraction)
-        try:
-            tuning.run_trials(study, recipe, raw, trials=trials, fraction=fraction, console=console, quiet=as_json)
-        finally:
-            _write_resolved(recipe)  # each trial's data step recorded the trial's own recipe there
+        _record(recipe)
+        tuning.run_trials(study, recipe, raw, trials=trials, fraction=fraction, console=console, quiet=as_json)
         result = tuning.summarise(study, recipe, storage=storage)
     if as_json:
         _emit_json(result.to_json())

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from kdcli import __version__
 from kdcli.errors import DataError
-from kdcli.recipe import Columns, DataConfig, Recipe, Stage, fingerprint, to_toml
+from kdcli.recipe import Columns, DataConfig, Recipe, Stage, fingerprint
 from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, write_json, write_text_atomic
 
 if TYPE_CHECKING:
@@ -576,8 +576,15 @@ def _column(row: RawRow, column: str, key: str) -> Any:
 
 def _infer_class_names(rows: list[RawRow], column: str) -> list[str]:
     values = [_column(row, column, "label") for row in rows]
+    for row, value in zip(rows, values):
+        # Names are inferred as text; only a class name or a 0-based index maps back to one class.
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, int) and value < 0):
+            raise DataError(
+                f"{row.where}: label {_excerpt(repr(value))} is neither a class name nor a 0-based class index",
+                "fix that line, point data.columns.label at the right column, or list the classes in data.label_names",
+            )
     indices = [_int_like(v) for v in values]
-    if all(i is not None for i in indices):
+    if values and all(i is not None for i in indices):
         return [str(i) for i in range(max(indices) + 1)]  # type: ignore[type-var]
     return sorted({str(v).strip() for v in values})
 
@@ -1095,9 +1102,6 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False) -> 
                     else:
                         plan = done
             results.append(plan)
-    resolved = to_toml(recipe)
-    if not run.resolved_recipe.is_file() or run.resolved_recipe.read_text(encoding="utf-8") != resolved:
-        write_text_atomic(run.resolved_recipe, resolved)
     return results
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from kdcli.errors import CacheError, ModelError
 from kdcli.recipe import LossConfig, ModelSpec, Recipe, Stage, fingerprint
-from kdcli.rundir import RunDir, atomic_dir, read_json, write_json
+from kdcli.rundir import RunDir, atomic_dir, read_json, record_recipe, write_json
 
 if TYPE_CHECKING:
     from kdcli.models import TaskModel
@@ -167,7 +167,8 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: S
     # A Hub model is identified by name and revision: hashing it would mean downloading it.
     local = resolved.is_dir()
     weights = weights_fingerprint(resolved / spec.gguf_file if spec.gguf_file else resolved) if local else f"hub:{spec.ref}@{spec.revision or 'main'}"
-    tokenizer = tokenizer_fingerprint(load_tokenizer(spec))
+    loaded_tokenizer = load_tokenizer(spec)
+    tokenizer = tokenizer_fingerprint(loaded_tokenizer)
     layers = []
     if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None:
         pairs = hidden_pairs(recipe, name, _student_layers(recipe), load_config(spec).num_hidden_layers)
@@ -180,7 +181,7 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: S
         generate = dict(
             kd_level=stage.loss.kd_level, answer_max_length=stage.data.answer_max_length,
             top_k=stage.loss.top_k if token else None, temperature=stage.loss.temperature if token else None,
-            vocab_size=len(load_tokenizer(spec)) if token else None,
+            vocab_size=len(loaded_tokenizer) if token else None,
         )
         layers = []
     return expected_manifest(
@@ -230,6 +231,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
     run = RunDir.for_recipe(recipe)
     preflight(recipe, run, console)
+    record_recipe(recipe, run.resolved_recipe)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
@@ -400,6 +402,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     run = RunDir.for_recipe(recipe)
     out = workdir or run
     preflight(recipe, run, console)
+    record_recipe(recipe, out.resolved_recipe)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if role == "student":
         finetune_teachers(recipe, run, accelerator, console)
@@ -455,26 +458,39 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
 
 
 
+def check_role(recipe: Recipe, role: str) -> None:
+    """Raise, before any work, when the model a role names has not been made yet."""
+    run = RunDir.for_recipe(recipe)
+    if role in ROLES and not (run.final(role) / "config.json").is_file():
+        command = "kd distill RECIPE" + (" --no-teachers" if role == "dataset" else "")
+        raise ModelError(f"there is no trained {role} model at {run.final(role)}", f"run `{command}` first")
+    teacher = role.split(":", 1)[1] if role.startswith("teacher:") else None
+    if role == "baseline" and recipe.student.from_teacher:
+        teacher = recipe.student.from_teacher
+    if teacher is not None and teacher not in recipe.teachers:
+        raise ModelError(f"no teacher named '{teacher}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
+    if teacher is not None and recipe.teachers[teacher].finetune and not (run.teacher(teacher) / "done.json").is_file():
+        raise ModelError(
+            f"teacher '{teacher}' has a finetune table but has not been fine-tuned yet",
+            "run `kd distill RECIPE` or `kd run RECIPE`, which fine-tune it first",
+        )
+
+
 def load_role(recipe: Recipe, role: str, num_classes: int) -> "TaskModel":
     """The model a role names: `student`, `dataset`, `baseline` (the student before training),
     `teacher:NAME`, or any model reference (a path, a Hub id, `package:...`)."""
     from kdcli.models import load_task_model
 
+    check_role(recipe, role)
     run = RunDir.for_recipe(recipe)
     if role in ROLES:
-        path = run.final(role)
-        if not (path / "config.json").is_file():
-            command = "kd distill RECIPE" + (" --no-teachers" if role == "dataset" else "")
-            raise ModelError(f"there is no trained {role} model at {path}", f"run `{command}` first")
-        spec = recipe.student.model_copy(update={"ref": str(path), "from_teacher": None, "layers": [], "revision": None, "gguf_file": None})
+        spec = recipe.student.model_copy(update={"ref": str(run.final(role)), "from_teacher": None, "layers": [],
+                                                 "revision": None, "gguf_file": None})
         return load_task_model(spec, recipe.task, num_classes)
     if role == "baseline":
         return initial_student(recipe, run, num_classes, previous=None)
     if role.startswith("teacher:"):
-        name = role.split(":", 1)[1]
-        if name not in recipe.teachers:
-            raise ModelError(f"no teacher named '{name}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
-        return load_teacher(recipe, run, name, num_classes)
+        return load_teacher(recipe, run, role.split(":", 1)[1], num_classes)
     return load_task_model(ModelSpec(ref=role), recipe.task, num_classes)
 
 

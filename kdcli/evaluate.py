@@ -13,6 +13,12 @@ The saved JSON (what ``kd compare`` reads) has: ``role``, ``model`` (a descripti
 precision, recall, per_class, confusion, label_names), ``answer_histogram`` (choice),
 ``shortcut`` (a warning or null), ``agreement`` ({teacher: rate}), ``agreement_skipped``
 ({teacher: why}), ``disagreements`` and ``env``.
+
+For task ``generate`` the model answers with batched greedy decoding (``eval.max_new_tokens``,
+left padding for causal models, the first line of the answer kept); ``metrics`` then holds
+``exact_match``, ``f1``, ``precision`` and ``recall`` (SQuAD-normalised, best alias per
+question), agreement is the share of questions where model and teacher give the same
+normalised answer, and ``predictions`` lists every answer.
 """
 
 from __future__ import annotations
@@ -252,10 +258,11 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
     """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
     from rich.console import Console
 
-    from kdcli.engine import load_role, stage_data
+    from kdcli.engine import check_role, load_role, stage_data
     from kdcli.rundir import RunDir, write_json
     from kdcli.runtime import describe
 
+    check_role(recipe, role)  # a missing model is reported before any data is prepared
     console = console or Console(stderr=True)
     if recipe.task == "generate":
         return _evaluate_generate_role(recipe, role, split, console)

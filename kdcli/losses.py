@@ -267,6 +267,8 @@ def sparse_divergence(
     # Masked rows: a uniform teacher over the k ids (no tail), harmless finite values.
     log_p_k = torch.where(keep, teacher_logprobs.detach().float().to(device), torch.full((), -math.log(k), device=device))
     p_k = log_p_k.exp()
+    if k >= vocab:  # the whole distribution: renormalised, so rounded (fp16) log-probs still sum to 1
+        p_k = p_k / p_k.sum(-1, keepdim=True)
     tail_p = torch.where(valid, topk_tail(log_p_k, vocab), torch.zeros((), device=device))
 
     log_q = F.log_softmax(logits / temperature, dim=-1)

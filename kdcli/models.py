@@ -378,9 +378,15 @@ def answer_target(example: dict) -> str:
 
 
 def clean_answer(text: str) -> str:
-    """A generated answer as scored: its first line, stripped (a causal LM may go on to a new question)."""
-    text = text.strip()
-    return text.split("\n", 1)[0].strip()
+    """A generated answer as scored: its first non-empty line, stripped (a causal LM may go on to a
+    new question). A first line that only announces the answer ("The answer is:") is followed by
+    the next one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].endswith(":") and len(lines) > 1:
+        return lines[1]
+    return lines[0]
 
 
 def _pad(rows: list[list[int]], value: int) -> Tensor:
@@ -528,8 +534,23 @@ def _dtype(name: str, device: str | torch.device | None) -> torch.dtype:
 
 def _load(loader, where: str, ref: str, **kwargs):
     """Call a from_pretrained and turn the failures a user can fix into ModelErrors."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     try:
         return loader(where, **kwargs)
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"model {ref}: its weights are a pickle that holds more than tensors",
+            hint="kd loads .bin weights with weights_only and never runs code in them: use safetensors weights "
+            "from a source you trust",
+        ) from None
+    except SafetensorError as exc:
+        raise ModelError(
+            f"model {ref}: a weights file is damaged ({exc})",
+            hint="the model folder is damaged or incomplete: save or download it again",
+        ) from None
     except (OSError, ValueError) as exc:
         text = str(exc)
         if "trust_remote_code" in text:
@@ -541,6 +562,11 @@ def _load(loader, where: str, ref: str, **kwargs):
             raise ModelError(
                 f"model {ref}: could not be downloaded from the Hugging Face Hub ({text.splitlines()[0]})",
                 hint="check the name and network, or use a local directory or a package:MODULE/subdir ref",
+            ) from None
+        if Path(where).is_dir():
+            raise ModelError(
+                f"model {ref}: {text.splitlines()[0] if text else type(exc).__name__}",
+                hint="the model folder is damaged or incomplete: save or download it again",
             ) from None
         raise
 

@@ -258,6 +258,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def record_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe a command ran with; only on change, since `kd run` reads its time stamp."""
+    from kdcli.recipe import to_toml
+
+    text = to_toml(recipe)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
+
+
 def write_json(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 

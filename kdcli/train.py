@@ -314,8 +314,11 @@ def _checkpoints(directory: Path) -> list[Path]:
 
 def _save_checkpoint(job: Job, accelerator, model, projections, optimizer, scheduler, state: _State) -> None:
     import torch
+    from accelerate.utils import gather_object
     from safetensors.torch import save_model
 
+    # Every process's dropout RNG goes into the checkpoint before state.json marks it complete.
+    rng_states = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     path = job.checkpoint_dir / f"step-{state.step:08d}"
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
@@ -323,14 +326,11 @@ def _save_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
             save_model(accelerator.unwrap_model(projections), str(tmp / "projections.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng-0.pt")
+            for rank, rng in enumerate(rng_states):
+                torch.save(rng, tmp / f"rng-{rank}.pt")
             write_json(tmp / "state.json", state.__dict__)
         for old in _checkpoints(job.checkpoint_dir)[job.train.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        # Each process keeps its own dropout RNG stream; the files are tiny.
-        torch.save(_rng_state(), path / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
 
 
@@ -343,24 +343,52 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _read_state(path: Path) -> _State:
+    """state.json, with its types checked: a hand-edited or damaged file is not a checkpoint."""
+    raw = read_json(path)
+    expected = {"step": int, "best": (int, float, type(None)), "best_step": (int, type(None)), "bad_evals": int,
+                "stopped_early": bool}
+    if not isinstance(raw, dict) or raw.keys() != expected.keys() or any(
+        not isinstance(raw[key], kinds) or (kinds is int and isinstance(raw[key], bool)) for key, kinds in expected.items()
+    ):
+        raise ValueError(f"{path.name} does not hold a training state")
+    return _State(**raw)
+
+
+def _all_processes_agree(accelerator, loaded: bool) -> bool:
+    """True when every process loaded its part; otherwise all of them move on together."""
+    if accelerator.num_processes == 1:
+        return loaded
+    import torch
+
+    flag = torch.tensor([1 if loaded else 0], device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, scheduler, console) -> _State | None:
-    """Restore the newest checkpoint that loads; fall back to older ones, never to garbage."""
+    """Restore the newest checkpoint that every process can load; fall back to older ones, never to garbage."""
     import torch
     from safetensors.torch import load_model
 
     candidates = _checkpoints(job.checkpoint_dir)
     for path in candidates:
         try:
-            state = _State(**read_json(path / "state.json"))
+            state = _read_state(path / "state.json")
             load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
             load_model(accelerator.unwrap_model(projections), str(path / "projections.safetensors"))
             # weights_only: a checkpoint is data, never code, even if someone swapped the file.
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             rng_file = path / f"rng-{accelerator.process_index}.pt"
-            rng = torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=True)
+            if not rng_file.is_file():
+                raise ValueError(f"no {rng_file.name}: it was saved by fewer processes than are running now")
+            rng = torch.load(rng_file, weights_only=True)
+            loaded = True
         except Exception as exc:  # a truncated or corrupted file: say so and try the previous one
             console.print(f"[yellow]checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one[/]")
+            loaded = False
+        if not _all_processes_agree(accelerator, loaded):
             continue
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

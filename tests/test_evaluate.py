@@ -7,7 +7,6 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from kdcli.errors import KdError
 from kdcli.evaluate import (
     agreement,
     answer_histogram,

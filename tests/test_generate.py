@@ -195,6 +195,17 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, 
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
 
 
+def test_two_teachers_are_mixed_as_full_distributions(models, tmp_path):
+    # With k = V the top-k form is exact, so two copies of one teacher mix to that teacher.
+    job = generate_job(models, "llama", tmp_path, batch_size=8, grad_accum=1, top_k=10_000)
+    batch = job.rows["train"][:8]
+    _, single, _ = train.compute_loss(job, batch, "train", None)
+    job.teachers = {"a": job.teachers["t"], "b": job.teachers["t"]}
+    job.teacher_weights = {"a": 1.0, "b": 3.0}
+    _, mixed, _ = train.compute_loss(job, batch, "train", None)
+    assert float(mixed["kd"].detach()) == pytest.approx(float(single["kd"].detach()), rel=1e-4)
+
+
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path):
     # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ.
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):

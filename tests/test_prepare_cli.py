@@ -42,6 +42,7 @@ def test_prepare_prints_a_table_then_a_noop(recipe):
     assert first.exit_code == 0, first.output
     assert "stage main" in first.stdout and "first prepare" in first.stdout
     assert "negative: 12" in first.stdout and "48" in first.stdout  # train: 48 of 60 rows
+    assert 'name = "fin"' in (recipe.parent / "runs" / "fin" / "recipe.resolved.toml").read_text()
     second = runner.invoke(app, ["prepare", str(recipe)])
     assert second.exit_code == 0 and "up to date (no changes)" in second.stdout
     forced = runner.invoke(app, ["prepare", str(recipe), "--force"])

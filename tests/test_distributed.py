@@ -1,0 +1,229 @@
+"""Several processes (torchrun --nproc_per_node 2, gloo on CPU): each rank trains on its own,
+disjoint share of every optimizer step; the data and the teacher cache are written by one process,
+not one per rank; a 2-process `kd distill` killed with SIGKILL and resumed ends where an
+uninterrupted one does.
+
+The torchrun tests start the real `kd` (``torchrun -m kdcli.cli``) and are marked slow (about
+15 s per launch on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jobs
+import kit
+from kdcli.train import step_examples
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside the interpreter")
+
+
+# --------------------------------------------------------------------------- the slicing arithmetic
+
+
+def rank_examples(indices: list[int], micro: int, rank: int, world: int, batch: int) -> list[int]:
+    """The rows one rank takes for one micro-batch: the expression in train.run_job's loop."""
+    chunk = micro * world + rank
+    return indices[chunk * batch : (chunk + 1) * batch]
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_rows=st.integers(1, 300), seed=st.integers(0, 10), world=st.integers(1, 4), batch=st.integers(1, 8), accum=st.integers(1, 4))
+def test_every_example_of_an_epoch_is_read_once_by_exactly_one_rank(n_rows, seed, world, batch, accum):
+    per_step = batch * world * accum
+    steps_per_epoch = n_rows // per_step
+    if steps_per_epoch == 0:
+        return  # run_job refuses this with a KdError (fewer rows than one step)
+    for epoch in range(2):
+        seen: list[int] = []
+        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            indices = step_examples(n_rows, seed, step, steps_per_epoch, per_step)
+            assert len(indices) == per_step
+            shares = [rank_examples(indices, m, r, world, batch) for m in range(accum) for r in range(world)]
+            assert all(len(s) == batch for s in shares)  # every rank does the same work: no DDP stalls
+            flat = [i for s in shares for i in s]
+            assert sorted(flat) == sorted(indices)  # together the ranks read the whole step, each row once
+            seen += flat
+        assert len(seen) == len(set(seen)) == steps_per_epoch * per_step  # disjoint across the epoch's steps
+        assert set(seen) <= set(range(n_rows))
+        # An incomplete last step is dropped: fewer than one step's rows are left out per epoch.
+        assert n_rows - len(seen) < per_step
+
+
+def test_the_same_step_is_the_same_rows_in_every_process_and_after_a_resume():
+    a = step_examples(100, 7, 13, 6, 16)
+    b = step_examples(100, 7, 13, 6, 16)
+    assert a == b and step_examples(100, 7, 1, 6, 16) != step_examples(100, 7, 7, 6, 16)  # a new order each epoch
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `kd ARGS` under torchrun; on a timeout the whole process group goes (torchrun and its ranks)."""
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def start_torchrun(root: Path, *args: str) -> subprocess.Popen:
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    return subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def write_run(root: Path, teacher: Path, rows: int = 96, **train) -> None:
+    import tomli_w
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "s.jsonl", "w") as handle:
+        for row in jobs.rows(rows, seed=3):
+            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    recipe = {
+        "name": "d", "task": "classify",
+        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
+        "student": {"ref": str(teacher)},
+        "teachers": {"t": {"ref": str(teacher)}},
+        "loss": {"alpha": 0.5},
+        "train": {"max_steps": 80, "batch_size": 2, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
+                  "log_every": 4, "metric": "loss", "eval_batch_size": 32} | train,
+    }
+    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun starts each rank in a session of its own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank at once: what a machine crash or an OOM-killer sweep does."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return kit.make_model_dir(tmp_path_factory.mktemp("dist-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+
+
+def _watch_writers(proc: subprocess.Popen, folders: dict[str, Path]) -> dict[str, set[str]]:
+    """Poll ``folders`` while ``proc`` runs; the pids that created temporary outputs in each."""
+    writers: dict[str, set[str]] = {name: set() for name in folders}
+    while proc.poll() is None:
+        for name, folder in folders.items():
+            try:
+                entries = os.listdir(folder)
+            except OSError:
+                continue
+            writers[name] |= {e.split(".tmp-")[1].split(".")[0] for e in entries if ".tmp-" in e}
+        time.sleep(0.0005)
+    return writers
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert, rows=3000)
+    run = root / "runs" / "d"
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", "cache-teachers", "recipe.toml"]
+    log = open(tmp_path / "cache.log", "w")
+    proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    writers = _watch_writers(proc, {"data": run / "data", "cache": run / "cache" / "main"})
+    text = (tmp_path / "cache.log").read_text()
+    assert proc.returncode == 0, text
+    assert len(writers["data"]) == 1 and len(writers["cache"]) == 1, writers  # one writing process each
+    assert text.count("built") == 1
+    cache = run / "cache" / "main" / "t"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert sorted(os.listdir(cache)) == sorted(["manifest.json", *manifest["splits"]["train"]["shards"], *manifest["splits"]["validation"]["shards"]])
+    assert sum(s["rows"] for s in manifest["splits"].values()) == sum(json.loads((run / "data" / "main" / "manifest.json").read_text())["counts"][k] for k in ("train", "validation"))
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_processes_killed_and_resumed_end_where_an_uninterrupted_run_does(bert, tmp_path):
+    from safetensors.torch import load_file
+
+    reference = tmp_path / "whole"
+    write_run(reference, bert)
+    done = torchrun(reference, "distill", "recipe.toml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    root = tmp_path / "parts"
+    write_run(root, bert)
+    run = root / "runs" / "d"
+    target = random.Random(os.getpid()).randint(8, 60)
+    proc = start_torchrun(root, "distill", "recipe.toml")
+    try:
+        while proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count('"kind": "train"') >= target:
+                kill_all(proc)
+                break
+            time.sleep(0.001)
+    finally:
+        kill_all(proc)
+        proc.wait()
+    time.sleep(0.5)  # let the kernel reap the ranks (their run lock goes with them)
+    assert not (run / "stages" / "main" / "student" / "done.json").exists(), "the run finished before it was killed"
+    resumed = torchrun(root, "distill", "recipe.toml", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming main from step-" in resumed.stdout
+    for path in ("checkpoints/main/step-00000080/model.safetensors", "student/model.safetensors"):
+        assert jobs.max_difference(load_file(run / path), load_file(reference / "runs" / "d" / path)) == 0.0, path
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_a_checkpoint_that_one_rank_cannot_load_is_skipped_by_every_rank(bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=12, checkpoint_every=16)
+    first = torchrun(root, "distill", "recipe.toml")
+    assert first.returncode == 0, first.stdout + first.stderr
+    newest = root / "runs" / "d" / "checkpoints" / "main" / "step-00000012"
+    (newest / "rng-1.pt").write_bytes((newest / "rng-1.pt").read_bytes()[:100])
+    try:
+        resumed = torchrun(root, "distill", "recipe.toml", "--resume", "--set", "train.max_steps=16", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks resumed from different checkpoints and hung")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming main from step-00000008" in resumed.stdout

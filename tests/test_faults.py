@@ -1,0 +1,502 @@
+"""Faults: kd killed with SIGKILL mid-step, mid-save and mid-write; files truncated or poisoned on
+disk; a NaN in a loss term; a full disk; two kd processes on one run. A crash must cost minutes,
+never the run, and nothing half written may ever be read as whole.
+
+The kill tests run the real `kd` in a subprocess (``python -m kdcli.cli``), watch its run
+directory and SIGKILL it at the moment they wait for; the rest run in process through typer's
+CliRunner, where a fault can be injected with monkeypatch. docs/reliability.md has the table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import tomli_w
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import jobs
+import kit
+from kdcli.cli import app
+from kdcli.errors import KdError
+from kdcli.rundir import RunDir, atomic_dir, clean_leftovers, leftovers, read_json, write_json
+
+runner = CliRunner()
+ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+STEPS = 60
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: more threads only fight each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return kit.make_model_dir(tmp_path_factory.mktemp("fault-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+
+
+def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
+    """A distillation with dropout on (BERT's 0.1) and a live teacher: resuming must restore the RNG."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "s.jsonl", "w") as handle:
+        for row in jobs.rows(rows, seed=3):
+            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    recipe = {
+        "name": "f", "task": "classify",
+        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
+        "student": {"ref": str(bert)},
+        "teachers": {"t": {"ref": str(bert)}},
+        "loss": {"alpha": 0.5, "temperature": 2.0},
+        "train": {"max_steps": STEPS, "batch_size": 4, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
+                  "log_every": 4, "keep_last": 2, "eval_batch_size": 32, "metric": "loss"} | train,
+    }
+    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    return root / "recipe.toml"
+
+
+# --------------------------------------------------------------------------- subprocess helpers
+
+
+def start(root: Path, *args: str) -> subprocess.Popen:
+    log = open(root / f"kd-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+
+
+def output(proc: subprocess.Popen) -> str:
+    return Path(proc.stdout.name).read_text() if proc.stdout else ""  # type: ignore[union-attr]
+
+
+def kd(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 180) -> bool:
+    """SIGKILL ``proc`` as soon as ``condition()`` holds; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                hit = condition()
+            except (OSError, ValueError):
+                hit = False
+            if hit:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.0005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def train_lines(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count('"kind": "train"') if path.exists() else 0
+
+
+def tmp_entries(folder: Path, prefix: str = "") -> list[str]:
+    return [n for n in os.listdir(folder) if n.startswith("." + prefix) and ".tmp-" in n] if folder.is_dir() else []
+
+
+def final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "last checkpoint": load_file(run / "checkpoints" / "main" / f"step-{STEPS:08d}" / "model.safetensors"),
+        "student": load_file(run / "student" / "model.safetensors"),
+    }
+
+
+def no_partial_outputs(run: Path) -> list[Path]:
+    return [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# --------------------------------------------------------------------------- kill -9 during distill
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bert) -> Path:
+    """The same distillation, never interrupted."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    write_run(root, bert)
+    done = kd(root, "distill", "recipe.toml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root / "runs" / "f"
+
+
+KILL_POINTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
+    # Before the first checkpoint: nothing to resume from, the run starts again.
+    "before the first checkpoint": lambda run: lambda: train_lines(run) >= 2,
+    # At a random step between checkpoints: the steps since the last checkpoint are redone.
+    "at a random step": lambda run: (lambda target: lambda: train_lines(run) >= target)(random.Random(os.getpid()).randint(8, STEPS - 8)),
+    # While a checkpoint is being written (its temporary step-N folder exists), an earlier one complete.
+    "during a checkpoint save": lambda run: lambda: bool(tmp_entries(run / "checkpoints" / "main", "step-"))
+    and _complete_checkpoints(run) != [],
+    # While the best student so far is being replaced by a better one.
+    "during the best-student write": lambda run: lambda: bool(tmp_entries(run / "stages" / "main", "student"))
+    and (run / "stages" / "main" / "student").exists(),
+}
+
+
+def _complete_checkpoints(run: Path) -> list[str]:
+    folder = run / "checkpoints" / "main"
+    return sorted(p.name for p in folder.glob("step-*") if (p / "state.json").exists()) if folder.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, reference, bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert)
+    run = root / "runs" / "f"
+    for attempt in range(4):  # a save lasts milliseconds: the moment may be missed, then try again
+        shutil.rmtree(root / "runs", ignore_errors=True)
+        if kill_when(start(root, "distill", "recipe.toml"), KILL_POINTS[point](run)):
+            break
+    else:
+        pytest.fail(f"the run finished {attempt + 1} times before it could be killed {point}")
+    killed_at = train_lines(run)
+    leftover = [p.name for p in no_partial_outputs(run)]
+    complete = _complete_checkpoints(run)
+    resumed = kd(root, "distill", "recipe.toml", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    print(f"\nKILLED {point}: attempt {attempt + 1}, after {killed_at} logged steps, checkpoints {complete}, partial {leftover}")
+    if complete:
+        assert f"resuming main from {complete[-1]}" in resumed.stdout, resumed.stdout
+    for what, tensors in final_weights(run).items():
+        expected = final_weights(reference)[what]
+        assert jobs.max_difference(tensors, expected) == 0.0, f"{what} differs after a kill {point} (step {killed_at})"
+    assert not no_partial_outputs(run), no_partial_outputs(run)
+    assert json.loads((run / "student" / "done.json").read_text())["steps"] == STEPS
+
+
+def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+    run = root / "runs" / "f"
+    first = start(root, "distill", "recipe.toml")
+    try:
+        deadline = time.monotonic() + 120
+        while train_lines(run) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, output(first)
+        for command in ("distill", "prepare", "cache-teachers"):
+            second = kd(root, command, "recipe.toml")
+            assert second.returncode == 1, second.stdout + second.stderr
+            assert f"error: another kd process is working on {run}" in second.stderr
+            assert "hint:" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel released the dead process's lock: the next command runs.
+    after = kd(root, "prepare", "recipe.toml")
+    assert after.returncode == 0, after.stdout + after.stderr
+
+
+# --------------------------------------------------------------------------- kill -9 during prepare and cache-teachers
+
+
+def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds(bert, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    write_run(root, bert)
+    monkeypatch.chdir(root)
+    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
+    run = RunDir(root / "runs" / "f")
+    old_fingerprint = read_json(run.data("main") / "manifest.json")["fingerprint"]
+    with open(root / "s.jsonl", "w") as handle:  # a new, larger source: the next prepare rewrites the data
+        for i in range(100_000):
+            handle.write(json.dumps({"text": f"sentence {i} about sales", "label": jobs.LABELS[i % 3]}) + "\n")
+    assert kill_when(start(root, "prepare", "recipe.toml"), lambda: bool(tmp_entries(run.root / "data", "main")))
+    # The partial copy is there, but nothing reads it: the old data is still whole.
+    assert tmp_entries(run.root / "data", "main")
+    from kdcli.data import load_prepared
+
+    splits, manifest = load_prepared(run, "main")
+    assert manifest["fingerprint"] == old_fingerprint and len(splits["train"]) == manifest["counts"]["train"]
+
+    again = runner.invoke(app, ["prepare", "recipe.toml", "--json"])
+    assert again.exit_code == 0, again.output
+    (result,) = json.loads(again.stdout)
+    assert "changed: the source files" in result["reason"] and "interrupted" in result["reason"]
+    assert "partial output of an interrupted kd process" in again.stderr
+    assert sum(result["counts"].values()) == 100_000
+    assert not tmp_entries(run.root / "data")
+
+
+def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebuilds(bert, tmp_path, monkeypatch):
+    from kdcli import engine
+    from kdcli.cache import check_cache
+    from kdcli.recipe import load
+
+    root = tmp_path / "work"
+    recipe_path = write_run(root, bert, rows=3000)
+    monkeypatch.chdir(root)
+    assert runner.invoke(app, ["cache-teachers", "recipe.toml"]).exit_code == 0
+    run = RunDir(root / "runs" / "f")
+    cache = run.cache("main", "t")
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+
+    assert kill_when(start(root, "cache-teachers", "recipe.toml", "--force"), lambda: bool(tmp_entries(cache.parent, "t")))
+    assert tmp_entries(cache.parent, "t")
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # the complete cache, untouched
+    recipe = load(recipe_path)
+    stage = recipe.resolved_stages()[0]
+    identity = engine.cache_identity(recipe, run, stage, "t", engine.stage_data(recipe, run, stage, console=None))
+    check_cache(cache, identity, "t")  # still valid: distill keeps using it
+
+    # A kill on a first build: no cache at all, and `distill` would say so and use the live teacher.
+    shutil.rmtree(cache)
+    assert kill_when(start(root, "cache-teachers", "recipe.toml"), lambda: bool(tmp_entries(cache.parent, "t")))
+    assert not cache.exists()
+    rebuilt = runner.invoke(app, ["cache-teachers", "recipe.toml"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "partial output of an interrupted kd process" in rebuilt.output and "built" in rebuilt.output
+    check_cache(cache, identity, "t")
+    assert not tmp_entries(cache.parent)
+
+
+def test_a_write_killed_between_its_two_renames_puts_the_previous_output_back(tmp_path):
+    final = tmp_path / "student"
+    with atomic_dir(final) as tmp:
+        (tmp / "model.safetensors").write_text("v1")
+    dead = _dead_pid()
+    tag = leftovers.__globals__["_HOST"]
+    parked = final.with_name(f".student.old-{dead}.{tag}")
+    final.rename(parked)  # what a SIGKILL between `final -> old` and `tmp -> final` leaves
+    (tmp_path / f".student.tmp-{dead}.{tag}-x").mkdir()  # ...and the new copy it never moved into place
+    said: list[str] = []
+    assert len(clean_leftovers(tmp_path, said.append)) == 2
+    assert (final / "model.safetensors").read_text() == "v1"
+    assert sorted(os.listdir(tmp_path)) == ["student"]
+    assert any("restored" in s for s in said) and any("removed" in s for s in said)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_live_processes_and_other_machines_are_not_touched(tmp_path):
+    tag = leftovers.__globals__["_HOST"]
+    mine = tmp_path / f".x.tmp-{os.getpid()}.{tag}-a"
+    other_host = tmp_path / f".x.tmp-{_dead_pid()}.00000000-a"
+    mine.mkdir()
+    other_host.mkdir()
+    assert clean_leftovers(tmp_path, lambda s: None) == []
+    assert mine.exists() and other_host.exists()
+
+
+# --------------------------------------------------------------------------- damaged checkpoints, through the CLI
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bert) -> Path:
+    """A finished 6-step run with checkpoints at steps 4 and 6 (keep_last = 2)."""
+    root = tmp_path_factory.mktemp("trained")
+    write_run(root, bert, max_steps=6, checkpoint_every=8, eval_every=400, log_every=400)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = runner.invoke(app, ["distill", "recipe.toml"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (root / "runs/f/checkpoints/main").iterdir()) == ["step-00000004", "step-00000006"]
+    return root
+
+
+def _copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
+    root = tmp_path / "work"
+    shutil.copytree(trained, root, symlinks=True)
+    monkeypatch.chdir(root)
+    return root / "runs" / "f" / "checkpoints" / "main"
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "model.safetensors truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000]),
+    "model.safetensors missing": lambda d: (d / "model.safetensors").unlink(),
+    "optimizer.pt truncated": lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:500]),
+    "optimizer.pt empty": lambda d: (d / "optimizer.pt").write_bytes(b""),
+    "scheduler.pt garbage": lambda d: (d / "scheduler.pt").write_bytes(os.urandom(300)),
+    "rng-0.pt truncated": lambda d: (d / "rng-0.pt").write_bytes((d / "rng-0.pt").read_bytes()[:100]),
+    "state.json truncated": lambda d: (d / "state.json").write_text((d / "state.json").read_text()[:10]),
+    "state.json with unknown keys": lambda d: (d / "state.json").write_text('{"stepp": 6}'),
+    "state.json with a string step": lambda d: (d / "state.json").write_text('{"step": "6", "best": null, "best_step": null, "bad_evals": 0, "stopped_early": false}'),
+    "projections.safetensors garbage": lambda d: (d / "projections.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]),
+}
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_past_a_damaged_checkpoint_falls_back_and_says_which(damage, trained, tmp_path, monkeypatch):
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    DAMAGE[damage](checkpoints / "step-00000006")
+    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint step-00000006 cannot be loaded" in result.output
+    assert "resuming main from step-00000004 (4 steps done)" in result.output
+    assert json.loads((checkpoints.parent.parent / "student" / "done.json").read_text())["steps"] == 8
+
+
+def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(trained, tmp_path, monkeypatch):
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    DAMAGE["optimizer.pt truncated"](checkpoints / "step-00000006")
+    DAMAGE["state.json truncated"](checkpoints / "step-00000004")
+    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"error: no checkpoint in {checkpoints.resolve()} could be loaded" in result.stderr
+    assert "hint:" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]  # nothing deleted
+
+
+def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_path, monkeypatch):
+    """state.json is written last: a step folder without it (and a dead process's temporary one) are skipped."""
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    shutil.copytree(checkpoints / "step-00000006", checkpoints / "step-00000007")
+    (checkpoints / "step-00000007" / "state.json").unlink()
+    partial = checkpoints / f".step-00000008.tmp-{_dead_pid()}.{leftovers.__globals__['_HOST']}-zz"
+    shutil.copytree(checkpoints / "step-00000006", partial)
+    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
+    assert result.exit_code == 0, result.output
+    assert "resuming main from step-00000006 (6 steps done)" in result.output
+    assert not partial.exists()  # cleaned up by the next checkpoint save
+
+
+# --------------------------------------------------------------------------- NaN, through the CLI
+
+
+def test_a_nan_in_a_loss_term_stops_naming_step_and_term_and_the_last_checkpoint_resumes(bert, tmp_path, monkeypatch):
+    from kdcli import losses
+
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
+    monkeypatch.chdir(root)
+    real, calls = losses.kd_term, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 5 else value  # step 5's KD term
+
+    monkeypatch.setattr(losses, "kd_term", poisoned)
+    failed = runner.invoke(app, ["distill", "recipe.toml"])
+    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit), failed.output
+    assert "step 5" in failed.stderr and "kd" in failed.stderr.split("\n")[0]
+    assert "step-00000004" in failed.stderr  # the hint names the last good checkpoint
+    monkeypatch.setattr(losses, "kd_term", real)
+    resumed = runner.invoke(app, ["distill", "recipe.toml", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming main from step-00000004" in resumed.output
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkpoint_resumes(bert, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
+    monkeypatch.chdir(root)
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt") and ".step-00000008.tmp-" in str(path):  # steps 2-6 are saved, 8 is not
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed: No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    failed = runner.invoke(app, ["distill", "recipe.toml"])
+    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit), failed.output
+    checkpoints = root / "runs" / "f" / "checkpoints" / "main"
+    assert failed.stderr.startswith(f"error: no space left on the device writing {checkpoints.resolve()}/step-00000008")
+    assert "hint:" in failed.stderr and "--resume" in failed.stderr
+    assert sorted(os.listdir(checkpoints)) == ["step-00000004", "step-00000006"]  # no half checkpoint beside them
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = runner.invoke(app, ["distill", "recipe.toml", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming main from step-00000006" in resumed.output
+
+
+def test_a_full_disk_while_preparing_keeps_the_previous_data(bert, tmp_path, monkeypatch):
+    import datasets
+
+    root = tmp_path / "work"
+    write_run(root, bert)
+    monkeypatch.chdir(root)
+    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
+    data = root / "runs" / "f" / "data" / "main"
+    before = {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", _enospc)
+    result = runner.invoke(app, ["prepare", "recipe.toml", "--force"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.startswith(f"error: no space left on the device writing {data.resolve()}")
+    assert {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    assert not tmp_entries(data.parent)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
+])
+def test_atomic_writers_turn_a_full_disk_into_a_kd_error_and_keep_the_old_file(tmp_path, monkeypatch, error):
+    path = tmp_path / "eval" / "student.json"
+    write_json(path, {"accuracy": 0.9})
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(os, "replace", fail) if isinstance(error, OSError) else None
+    if isinstance(error, OSError):
+        with pytest.raises(KdError, match=r"no space left on the device writing .*student\.json"):
+            write_json(path, {"accuracy": 0.1})
+        monkeypatch.undo()
+        assert read_json(path) == {"accuracy": 0.9} and os.listdir(path.parent) == ["student.json"]
+    with pytest.raises(KdError, match=r"no space left on the device writing .*cache"):
+        with atomic_dir(tmp_path / "cache") as tmp:
+            (tmp / "part").write_text("x")
+            raise error
+    assert not (tmp_path / "cache").exists() and not tmp_entries(tmp_path)
+
+
+def test_other_errors_inside_an_atomic_write_are_not_mistaken_for_a_full_disk(tmp_path):
+    with pytest.raises(ValueError, match="a bug"):
+        with atomic_dir(tmp_path / "out"):
+            raise ValueError("a bug")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_while_logging_metrics_is_a_clear_error(bert, tmp_path, monkeypatch):
+    from kdcli import train
+
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=2, eval_every=400, log_every=4)
+    monkeypatch.chdir(root)
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train, "open", full_open, raising=False)
+    result = runner.invoke(app, ["distill", "recipe.toml"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "no space left on the device" in result.stderr
