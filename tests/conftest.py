@@ -12,9 +12,15 @@ import pytest
 # No test may reach the network: a Hub id then fails at once instead of retrying for ~25 s.
 # Set before anything imports huggingface_hub, which reads it at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models gain nothing from a second thread, and tests that start kd in subprocesses would
+# oversubscribe the cores (a tiny step went from 12 ms to 1.5 s that way on a 2-core machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import kit`
 
 import kit  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
