@@ -42,10 +42,12 @@ FPB = ROOT.parent / "shared" / "data" / "fpb" / "Sentences_AllAgree.txt"
 
 
 def fpb_rows(limit: int) -> list[dict]:
+    from dataclasses import asdict
+
     from kdcli.data import read_examples
 
-    examples = read_examples(DataConfig(format="fpb", path=str(FPB)), "classify")["train"]
-    return [dict(row, idx=i) for i, row in enumerate(examples[:limit])]
+    examples = read_examples(DataConfig(format="fpb", path=str(FPB)), "classify")[0]["all"]
+    return [dict(asdict(row), idx=i) for i, row in enumerate(examples[:limit])]
 
 
 def kit_rows(limit: int) -> list[dict]:
