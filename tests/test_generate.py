@@ -305,7 +305,8 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert cached["bytes_per_token"] == 8 * 4 and cached["top_k"] == 8 and cached["tokens"] > 0
     manifest = read_json(run / "cache" / "main" / "big" / "manifest.json")
     assert manifest["top_k"] == 8 and manifest["vocab_size"] > 0 and manifest["id_dtype"] == "uint16"
-    assert "bytes/token" in kd("cache-teachers", str(recipe), "--force").output
+    wide = runner.invoke(app, ["cache-teachers", str(recipe), "--force"], env={"COLUMNS": "200"})
+    assert wide.exit_code == 0 and "bytes/token" in wide.output and "32 (k=8)" in wide.output
     assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
 
     result = json.loads(kd("eval", str(recipe), "--json").stdout)
