@@ -148,7 +148,7 @@ def main() -> None:
     results = [measure(teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
     document = {
         "benchmark": "topk_cache",
-        "mode": "quick" if args.quick else "full",
+        "quick": args.quick,
         "teacher": name,
         "student": f"teacher layers {layers} (from_teacher, untrained)",
         "data": "tiny synthetic questions" if args.quick else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
