@@ -171,7 +171,7 @@ def main() -> None:
         print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
               + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
-    print(json.dumps({"answer_tokens": document["answer_tokens"], "vocab_size": vocab, "out": str(out)}))
+    print(json.dumps(document))
 
 
 if __name__ == "__main__":

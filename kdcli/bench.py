@@ -114,10 +114,11 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sizes = [1] + [b for b in dict.fromkeys(batch_sizes) if b != 1]
     results: dict[str, Any] = {}
-    run_once = model.forward
-    if model.task == "generate":
-        def run_once(batch):  # noqa: E306 - the timed call for generate
+    if model.task == "generate":  # questions/s includes generating the answer
+        def run_once(batch):
             return model.generate_ids(batch, max_new_tokens or 16)
+    else:
+        run_once = model.forward
     try:
         memory_kind = _reset_peak_memory(device)
         with torch.inference_mode():

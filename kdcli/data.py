@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 from kdcli import __version__
 from kdcli.errors import DataError
 from kdcli.recipe import Columns, DataConfig, Recipe, Stage, fingerprint
-from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, write_json, write_text_atomic
+from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, write_json
 
 if TYPE_CHECKING:
     import datasets

@@ -18,7 +18,7 @@ from kdcli import losses, train
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
 from kdcli.cli import app
 from kdcli.models import load_task_model, student_from_teacher
-from kdcli.recipe import LossConfig, StudentConfig, TeacherConfig, TrainConfig
+from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
 from kdcli.rundir import read_json
 from kdcli.runtime import make_accelerator
 

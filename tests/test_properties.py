@@ -9,7 +9,6 @@ import json
 import string
 from pathlib import Path
 
-import pytest
 import tomli_w
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import tomllib
 from pathlib import Path
 from typing import Any
 
