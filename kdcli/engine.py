@@ -395,7 +395,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     its trials in their own workdirs on ``train_fraction`` of each train split, reporting every
     validation to ``on_eval`` (see ``train.run_job``).
     """
-    from kdcli.runtime import make_accelerator
+    from kdcli.runtime import describe, make_accelerator
     from kdcli.train import Job, run_job
 
     console = console or Console()
@@ -404,6 +404,8 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     preflight(recipe, run, console)
     record_recipe(recipe, out.resolved_recipe)
     accelerator = make_accelerator(recipe.train.mixed_precision)
+    if accelerator.is_main_process:
+        write_json(out.env, describe(accelerator, requested_precision=recipe.train.mixed_precision))
     if role == "student":
         finetune_teachers(recipe, run, accelerator, console)
     elif recipe.student.from_teacher:

@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def describe(accelerator=None, dtype: str | None = None, why: str = "") -> dict[str, Any]:
+def describe(accelerator=None, dtype: str | None = None, why: str = "", requested_precision: str | None = None) -> dict[str, Any]:
     """What ran where: recorded in env.json and in every eval/bench result."""
     import torch
     import transformers
@@ -64,6 +64,10 @@ def describe(accelerator=None, dtype: str | None = None, why: str = "") -> dict[
         info["device"] = str(accelerator.device)
         info["processes"] = accelerator.num_processes
         info["mixed_precision"] = accelerator.mixed_precision
+        if requested_precision and requested_precision != accelerator.mixed_precision:
+            info["mixed_precision_note"] = (
+                f"the recipe asked for {requested_precision}; fp16 with loss scaling needs a GPU, so this CPU run used full precision"
+            )
     if dtype:
         info["dtype"] = dtype
         info["dtype_reason"] = why

@@ -86,6 +86,7 @@ def test_classify_with_two_teachers_one_fine_tuned_first(models, workdir):
     assert "bert (live), roberta (live)" in first.output
     run = workdir / "runs" / "cls"
     assert read_json(run / "teachers" / "bert" / "done.json")["fingerprint"]
+    assert read_json(run / "env.json")["device"] == "cpu"
 
     # The student is a Hugging Face model with the recipe's label names.
     from transformers import AutoModelForSequenceClassification, pipeline
