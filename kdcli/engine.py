@@ -115,7 +115,7 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
         job = Job(
             name=f"teacher.{name}", student=model, rows=data.rows, loss=LossConfig(alpha=1.0), train=train,
             seed=recipe.seed, max_length=stage.data.max_length, template=stage.data.template,
-            checkpoint_dir=run.checkpoints(f"teacher.{name}"), output_dir=run.teacher(name), metrics_path=run.metrics,
+            answer_max_length=stage.data.answer_max_length, checkpoint_dir=run.checkpoints(f"teacher.{name}"), output_dir=run.teacher(name), metrics_path=run.metrics,
             label_prior=data.label_prior, extra_metadata={"label_names": data.manifest.get("label_names", [])},
         )
         run_job(job, accelerator, resume=True, console=console)
