@@ -252,9 +252,15 @@ class TaskModel:
     def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """Greedy decoding of an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]."""
         inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        head = self.model.get_output_embeddings()
+        rows = head.weight.shape[0] if head is not None else self.model.config.vocab_size
+        # Ids past the tokenizer's vocabulary (a padded embedding matrix) are never generated:
+        # they decode to nothing, and an untrained student may well favour one.
+        padding_ids = list(range(self.vocab_size, rows)) or None
         out = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            suppress_tokens=padding_ids,
         )
         return out[:, inputs["input_ids"].shape[1]:] if self.kind == "causal" else out
 

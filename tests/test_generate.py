@@ -329,3 +329,15 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_work_unless_sequenc
     # Sequence-level KD only needs the teachers' answers as text.
     done = kd("distill", str(recipe), "--set", 'loss.kd_level="sequence"', "--set", "train.metric=loss")
     assert "t5 (live)" in done.output
+
+
+def test_generation_never_emits_an_id_past_the_tokenizer_vocabulary(tmp_path):
+    model, tokenizer = kit.make_model("llama", "causal", layers=2)
+    model.resize_token_embeddings(len(tokenizer) + 24)
+    with torch.no_grad():  # make the padded rows the most likely next tokens by far
+        model.get_output_embeddings().weight[len(tokenizer):] = model.get_input_embeddings().weight[: 24].sum(0) * 50
+    model.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    padded = generate_model(tmp_path / "padded")
+    ids = padded.generate_ids(padded.encode_prompts(qa_rows(3), 32, None), 6)
+    assert ids.numel() and int(ids.max()) < len(tokenizer)
