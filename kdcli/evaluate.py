@@ -254,6 +254,25 @@ def _show(row: dict, answer: int, task: str, names: list[str]) -> str:
     return names[answer]
 
 
+def _result_header(recipe: "Recipe", role: str, model: "TaskModel", stage: str, split: str, fingerprint: str,
+                   n: int, seconds: float) -> dict[str, Any]:
+    """What every eval/ROLE.json says about what was scored, on what, and how long it took."""
+    return {
+        "role": role,
+        "model": model_description(recipe.model_dump(mode="json"), role),
+        "ref": str(model.model.name_or_path),
+        "task": recipe.task,
+        "stage": stage,
+        "split": split,
+        "data_fingerprint": fingerprint,
+        "n": n,
+        "parameters": parameter_count(model),
+        "seconds": seconds,
+        "examples_per_second": n / seconds,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console: "Console | None" = None) -> dict[str, Any]:
     """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
     from rich.console import Console
@@ -286,18 +305,7 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
     pred = predict(model, rows, batch_size, max_length, template)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
-        "role": role,
-        "model": model_description(recipe.model_dump(mode="json"), role),
-        "ref": str(model.model.name_or_path),
-        "task": recipe.task,
-        "stage": stage.name,
-        "split": split,
-        "data_fingerprint": data.fingerprint,
-        "n": len(rows),
-        "parameters": parameter_count(model),
-        "seconds": seconds,
-        "examples_per_second": len(rows) / seconds,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_result_header(recipe, role, model, stage.name, split, data.fingerprint, len(rows), seconds),
         "metrics": classification_metrics(gold, pred, names),
         "shortcut": shortcut_warning(gold, pred, names),
         "agreement": {},
@@ -366,19 +374,8 @@ def _evaluate_generate_role(recipe: "Recipe", role: str, split: str | None, cons
     seconds = time.perf_counter() - started
     metrics = generation_metrics(pred, [row["answers"] for row in rows])
     result: dict[str, Any] = {
-        "role": role,
-        "model": model_description(recipe.model_dump(mode="json"), role),
-        "ref": str(model.model.name_or_path),
-        "task": recipe.task,
-        "stage": stage.name,
-        "split": split,
-        "data_fingerprint": data.fingerprint,
-        "n": len(rows),
-        "parameters": parameter_count(model),
-        "seconds": seconds,
-        "examples_per_second": len(rows) / seconds,
+        **_result_header(recipe, role, model, stage.name, split, data.fingerprint, len(rows), seconds),
         "max_new_tokens": cfg.max_new_tokens,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,
         "shortcut": None,
         "agreement": {},
