@@ -473,6 +473,8 @@ def load_task_model(
             hint="a teacher must be trained for the task: add finetune = {...} to its table",
         )
 
+    if spec.gguf_file:
+        _forget_gguf(model)
     tokenizer = load_tokenizer(spec, path_override)
     if model.config.pad_token_id is None:
         # Causal sequence classifiers find each row's last real token through pad_token_id.
@@ -485,6 +487,17 @@ def load_task_model(
     if task == "choice" and kind in ("seq2seq", "causal"):
         options, suffix = option_token_ids(tokenizer, kind, num_classes)
     return TaskModel(model, tokenizer, kind, task, num_classes, options, max_length, suffix)
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """transformers dequantises GGUF weights to ordinary tensors at load time, yet keeps marking the
+    model as "quantized with gguf", which save_pretrained refuses. The weights are plain: say so, so
+    that a fine-tuned GGUF teacher (or a student cut from one) saves like any other model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
 
 
 def check_label_count(spec: ModelSpec, config: transformers.PretrainedConfig, task: str, num_classes: int) -> bool:
@@ -629,8 +642,6 @@ def student_from_teacher(teacher: TaskModel, layers: list[int]) -> TaskModel:
         raise ModelError(f"student layers {bad or layers}: the teacher has layers 0..{n - 1}")
 
     config = copy.deepcopy(teacher.model.config)
-    if hasattr(config, "quantization_config"):  # a GGUF teacher, dequantised at load: the student is plain
-        del config.quantization_config
     config.num_hidden_layers = len(layers)  # attribute_map covers DistilBERT's n_layers, T5's num_layers
     if getattr(config, "num_decoder_layers", None) is not None:
         config.num_decoder_layers = len(layers)

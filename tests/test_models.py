@@ -402,3 +402,13 @@ def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
     ids, suffix = option_token_ids(tm.tokenizer, "causal", 5)
     assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
+
+
+def test_a_model_loaded_from_gguf_saves_and_reloads_like_any_other(smollm2_gguf, tmp_path):
+    """A fine-tuned GGUF teacher is kept under the run: its (dequantised) weights must save."""
+    spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
+    tm = load_task_model(spec, "classify", 3)
+    tm.save(tmp_path / "saved", label_names=["negative", "neutral", "positive"])
+    again = load_task_model(student(str(tmp_path / "saved")), "classify", 3)
+    batch = tm.encode(SENTENCES, 32)
+    assert torch.allclose(tm.forward(batch).logits, again.forward(batch).logits, atol=1e-4)
