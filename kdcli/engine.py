@@ -231,7 +231,6 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
     run = RunDir.for_recipe(recipe)
     preflight(recipe, run, console)
-    record_recipe(recipe, run.resolved_recipe)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
@@ -269,6 +268,8 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             reports.append({"stage": stage.name, "teacher": name, "skipped": False, **_report(manifest, path)})
             del model, live
         accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record_recipe(recipe, run.resolved_recipe)  # once it succeeded: a failed command changes nothing
     return reports
 
 
@@ -402,10 +403,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     run = RunDir.for_recipe(recipe)
     out = workdir or run
     preflight(recipe, run, console)
-    record_recipe(recipe, out.resolved_recipe)
     accelerator = make_accelerator(recipe.train.mixed_precision)
-    if accelerator.is_main_process:
-        write_json(out.env, describe(accelerator, requested_precision=recipe.train.mixed_precision))
     if role == "student":
         finetune_teachers(recipe, run, accelerator, console)
     elif recipe.student.from_teacher:
@@ -455,6 +453,9 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     if previous is not None and accelerator.is_main_process:
         with atomic_dir(out.final(role)) as tmp:
             shutil.copytree(previous, tmp, dirs_exist_ok=True)
+        # Recorded once the run succeeded: a failed command leaves the run as it was.
+        record_recipe(recipe, out.resolved_recipe)
+        write_json(out.env, describe(accelerator, requested_precision=recipe.train.mixed_precision))
     accelerator.wait_for_everyone()
     return results
 
