@@ -273,6 +273,23 @@ def _result_header(recipe: "Recipe", role: str, model: "TaskModel", stage: str, 
     }
 
 
+def _other_teachers(recipe: "Recipe", role: str, stage, num_classes: int, result: dict[str, Any]):
+    """Each of the stage's teachers except the one being scored, loaded and placed, one at a time;
+    a teacher that cannot be loaded is noted in ``result["agreement_skipped"]`` instead."""
+    from kdcli.engine import load_role
+
+    for name in stage.teachers or []:
+        if role == f"teacher:{name}":
+            continue
+        try:
+            teacher = load_role(recipe, f"teacher:{name}", num_classes)
+        except ModelError as exc:
+            result["agreement_skipped"][name] = exc.message
+            continue
+        place(teacher)
+        yield name, teacher
+
+
 def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console: "Console | None" = None) -> dict[str, Any]:
     """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
     from rich.console import Console
@@ -318,15 +335,7 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
         result["gold_histogram"] = dict(zip(names, answer_histogram(gold, data.num_classes)))
     del model  # teachers load next; one model in memory at a time
 
-    for name in stage.teachers or []:
-        if role == f"teacher:{name}":
-            continue
-        try:
-            teacher = load_role(recipe, f"teacher:{name}", data.num_classes)
-        except ModelError as exc:
-            result["agreement_skipped"][name] = exc.message
-            continue
-        place(teacher)
+    for name, teacher in _other_teachers(recipe, role, stage, data.num_classes, result):
         teacher_pred = predict(teacher, rows, batch_size, max_length, template)
         del teacher
         result["agreement"][name] = agreement(pred, teacher_pred)
@@ -385,15 +394,7 @@ def _evaluate_generate_role(recipe: "Recipe", role: str, split: str | None, cons
         "env": {**describe(), "device": str(device), "dtype": str(model.model.dtype).removeprefix("torch.")},
     }
     del model
-    for name in stage.teachers or []:
-        if role == f"teacher:{name}":
-            continue
-        try:
-            teacher = load_role(recipe, f"teacher:{name}", data.num_classes)
-        except ModelError as exc:
-            result["agreement_skipped"][name] = exc.message
-            continue
-        place(teacher)
+    for name, teacher in _other_teachers(recipe, role, stage, data.num_classes, result):
         theirs = answer(teacher)
         del teacher
         same = [squad_normalize(a) == squad_normalize(b) for a, b in zip(pred, theirs)]
