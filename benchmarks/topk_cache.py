@@ -17,6 +17,15 @@ it (top-k log-probs in fp16, ids in uint16, tail implicit) and compared with the
 The student is the teacher cut to a third of its layers (`from_teacher`, untrained), so its
 distributions differ from the teacher's as a student's do before distillation.
 
+How the student's result changes with k: for each k (and the dense distribution, k = V) a fresh
+copy of that student is distilled for the same steps, on the same other questions in the same
+order, with kd's top-k loss alone (alpha = 0, forward KL, T = 1: only the teacher's signal, the
+part k changes). Then, on the held-out questions above, per answer token:
+
+  kl_to_teacher          KL(full teacher || student), nats: how close the student came
+  top1_agreement         the student's most likely token is the teacher's
+  gold_ce                the student's cross-entropy on the gold answer
+
     python benchmarks/topk_cache.py            # SmolLM2-135M-Instruct (GGUF) on TriviaQA answers
     python benchmarks/topk_cache.py --quick    # tiny Llama from tests/kit.py, seconds (CI)
 
@@ -130,22 +139,75 @@ def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, 
     return result
 
 
+def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: list[dict], eval_teacher: torch.Tensor,
+                 ks: list[int], steps: int, batch_size: int, lr: float) -> list[dict]:
+    """Distil a fresh student per k for ``steps`` steps of ``batch_size`` rows; score it on ``eval_rows``."""
+    vocab = eval_teacher.shape[-1]
+    teacher_full = F.log_softmax(answer_logits(teacher, train_rows), dim=-1)  # [N, V], T = 1
+    counts = [teacher.count_answer_tokens([row], 64, None, 32) for row in train_rows]  # to slice rows of teacher_full
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    eval_teacher_log = F.log_softmax(eval_teacher, dim=-1)
+    results = []
+    for k in [*ks, vocab]:
+        torch.manual_seed(0)
+        student = student_from_teacher(teacher, layers)
+        student.model.train()
+        optimizer = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=0.0)
+        started = time.perf_counter()
+        for step in range(steps):
+            picked = [(step * batch_size + i) % len(train_rows) for i in range(batch_size)]
+            output = student.forward(student.encode([train_rows[i] for i in picked], 64, None, 32))
+            flat = output.logits[output.token_mask].float()
+            target = torch.cat([teacher_full[starts[i]:starts[i + 1]] for i in picked])
+            if k >= vocab:
+                loss = losses.kd_term(flat, target.exp(), 1.0, "forward_kl")
+            else:
+                values, ids = target.topk(k, dim=-1)  # what the cache stores: fp16 log-probs and their ids
+                loss = losses.sparse_kd_term(flat, values.half().float(), ids, 1.0, "forward_kl")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        student.model.eval()
+        mine = F.log_softmax(answer_logits(student, eval_rows), dim=-1)
+        gold = []
+        with torch.no_grad():
+            for start in range(0, len(eval_rows), 16):
+                output = student.forward(student.encode(eval_rows[start : start + 16], 64, None, 32))
+                gold.append(losses.cross_entropy(output.logits, output.labels) * int(output.token_mask.sum()))
+        results.append({
+            "k": "dense" if k >= vocab else k,
+            "kl_to_teacher": float(kl(eval_teacher_log, mine).mean()),
+            "top1_agreement": float((mine.argmax(-1) == eval_teacher.argmax(-1)).float().mean()),
+            "gold_ce": float(sum(gold)) / eval_teacher.shape[0],
+            "train_seconds": round(time.perf_counter() - started, 1),
+        })
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama from tests/kit.py; seconds")
     parser.add_argument("--questions", type=int, default=None, help="questions whose answers are scored (default 120, quick 16)")
+    parser.add_argument("--kd-steps", type=int, default=None, help="distillation steps per k (default 60, quick 3)")
+    parser.add_argument("--kd-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     limit = args.questions or (16 if args.quick else 120)
+    kd_steps = args.kd_steps or (3 if args.quick else 60)
     started = time.perf_counter()
-    teacher, layers, rows, name = setup(args.quick, limit)
+    teacher, layers, all_rows, name = setup(args.quick, limit + kd_steps * args.kd_batch)
+    rows, train_rows = all_rows[:limit], all_rows[limit:]
     student = student_from_teacher(teacher, layers)
     teacher_logits = answer_logits(teacher, rows)
     student_logits = answer_logits(student, rows)
     vocab = teacher_logits.shape[-1]
     results = [measure(teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
+    untrained = F.log_softmax(student_logits, dim=-1)
+    before = {"k": "none (untrained)", "kl_to_teacher": float(kl(F.log_softmax(teacher_logits, dim=-1), untrained).mean()),
+              "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())}
+    per_k = [before, *distil_per_k(teacher, layers, train_rows, rows, teacher_logits, list(KS), kd_steps, args.kd_batch, 2e-4)]
     document = {
         "benchmark": "topk_cache",
         "quick": args.quick,
@@ -157,7 +219,8 @@ def main() -> None:
         "dense_fp16_bytes_per_token": vocab * 2,
         "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
         "results": results,
-        "student_quality_per_k": "not measured (no distillation run per k); grad_cosine is the proxy",
+        "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4, "loss": "top-k forward KL only, T = 1",
+                          "train_questions": len(train_rows), "results": per_k},
         "seconds": round(time.perf_counter() - started, 1),
         "env": describe(),
     }
@@ -171,6 +234,11 @@ def main() -> None:
         print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
               + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
+    print(f"\nstudent distilled {kd_steps} steps x {args.kd_batch} questions per k, scored on the {len(rows)} held-out questions")
+    print(f"{'k':>17} {'KL to teacher':>14} {'top-1 agree':>12} {'gold CE':>8}")
+    for r in per_k:
+        gold = f"{r['gold_ce']:>8.3f}" if "gold_ce" in r else f"{'':>8}"
+        print(f"{r['k']!s:>17} {r['kl_to_teacher']:>14.4f} {r['top1_agreement']:>12.3f} {gold}")
     print(json.dumps(document))
 
 

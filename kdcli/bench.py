@@ -164,10 +164,10 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
 
 def saved_model_dir(recipe: "Recipe", run: "RunDir", role: str) -> Path | None:
     """The directory a role's weights are loaded from, when there is one on this machine."""
-    from kdcli.engine import teacher_spec
+    from kdcli.engine import teacher_spec, trained_role
     from kdcli.models import resolve_ref
 
-    if role in ("student", "dataset"):
+    if trained_role(role):
         return run.final(role)
     if role == "baseline":
         return None  # built in memory (cut from a teacher, or a Hub model's untrained head)
@@ -190,9 +190,10 @@ def size_on_disk(path: Path | None) -> int | None:
 
 
 def roles_for_all(recipe: "Recipe", run: "RunDir") -> list[str]:
-    """`--model all`: every teacher, the baseline, and the dataset and student models once trained."""
+    """`--model all`: every teacher, the baseline, and the dataset, single-teacher and student models once trained."""
     roles = [f"teacher:{name}" for name in recipe.teachers] + ["baseline"]
-    roles += [role for role in ("dataset", "student") if (run.final(role) / "config.json").is_file()]
+    trained = ["dataset", *(f"student:{name}" for name in recipe.single_teacher_students), "student"]
+    roles += [role for role in trained if (run.final(role) / "config.json").is_file()]
     return roles
 
 

@@ -200,6 +200,10 @@ def distill(
     no_teachers: Annotated[
         bool, typer.Option("--no-teachers", help="Train the same student on labels only (the `dataset` role).")
     ] = False,
+    teacher: Annotated[
+        Optional[str],
+        typer.Option("--teacher", help="Distil from this teacher alone (the `student:NAME` role).", show_default=False),
+    ] = None,
     params: Annotated[
         Optional[list[Path]],
         typer.Option("--params", help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).", show_default=False),
@@ -213,10 +217,13 @@ def distill(
 
     from rich.console import Console
 
+    if no_teachers and teacher:
+        raise KdError("--no-teachers and --teacher contradict each other", "give one of them")
     recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
+    role = "dataset" if no_teachers else f"student:{teacher}" if teacher else "student"
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
     with _locked(recipe):
-        results = run_stages(recipe, resume=resume, role="dataset" if no_teachers else "student", show_progress=not as_json,
+        results = run_stages(recipe, resume=resume, role=role, show_progress=not as_json,
                          console=Console(stderr=as_json))
     if as_json:
         from dataclasses import asdict
@@ -231,7 +238,7 @@ def distill(
 def eval_(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, baseline, dataset or a model path.")] = "student",
+    model: Annotated[str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.")] = "student",
     split: Annotated[Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -253,7 +260,7 @@ def eval_(
 def bench(
     recipe_path: Annotated[Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)] = None,
     overrides: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", help="student, teacher:NAME, baseline, dataset, all or a model path.")] = "student",
+    model: Annotated[str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path.")] = "student",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency, throughput, size and memory of a model on real inputs."""
@@ -292,16 +299,21 @@ def compare(
     fmt: Annotated[Optional[str], typer.Option("--format", help="Write the table as md, csv or json.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.")] = False,
+    mean: Annotated[
+        bool, typer.Option("--mean", help="One table: the runs (one recipe under several seeds) averaged role by role, ± std.")
+    ] = False,
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
-    from kdcli.report import collect_run, plot_losses, plot_quality_speed, print_compare, render_compare, run_roots
+    from kdcli.report import (collect_run, mean_table, plot_losses, plot_quality_speed, print_compare, render_compare,
+                              run_roots)
     from kdcli.rundir import write_text_atomic
 
     if fmt not in (None, "md", "csv", "json"):
         raise typer.BadParameter(f"{fmt!r} is not one of md, csv, json", param_hint="--format")
     if output is not None and fmt is None:
         raise typer.BadParameter("--output needs --format", param_hint="--output")
-    tables = [collect_run(root) for root in run_roots(runs or [])]
+    run_tables = [collect_run(root) for root in run_roots(runs or [])]
+    tables = [mean_table(run_tables)] if mean else run_tables
     if fmt is None:
         print_compare(tables)
     else:
@@ -311,7 +323,7 @@ def compare(
         else:
             write_text_atomic(output, text)
     if plots:
-        written = [path for table in tables for path in plot_losses(table)] + plot_quality_speed(tables)
+        written = [path for table in run_tables for path in plot_losses(table)] + plot_quality_speed(run_tables)
         for path in written:
             typer.echo(f"plot: {path}", err=fmt is not None and output is None)
 

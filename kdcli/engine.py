@@ -17,13 +17,28 @@ from rich.console import Console
 
 from kdcli.errors import CacheError, ModelError
 from kdcli.recipe import LossConfig, ModelSpec, Recipe, Stage, fingerprint
-from kdcli.rundir import RunDir, atomic_dir, read_json, record_recipe, write_json
+from kdcli.rundir import RunDir, atomic_dir, read_json, record_recipe, role_filename, write_json
 
 if TYPE_CHECKING:
     from kdcli.models import TaskModel
     from kdcli.train import JobResult
 
 ROLES = ("student", "dataset")
+
+
+def trained_role(role: str) -> bool:
+    """Roles whose model `kd distill` trains: `student`, `dataset` and `student:NAME` (taught by NAME alone)."""
+    return role in ROLES or role.startswith("student:")
+
+
+def solo_teacher(role: str) -> str | None:
+    """`student:minilm` -> `minilm`; None for every other role."""
+    return role.split(":", 1)[1] if role.startswith("student:") else None
+
+
+def require_teacher(recipe: Recipe, name: str) -> None:
+    if name not in recipe.teachers:
+        raise ModelError(f"no teacher named '{name}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
 
 
 # --------------------------------------------------------------------------- data
@@ -386,10 +401,23 @@ def _stage_fingerprint(recipe: Recipe, stage: Stage, role: str, data: StageData,
     })
 
 
+def _solo_stage(recipe: Recipe, stage: Stage, name: str) -> Stage:
+    """The stage as a student taught by ``name`` alone sees it: the other teachers dropped, and the
+    hidden MSE with them when ``name`` has no layer map (a stage without ``name`` trains on labels)."""
+    teachers = [n for n in stage.teachers or [] if n == name]
+    loss = stage.loss
+    if not teachers:
+        loss = loss.model_copy(update={"alpha": 1.0, "beta": 0.0})
+    elif recipe.teachers[name].hidden is None:
+        loss = loss.model_copy(update={"beta": 0.0})
+    return stage.model_copy(update={"teachers": teachers, "loss": loss})
+
+
 def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", console: Console | None = None,
             show_progress: bool = True, on_eval=None, train_fraction: float = 1.0,
             workdir: RunDir | None = None) -> list["JobResult"]:
-    """Run every stage in order; `role = "dataset"` trains the same student on labels only.
+    """Run every stage in order; `role = "dataset"` trains the same student on labels only,
+    `role = "student:NAME"` distils it from teacher NAME alone.
 
     Data, teachers and caches come from the recipe's run directory; checkpoints, stage outputs,
     the final model and metrics go to ``workdir`` (default: the same directory). `kd tune` runs
@@ -402,16 +430,22 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
     console = console or Console()
     run = RunDir.for_recipe(recipe)
     out = workdir or run
+    solo = solo_teacher(role)
+    if solo is not None:
+        require_teacher(recipe, solo)
     preflight(recipe, run, console)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if role == "student":
         finetune_teachers(recipe, run, accelerator, console)
-    elif recipe.student.from_teacher:
-        finetune_teachers(recipe, run, accelerator, console, names=[recipe.student.from_teacher])
+    else:
+        needed = [n for n in (solo, recipe.student.from_teacher) if n]
+        finetune_teachers(recipe, run, accelerator, console, names=list(dict.fromkeys(needed)))
     results = []
     previous: Path | None = None
     previous_fingerprint: str | None = None
     for stage in recipe.resolved_stages():
+        if solo is not None:
+            stage = _solo_stage(recipe, stage, solo)
         data = stage_data(recipe, run, stage, console)
         if train_fraction < 1.0:
             data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
@@ -431,11 +465,12 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
             teachers, pairs, widths, pooling, sources = open_teachers(recipe, run, stage, data, student, accelerator, console)
             if sources:
                 console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
+        job_name = stage.name if role == "student" else f"{stage.name}.{role_filename(role)}"
         job = Job(
-            name=stage.name if role == "student" else f"{stage.name}.{role}",
+            name=job_name,
             student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template,
-            checkpoint_dir=out.checkpoints(stage.name if role == "student" else f"{stage.name}.{role}"),
+            checkpoint_dir=out.checkpoints(job_name),
             output_dir=output, metrics_path=out.metrics, teachers=teachers,
             teacher_weights={n: recipe.teachers[n].weight for n in teachers},
             hidden_pairs=pairs, teacher_widths=widths, pooling=pooling, label_prior=data.label_prior,
@@ -464,14 +499,16 @@ def distill(recipe: Recipe, *, resume: bool = False, role: str = "student", cons
 def check_role(recipe: Recipe, role: str) -> None:
     """Raise, before any work, when the model a role names has not been made yet."""
     run = RunDir.for_recipe(recipe)
-    if role in ROLES and not (run.final(role) / "config.json").is_file():
-        command = "kd distill RECIPE" + (" --no-teachers" if role == "dataset" else "")
-        raise ModelError(f"there is no trained {role} model at {run.final(role)}", f"run `{command}` first")
-    teacher = role.split(":", 1)[1] if role.startswith("teacher:") else None
+    teacher = role.split(":", 1)[1] if role.startswith("teacher:") else solo_teacher(role)
+    if teacher is not None:
+        require_teacher(recipe, teacher)
+    if trained_role(role):
+        if not (run.final(role) / "config.json").is_file():
+            option = {"student": "", "dataset": " --no-teachers"}.get(role, f" --teacher {teacher}")
+            raise ModelError(f"there is no trained {role} model at {run.final(role)}", f"run `kd distill RECIPE{option}` first")
+        return
     if role == "baseline" and recipe.student.from_teacher:
         teacher = recipe.student.from_teacher
-    if teacher is not None and teacher not in recipe.teachers:
-        raise ModelError(f"no teacher named '{teacher}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
     if teacher is not None and recipe.teachers[teacher].finetune and not (run.teacher(teacher) / "done.json").is_file():
         raise ModelError(
             f"teacher '{teacher}' has a finetune table but has not been fine-tuned yet",
@@ -480,13 +517,13 @@ def check_role(recipe: Recipe, role: str) -> None:
 
 
 def load_role(recipe: Recipe, role: str, num_classes: int) -> "TaskModel":
-    """The model a role names: `student`, `dataset`, `baseline` (the student before training),
-    `teacher:NAME`, or any model reference (a path, a Hub id, `package:...`)."""
+    """The model a role names: `student`, `dataset`, `student:NAME`, `baseline` (the student before
+    training), `teacher:NAME`, or any model reference (a path, a Hub id, `package:...`)."""
     from kdcli.models import load_task_model
 
     check_role(recipe, role)
     run = RunDir.for_recipe(recipe)
-    if role in ROLES:
+    if trained_role(role):
         spec = recipe.student.model_copy(update={"ref": str(run.final(role)), "from_teacher": None, "layers": [],
                                                  "revision": None, "gguf_file": None})
         return load_task_model(spec, recipe.task, num_classes)
@@ -500,7 +537,7 @@ def load_role(recipe: Recipe, role: str, num_classes: int) -> "TaskModel":
 def _inputs_of(recipe: Recipe, run: RunDir, role: str) -> list[Path]:
     """Files whose change makes a role's eval/bench result stale."""
     inputs = [run.resolved_recipe, run.data(recipe.resolved_stages()[-1].name) / "manifest.json"]
-    if role in ROLES:
+    if trained_role(role):
         inputs.append(run.final(role) / "done.json")
     elif role.startswith("teacher:"):
         inputs.append(run.teacher(role.split(":", 1)[1]) / "done.json")
@@ -537,9 +574,13 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
         print_distill_summary(distill(recipe, role="dataset", console=console), console)
     step("distil: student")
     print_distill_summary(distill(recipe, console=console), console)
+    solos = [f"student:{name}" for name in recipe.single_teacher_students]
+    for role in solos:
+        step(f"distil: student taught by {solo_teacher(role)} alone")
+        print_distill_summary(distill(recipe, role=role, console=console), console)
 
     roles = [f"teacher:{name}" for name in recipe.teachers] + ["baseline"]
-    roles += ["dataset", "student"] if recipe.teachers else ["student"]
+    roles += ["dataset", *solos, "student"] if recipe.teachers else ["student"]
     step("evaluate and benchmark")
     for role in roles:
         inputs = _inputs_of(recipe, run, role)

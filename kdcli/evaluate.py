@@ -197,12 +197,14 @@ def model_description(recipe: dict[str, Any], role: str) -> str:
         teacher = recipe.get("teachers", {}).get(role.split(":", 1)[1], {})
         ref = _short_ref(teacher.get("ref", "?"))
         return f"{ref} (fine-tuned)" if teacher.get("finetune") else ref
-    if role in ("student", "dataset", "baseline"):
+    if role in ("student", "dataset", "baseline") or role.startswith("student:"):
         if student.get("ref"):
             base = _short_ref(student["ref"])
         else:
             base = f"{student.get('from_teacher')} layers {student.get('layers')}"
-        return base if role == "baseline" else f"{base}, {'distilled' if role == 'student' else 'labels only'}"
+        if role.startswith("student:"):
+            return f"{base}, distilled from {role.split(':', 1)[1]} alone"
+        return base + {"baseline": "", "student": ", distilled", "dataset": ", labels only"}[role]
     return role  # a model reference given on the command line
 
 
@@ -290,18 +292,11 @@ def _other_teachers(recipe: "Recipe", role: str, stage, num_classes: int, result
         yield name, teacher
 
 
-def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console: "Console | None" = None) -> dict[str, Any]:
-    """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
-    from rich.console import Console
+def _split_to_score(recipe: "Recipe", split: str | None, console: "Console"):
+    """The run directory, last stage, its prepared data and the split `kd eval` scores (checked to exist)."""
+    from kdcli.engine import stage_data
+    from kdcli.rundir import RunDir
 
-    from kdcli.engine import check_role, load_role, stage_data
-    from kdcli.rundir import RunDir, write_json
-    from kdcli.runtime import describe
-
-    check_role(recipe, role)  # a missing model is reported before any data is prepared
-    console = console or Console(stderr=True)
-    if recipe.task == "generate":
-        return _evaluate_generate_role(recipe, role, split, console)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
     data = stage_data(recipe, run, stage, console)
@@ -309,6 +304,22 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
     if split not in data.rows:
         raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",
                       "pick one with --split, or add it to data.split")
+    return run, stage, data, split
+
+
+def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console: "Console | None" = None) -> dict[str, Any]:
+    """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
+    from rich.console import Console
+
+    from kdcli.engine import check_role, load_role
+    from kdcli.rundir import write_json
+    from kdcli.runtime import describe
+
+    check_role(recipe, role)  # a missing model is reported before any data is prepared
+    console = console or Console(stderr=True)
+    if recipe.task == "generate":
+        return _evaluate_generate_role(recipe, role, split, console)
+    run, stage, data, split = _split_to_score(recipe, split, console)
     rows = [row for row in data.rows[split] if row["label"] >= 0]
     if not rows:
         raise KdError(f"the {split} split of stage '{stage.name}' has no labelled examples", "score another split with --split")
@@ -356,17 +367,11 @@ def evaluate_role(recipe: "Recipe", role: str, split: str | None = None, console
 def _evaluate_generate_role(recipe: "Recipe", role: str, split: str | None, console: "Console") -> dict[str, Any]:
     """`kd eval` for generate: batched greedy answers (eval.max_new_tokens), exact match and token
     F1/precision/recall against every alias, agreement with each teacher (same normalised answer)."""
-    from kdcli.engine import load_role, stage_data
-    from kdcli.rundir import RunDir, write_json
+    from kdcli.engine import load_role
+    from kdcli.rundir import write_json
     from kdcli.runtime import describe
 
-    run = RunDir.for_recipe(recipe)
-    stage = recipe.resolved_stages()[-1]
-    data = stage_data(recipe, run, stage, console)
-    split = split or recipe.eval.split
-    if split not in data.rows:
-        raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",
-                      "pick one with --split, or add it to data.split")
+    run, stage, data, split = _split_to_score(recipe, split, console)
     rows = [row for row in data.rows[split] if row["answers"]]
     if not rows:
         raise KdError(f"the {split} split of stage '{stage.name}' has no reference answers", "score another split with --split")

@@ -428,6 +428,11 @@ class Recipe(Section):
     data: DataConfig = Field(..., description="The dataset (the default for every stage).")
     student: StudentConfig = Field(..., description="The student model.")
     teachers: dict[str, TeacherConfig] = Field(default_factory=dict, description="Teachers by name.")
+    single_teacher_students: list[str] = Field(
+        default_factory=list,
+        description="Teachers that each also teach a student alone (role `student:NAME`), to show what each adds; "
+        "`kd run` trains, evaluates and benchmarks them. The hidden MSE applies only if that teacher has a `hidden` map.",
+    )
     loss: LossConfig = Field(default_factory=LossConfig, description="The loss (the default for every stage).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The schedule (the default for every stage).")
     stages: list[Stage] = Field(
@@ -459,6 +464,9 @@ class Recipe(Section):
                 problems.append(
                     f"{role}.head: '{spec.head}' cannot do task '{self.task}' (use one of {sorted(allowed_heads)})"
                 )
+        for name in self.single_teacher_students:
+            if name not in self.teachers:
+                problems.append(f"single_teacher_students: no teacher named '{name}' in [teachers]")
         if self.student.from_teacher and self.student.from_teacher not in self.teachers:
             problems.append(f"student.from_teacher: no teacher named '{self.student.from_teacher}' in [teachers]")
         for i, stage in enumerate(self.resolved_stages()):

@@ -294,12 +294,14 @@ def _read_role_files(directory: Path) -> dict[str, dict]:
 
 
 def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list[str]:
-    """Teachers (recipe order), baseline, dataset (when trained or measured), student, then any other model."""
+    """Teachers (recipe order), baseline, dataset (when trained or measured), students of one teacher
+    (when measured), student, then any other model."""
     teachers = [f"teacher:{name}" for name in recipe.get("teachers", {})]
     measured = list(dict.fromkeys([*evals, *benches]))
     dataset = ["dataset"] if "dataset" in measured or (root / "dataset" / "config.json").is_file() else []
+    solos = [f"student:{name}" for name in recipe.get("teachers", {}) if f"student:{name}" in measured]
     known = [*teachers, *sorted(r for r in measured if r.startswith("teacher:") and r not in teachers),
-             "baseline", *dataset, "student"]
+             "baseline", *dataset, *solos, "student"]
     return known + [r for r in measured if r not in known]
 
 
@@ -354,16 +356,53 @@ def collect_run(root: Path) -> RunTable:
         row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
 
+    keys = ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]
+    return RunTable(recipe.get("name", root.name), task, root, [_COLUMNS[k] for k in keys], rows,
+                    _best_row(rows, primary), hints)
+
+
+def _best_row(rows: list[dict[str, Any]], primary: str) -> int | None:
     candidates = [i for i, r in enumerate(rows) if not r["role"].startswith("teacher:") and r[primary] is not None]
     # On a tie the later row wins: the trained student over the dataset model over the baseline.
-    best = max(candidates, key=lambda i: (rows[i][primary], i), default=None)
-    keys = ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]
-    return RunTable(recipe.get("name", root.name), task, root, [_COLUMNS[k] for k in keys], rows, best, hints)
+    return max(candidates, key=lambda i: (rows[i][primary], i), default=None)
+
+
+def mean_table(tables: list[RunTable]) -> RunTable:
+    """Runs of one recipe (under several seeds, say) averaged role by role: each number is the mean
+    over the runs, with its sample standard deviation under ``KEY_std``; ratios (kept, speed-up) are
+    each run's, averaged. A role missing from some run is left out, with a hint."""
+    import statistics
+
+    if len({t.task for t in tables}) > 1:
+        raise KdError("--mean averages runs of one task, and these are of several: "
+                      + ", ".join(f"{t.name} ({t.task})" for t in tables), "average the runs of one recipe")
+    first = tables[0]
+    by_run = [{r["role"]: r for r in t.rows} for t in tables]
+    rows, hints = [], []
+    for role in (r["role"] for r in first.rows):
+        found = [rows_of_run.get(role) for rows_of_run in by_run]
+        if None in found:
+            hints.append(f"{role}: not in every run, left out of the mean")
+            continue
+        row: dict[str, Any] = {"role": role, "model": found[0]["model"]}
+        for column in first.columns[2:]:
+            values = [f[column.key] for f in found]
+            complete = None not in values
+            row[column.key] = statistics.fmean(values) if complete else None
+            row[f"{column.key}_std"] = statistics.stdev(values) if complete and len(values) > 1 else None
+        rows.append(row)
+    name = f"mean of {len(tables)} runs ({', '.join(t.name for t in tables)})"
+    return RunTable(name, first.task, first.root, first.columns, rows, _best_row(rows, _PRIMARY[first.task]), hints)
 
 
 def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
-    """Formatted cells; a missing measurement is blank, never 0."""
-    return [column.fmt(row[column.key]) if row[column.key] is not None else "" for column in table.columns]
+    """Formatted cells; a missing measurement is blank, never 0; a mean shows its spread (± std)."""
+    cells = []
+    for column in table.columns:
+        value, spread = row[column.key], row.get(f"{column.key}_std")
+        cell = column.fmt(value) if value is not None else ""
+        cells.append(f"{cell} ± {column.fmt(spread)}" if spread else cell)
+    return cells
 
 
 def print_compare(tables: list[RunTable], console: Console | None = None) -> None:
@@ -403,6 +442,7 @@ def compare_csv(tables: list[RunTable]) -> str:
     import io
 
     keys = list(dict.fromkeys(c.key for table in tables for c in table.columns))
+    keys += [f"{k}_std" for k in keys if any(f"{k}_std" in row for table in tables for row in table.rows)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["run", "task", *keys, "best"])
@@ -417,7 +457,8 @@ def compare_json(tables: list[RunTable]) -> list[dict[str, Any]]:
         {
             "run": table.name, "task": table.task, "path": str(table.root),
             "columns": [{"key": c.key, "title": c.title} for c in table.columns],
-            "rows": [{c.key: row[c.key] for c in table.columns} for row in table.rows],
+            "rows": [{k: v for k, v in row.items() if k in keys or k.removesuffix("_std") in keys}
+                     for row in table.rows for keys in [{c.key for c in table.columns}]],
             "best": table.rows[table.best]["role"] if table.best is not None else None,
             "hints": table.hints,
         }

@@ -55,12 +55,13 @@ class RunDir:
         return self.root / "checkpoints" / job
 
     def stage_output(self, stage: str, role: str) -> Path:
-        """A stage's best model for a role (`student` or `dataset`); the next stage starts from it."""
-        return self.root / "stages" / stage / role
+        """A stage's best model for a trained role (`student`, `dataset`, `student:NAME`); the next stage starts from it."""
+        return self.root / "stages" / stage / role_filename(role)
 
     def final(self, role: str) -> Path:
-        """The last stage's best model: `student/` (distilled) or `dataset/` (labels only)."""
-        return self.root / role
+        """The last stage's best model: `student/` (distilled), `dataset/` (labels only) or
+        `student-NAME/` (distilled from teacher NAME alone)."""
+        return self.root / role_filename(role)
 
     @property
     def student(self) -> Path:

@@ -8,13 +8,14 @@ run: that is what makes ``--resume`` exact and one process with accumulation equ
 to several processes without it. An incomplete last step of an epoch is dropped
 (the next epoch reshuffles, so no example is left out for long).
 
-Every loss term is a mean over its micro-batch; each is weighted by the micro-batch's
-share of the optimizer step's examples, so batch 8 x accumulation 1 and batch 2 x
-accumulation 4 give the same gradient. The diversity penalty is the exception: it is
-a property of a batch's mean prediction, so it depends on the micro-batch size.
-For task ``generate`` the terms are means over answer tokens, and the share is of the
-step's answer tokens (counted before the step, summed over processes), so the same
-equality holds per token.
+Each step first asks the teachers about all its micro-batches, then trains on them.
+Every loss term is a mean over its micro-batch's units, and weighted by the micro-batch's
+share of the step's units of that term (summed over processes), so batch 8 x
+accumulation 1 and batch 2 x accumulation 4 give the same gradient. A unit is an
+example; for task ``generate`` an answer token: of the gold answer, and for
+sequence-level KD of the teachers' answers (each weighted by its teacher's weight),
+which differ from the gold ones in number. The diversity penalty is the exception to the
+equality: it is a property of a batch's mean prediction, so it depends on the micro-batch size.
 """
 
 from __future__ import annotations
@@ -111,15 +112,32 @@ def step_examples(n_rows: int, seed: int, step: int, steps_per_epoch: int, per_s
     return order[position * per_step : (position + 1) * per_step].tolist()
 
 
-def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
-    """The distillation loss of one micro-batch: total, its parts, and the student's output."""
+def part_weights(cfg: LossConfig) -> dict[str, float]:
+    """How much each loss term counts in the total."""
+    return {"ce": cfg.alpha, "kd": 1 - cfg.alpha, "hidden": cfg.beta, "diversity": cfg.gamma}
+
+
+def teacher_answers(job: Job, examples: list[dict], split: str) -> dict[str, Any]:
+    """What each teacher says about a micro-batch (none when the loss reads no teacher)."""
+    wants_hidden = job.loss.beta > 0 and bool(job.hidden_pairs) and job.student.task != "generate"
+    if not job.teachers or (job.loss.alpha >= 1 and not wants_hidden):
+        return {}
+    return {name: teacher(examples, split) for name, teacher in job.teachers.items()}
+
+
+def compute_loss(job: Job, examples: list[dict], split: str, projections,
+                 answers: dict[str, Any] | None = None) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
+    """The distillation loss of one micro-batch: total, its parts (each a mean over the micro-batch's
+    units, see ``_step_shares``), and the student's output. ``answers``: the teachers' (asked when None)."""
     from kdcli import losses
     from kdcli.cache import pooled_layers
 
     cfg = job.loss
     student = job.student
+    if answers is None:
+        answers = teacher_answers(job, examples, split)
     if student.task == "generate":
-        return _generate_loss(job, examples, split)
+        return _generate_loss(job, examples, answers)
     batch = student.encode(examples, job.max_length, job.template)
     batch = {k: v.to(student.device) for k, v in batch.items()}
     want_hidden = cfg.beta > 0 and bool(job.hidden_pairs)
@@ -128,8 +146,7 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tup
     parts: dict[str, torch.Tensor] = {}
     if cfg.alpha > 0:
         parts["ce"] = losses.cross_entropy(output.logits, labels)
-    if job.teachers and (cfg.alpha < 1 or want_hidden):
-        answers = {name: teacher(examples, split) for name, teacher in job.teachers.items()}
+    if answers:
         if cfg.alpha < 1:
             probs = losses.teacher_probs(
                 [answers[name].logits.to(output.logits.device) for name in job.teachers],
@@ -157,18 +174,24 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections) -> tup
         parts["diversity"] = losses.diversity_penalty(
             output.logits, prior, labels != -100, cfg.diversity_temperature
         )
-    weights = {"ce": cfg.alpha, "kd": 1 - cfg.alpha, "hidden": cfg.beta, "diversity": cfg.gamma}
+    weights = part_weights(cfg)
     total = sum(weights[k] * v for k, v in parts.items())
     return total, parts, output
 
 
-def _generate_loss(job: Job, examples: list[dict], split: str) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
+def _teacher_targets(examples: list[dict], answer) -> list[dict]:
+    """Sequence-level KD: the examples with a teacher's greedy answer as the target."""
+    return [dict(ex, target=text) for ex, text in zip(examples, answer.texts)]
+
+
+def _generate_loss(job: Job, examples: list[dict], answers: dict[str, Any]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
     """compute_loss for task generate: every term is a mean over answer tokens.
 
     ``ce``: the gold answer's tokens. ``kd``, token level: T^2 * D(teacher || student) at each
     answer token, against the teacher's top-k distribution (``losses.sparse_kd_term``); several
     teachers are mixed as full distributions (tail spread evenly, ``losses.topk_to_dense``).
-    Sequence level: cross-entropy on each teacher's greedy answer, teachers weighted statically.
+    Sequence level: cross-entropy on the tokens of the teachers' greedy answers, each token
+    weighted by its teacher's static weight.
     """
     import torch
 
@@ -181,16 +204,18 @@ def _generate_loss(job: Job, examples: list[dict], split: str) -> tuple["torch.T
     parts: dict[str, torch.Tensor] = {}
     if cfg.alpha > 0:
         parts["ce"] = losses.cross_entropy(output.logits, output.labels)
-    if job.teachers and cfg.alpha < 1:
-        answers = {name: teacher(examples, split) for name, teacher in job.teachers.items()}
+    if answers and cfg.alpha < 1:
         weights = [job.teacher_weights.get(name, 1.0) for name in job.teachers]
         if cfg.kd_level == "sequence":
-            terms = []
-            for name in job.teachers:
-                targets = [dict(ex, target=text) for ex, text in zip(examples, answers[name].texts)]
+            weighted_sum, weighted_count = 0.0, 0.0
+            for name, weight in zip(job.teachers, weights):
+                targets = _teacher_targets(examples, answers[name])
                 theirs = student.forward(student.encode(targets, job.max_length, job.template, job.answer_max_length))
-                terms.append(losses.cross_entropy(theirs.logits, theirs.labels))
-            parts["kd"] = sum(w * t for w, t in zip(weights, terms)) / sum(weights)
+                tokens = int((theirs.labels != -100).sum())
+                if tokens:
+                    weighted_sum = weighted_sum + weight * tokens * losses.cross_entropy(theirs.logits, theirs.labels)
+                    weighted_count += weight * tokens
+            parts["kd"] = weighted_sum / weighted_count if weighted_count else output.logits.sum() * 0.0
         else:
             mask = output.token_mask
             flat = output.logits[mask]  # [N, V]: the answer tokens, row after row
@@ -218,23 +243,37 @@ def _generate_loss(job: Job, examples: list[dict], split: str) -> tuple["torch.T
                     mode=cfg.teacher_weighting, labels=output.labels[mask],
                 )
                 parts["kd"] = losses.kd_term(flat, probs, cfg.temperature, cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta)
-    weights_by_part = {"ce": cfg.alpha, "kd": 1 - cfg.alpha}
-    total = sum(weights_by_part[k] * v for k, v in parts.items())
+    weights = part_weights(cfg)
+    total = sum(weights[k] * v for k, v in parts.items())
     return total, parts, output
 
 
-def _step_units(job: Job, chunks: list[list[dict]], accelerator) -> tuple[list[int], float]:
-    """What one optimizer step averages over: per micro-batch and in all, examples, or for generate
-    answer tokens (the total summed over every process)."""
+def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any]], accelerator) -> list[dict[str, float]]:
+    """Per micro-batch and loss term, the weight that turns the micro-batch's mean into its part of
+    the step's mean: its units over the step's units of that term (all processes), times the number
+    of processes, which DDP's gradient average divides out again."""
     import torch
 
-    student = job.student
+    student, world = job.student, accelerator.num_processes
     if student.task != "generate":
-        return [len(chunk) for chunk in chunks], float(job.train.batch_size * accelerator.num_processes * job.train.grad_accum)
-    units = [student.count_answer_tokens(chunk, job.max_length, job.template, job.answer_max_length) for chunk in chunks]
-    if accelerator.num_processes > 1:
-        return units, float(accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), reduction="sum"))
-    return units, float(sum(units))
+        total = float(job.train.batch_size * world * job.train.grad_accum)
+        return [dict.fromkeys(("ce", "kd", "hidden", "diversity"), len(chunk) * world / total) for chunk in chunks]
+
+    def tokens(examples: list[dict]) -> int:
+        return student.count_answer_tokens(examples, job.max_length, job.template, job.answer_max_length)
+
+    units = []
+    for chunk, answer in zip(chunks, answers):
+        gold = tokens(chunk)
+        kd = gold
+        if answer and job.loss.kd_level == "sequence":
+            kd = sum(job.teacher_weights.get(n, 1.0) * tokens(_teacher_targets(chunk, answer[n])) for n in job.teachers)
+        units.append({"ce": gold, "kd": kd})
+    totals = {term: float(sum(u[term] for u in units)) for term in ("ce", "kd")}
+    if world > 1:
+        summed = accelerator.reduce(torch.tensor([totals["ce"], totals["kd"]], device=accelerator.device), reduction="sum")
+        totals = {"ce": float(summed[0]), "kd": float(summed[1])}
+    return [{term: u[term] * world / max(totals[term], 1e-12) for term in u} for u in units]
 
 
 def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
@@ -509,15 +548,15 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             for micro in range(cfg.grad_accum):
                 chunk = micro * world + rank
                 micro_batches.append([train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]])
-            micro_units, step_units = _step_units(job, micro_batches, accelerator)
+            answers = [teacher_answers(job, examples, "train") for examples in micro_batches]
+            shares = _step_shares(job, micro_batches, answers, accelerator)
+            weights = part_weights(job.loss)
             for micro, examples in enumerate(micro_batches):
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    total, parts, _ = compute_loss(job, examples, "train", projections)
+                    total, parts, _ = compute_loss(job, examples, "train", projections, answers[micro])
                     check_finite({k: v.detach() for k, v in {**parts, "total": total}.items()}, state.step + 1)
-                    # Weight by this micro-batch's share of the step's examples (generate: answer tokens);
-                    # DDP averages over processes.
-                    accelerator.backward(total * micro_units[micro] * world / max(step_units, 1.0))
+                    accelerator.backward(sum(weights[k] * v * shares[micro][k] for k, v in parts.items()))
                 for key, value in parts.items():
                     window[key] = window.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
                 window["loss"] = window.get("loss", 0.0) + float(total.detach()) / cfg.grad_accum

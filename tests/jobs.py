@@ -6,6 +6,7 @@ under torchrun.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def rows(n: int, seed: int = 0, weights: tuple[float, ...] = (1, 1, 1)) -> list[
         text = f"sales {rng.choice(CUES[label])} by {rng.randint(1, 40)} percent in the quarter"
         out.append({"id": str(i), "text": text, "options": [], "label": label, "answers": [], "idx": i})
     return out
+
+
+def write_sentences(path: Path, n: int, seed: int = 3) -> Path:
+    """``rows(n, seed)`` as a jsonl file of {"text", "label" (a name)}: what `kd prepare` reads."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows(n, seed=seed):
+            handle.write(json.dumps({"text": row["text"], "label": LABELS[row["label"]]}) + "\n")
+    return path
 
 
 def without_dropout(model: torch.nn.Module) -> None:

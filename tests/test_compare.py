@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
+import clirun
 from kdcli.cli import app
 from kdcli.report import (
     collect_run,
@@ -24,7 +24,7 @@ from kdcli.report import (
 )
 from kdcli.rundir import write_json
 
-runner = CliRunner()
+runner = clirun.runner
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,6 +112,39 @@ def test_markdown_csv_and_json_agree(run, tmp_path):
     assert documents[1]["rows"][-1]["s_per_question"] == pytest.approx(0.005)
 
 
+def test_mean_of_runs_averages_role_by_role_with_the_spread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    benches = {"teacher:big": (110_000_000, 40.0), "teacher:small": (4_400_000, 8.0), "student": (66_000_000, 20.0)}
+    for seed, (big, student, dataset) in {1: (0.90, 0.88, 0.85), 2: (0.80, 0.80, 0.84)}.items():
+        evals = {"teacher:big": big, "teacher:small": 0.5, "student": student}
+        if seed == 1:
+            evals["student:big"] = 0.87  # trained in one run only
+        write_run(tmp_path / "runs" / f"fin-s{seed}", evals=evals, benches=dict(benches, dataset=(66_000_000, 20.0)))
+        write_json(tmp_path / "runs" / f"fin-s{seed}" / "eval" / "dataset.json",
+                   {"role": "dataset", "model": "m", "parameters": 66_000_000, "metrics": {"accuracy": dataset, "f1": 0.5}})
+    result = runner.invoke(app, ["compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [table] = json.loads(result.stdout)
+    assert table["run"] == "mean of 2 runs (fin-s1, fin-s2)"
+    rows = {r["role"]: r for r in table["rows"]}
+    assert "student:big" not in rows and table["hints"] == ["student:big: not in every run, left out of the mean"]
+    assert rows["student"]["accuracy"] == pytest.approx(0.84)
+    assert rows["student"]["accuracy_std"] == pytest.approx(0.0565685, rel=1e-5)  # sample std of 0.88 and 0.80
+    assert rows["student"]["kept_pct"] == pytest.approx((100 * 0.88 / 0.90 + 100) / 2)  # each run's ratio, averaged
+    assert rows["student"]["speedup"] == pytest.approx(2.0) and rows["student"]["speedup_std"] == 0.0
+    assert table["best"] == "dataset"  # 0.845 on average beats the student's 0.84
+    markdown = runner.invoke(app, ["compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "md"]).stdout
+    assert "| 0.8400 ± 0.0566 |" in markdown and "| 2.00x |" in markdown  # no spread shown where there is none
+
+
+def test_mean_refuses_runs_of_different_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "runs" / "a", evals={"student": 0.8}, benches={})
+    write_run(tmp_path / "runs" / "b", evals={"student": 0.8}, benches={}, task="choice")
+    result = runner.invoke(app, ["compare", "runs/a", "runs/b", "--mean"])
+    assert result.exit_code == 1 and "one task" in result.output
+
+
 def test_read_metrics_keeps_the_latest_attempt(tmp_path):
     lines = [
         {"stage": "main", "kind": "train", "step": s, "samples": 8 * s, "loss": 1.0} for s in (1, 2, 3, 4)
@@ -187,9 +220,7 @@ def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
     Path("tiny.toml").write_text(RECIPE.format(teacher=tiny("bert", "sequence-classification", num_labels=3)))
 
     def kd(*args: str):
-        result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
-        assert result.exit_code == 0, result.output
-        return result
+        return clirun.kd(*args, env={"COLUMNS": "200"})
 
     kd("distill", "tiny.toml")
     student = json.loads(kd("eval", "tiny.toml", "--model", "student", "--json").stdout)

@@ -101,9 +101,7 @@ def write_run(root: Path, teacher: Path, rows: int = 96, **train) -> None:
     import tomli_w
 
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "s.jsonl", "w") as handle:
-        for row in jobs.rows(rows, seed=3):
-            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    jobs.write_sentences(root / "s.jsonl", rows)
     recipe = {
         "name": "d", "task": "classify",
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},

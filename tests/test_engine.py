@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import jobs
 import kit
+from clirun import kd, runner
 from kdcli.cache import check_cache
 from kdcli.cli import app
 from kdcli.errors import CacheError
 from kdcli.rundir import read_json
 
-runner = CliRunner()
-
-
-def kd(*args: str):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +31,20 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    with open("sentences.jsonl", "w") as handle:
-        for row in jobs.rows(60, seed=3):
-            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    jobs.write_sentences(Path("sentences.jsonl"), 60)
     with open("questions.jsonl", "w") as handle:
         for i in range(60):
             handle.write(json.dumps({"text": f"which one is right {i}?", "a": f"red {i}", "b": f"blue {i}", "c": f"green {i}", "label": i % 3}) + "\n")
     return tmp_path
 
 
-def classify_recipe(models: dict[str, Path], **extra: str) -> Path:
+def classify_recipe(models: dict[str, Path], top: str = "", roberta: bool = True) -> Path:
+    """Two teachers (bert fine-tuned first, with a hidden map; roberta as it is); `top` adds top-level keys."""
+    roberta_table = f"[teachers.roberta]\nref = \"{models['roberta']}\"" if roberta else ""
     text = f"""
 name = "cls"
 task = "classify"
+{top}
 [data]
 format = "jsonl"
 path = "sentences.jsonl"
@@ -62,8 +56,7 @@ layers = [0, 2]
 ref = "{models['bert']}"
 finetune = {{epochs = 2, batch_size = 8, lr = 1e-3}}
 hidden = {{map = "skip"}}
-[teachers.roberta]
-ref = "{models['roberta']}"
+{roberta_table}
 [loss]
 alpha = 0.5
 beta = 0.5
@@ -120,6 +113,45 @@ def test_dataset_role_trains_the_student_on_labels_only(models, workdir):
     assert (workdir / "runs" / "cls" / "dataset" / "config.json").is_file()
     assert not (workdir / "runs" / "cls" / "student").exists()
     assert not (workdir / "runs" / "cls" / "teachers" / "roberta").exists()  # not fine-tuned, not needed
+
+
+def test_a_student_taught_by_one_teacher_alone_equals_one_from_a_recipe_with_only_that_teacher(models, workdir):
+    recipe = classify_recipe(models)
+    solo = kd("distill", str(recipe), "--teacher", "bert")
+    assert "teachers: bert (live)" in solo.output and "roberta" not in solo.output
+    run = workdir / "runs" / "cls"
+    assert read_json(run / "student-bert" / "training.json")["teachers"] == {"bert": "live"}
+    assert not (run / "student").exists() and not (run / "teachers" / "roberta").exists()
+    assert "up to date" in kd("distill", str(recipe), "--teacher", "bert").output
+
+    alone = classify_recipe(models, top='output_dir = "other"', roberta=False)
+    kd("distill", str(alone))
+    from safetensors.torch import load_file
+
+    expected = load_file(workdir / "other" / "cls" / "student" / "model.safetensors")
+    got = load_file(run / "student-bert" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_teacher_without_a_layer_map_teaches_alone_by_logits_only(models, workdir):
+    recipe = classify_recipe(models)
+    result = kd("distill", str(recipe), "--teacher", "roberta", "--json")
+    assert json.loads(result.stdout)[0]["name"] == "main.student-roberta"
+    lines = [json.loads(line) for line in (workdir / "runs" / "cls" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["stage"] == "main.student-roberta" and x["kind"] == "train"]
+    assert train and all(x.get("hidden", 0.0) == 0.0 for x in train) and all(x["kd"] > 0 for x in train)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "nobody"], "no teacher named 'nobody'"),
+    (["--teacher", "bert", "--no-teachers"], "contradict"),
+])
+def test_a_wrong_single_teacher_is_refused_before_work(models, workdir, args, message):
+    recipe = classify_recipe(models)
+    result = runner.invoke(app, ["distill", str(recipe), *args])
+    assert result.exit_code == 1 and message in result.output
+    assert not (workdir / "runs" / "cls" / "teachers").exists()
 
 
 def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, workdir):
@@ -222,15 +254,16 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
 
 
 def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
-    recipe = classify_recipe(models)
+    recipe = classify_recipe(models, top='single_teacher_students = ["roberta"]')
     with open(recipe, "a") as handle:
         handle.write("[bench]\nbatch_sizes = [1, 4]\niters = 3\nwarmup = 1\nthreads = 1\n")
     first = kd("run", str(recipe))
     run = workdir / "runs" / "cls"
-    for role in ("teacher:bert", "teacher:roberta", "baseline", "dataset", "student"):
+    assert "student taught by roberta alone" in first.output
+    for role in ("teacher:bert", "teacher:roberta", "baseline", "dataset", "student:roberta", "student"):
         assert run.joinpath("eval", role.replace(":", "-") + ".json").is_file(), role
         assert run.joinpath("bench", role.replace(":", "-") + ".json").is_file(), role
     assert "student" in first.output and "compare" in first.output
     second = kd("run", str(recipe))
-    assert second.output.count("up to date") >= 12  # prepare, two distils, 5 evals, 5 benches
+    assert second.output.count("up to date") >= 15  # prepare, three distils, 6 evals, 6 benches
     assert "fine-tuning" not in second.output

@@ -38,15 +38,6 @@ ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREA
 STEPS = 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: more threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> Path:
     return kit.make_model_dir(tmp_path_factory.mktemp("fault-models"), "bert", "sequence-classification", num_labels=3, layers=2)
@@ -55,9 +46,7 @@ def bert(tmp_path_factory) -> Path:
 def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
     """A distillation with dropout on (BERT's 0.1) and a live teacher: resuming must restore the RNG."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "s.jsonl", "w") as handle:
-        for row in jobs.rows(rows, seed=3):
-            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    jobs.write_sentences(root / "s.jsonl", rows)
     recipe = {
         "name": "f", "task": "classify",
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 import jobs
 import kit
+from clirun import kd, runner
 from kdcli import losses, train
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
 from kdcli.cli import app
@@ -22,7 +22,6 @@ from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
 from kdcli.rundir import read_json
 from kdcli.runtime import make_accelerator
 
-runner = CliRunner()
 HEADS = {"t5": "seq2seq", "llama": "causal"}
 QUESTIONS = [
     ("What is the capital of France", ["Paris", "Paris city"]),
@@ -40,12 +39,6 @@ def qa_rows(n: int) -> list[dict]:
         question, answers = QUESTIONS[i % len(QUESTIONS)]
         out.append({"id": str(i), "text": f"{question} {i}?", "options": [], "label": -1, "answers": answers, "idx": i})
     return out
-
-
-def kd(*args: str):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -206,11 +199,14 @@ def test_two_teachers_are_mixed_as_full_distributions(models, tmp_path):
     assert float(mixed["kd"].detach()) == pytest.approx(float(single["kd"].detach()), rel=1e-4)
 
 
-def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path):
-    # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ.
+@pytest.mark.parametrize("kd_level", ["token", "sequence"])
+def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path, kd_level):
+    # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ; and
+    # sequence-level KD learns the teacher's answers, whose token counts differ from the gold ones.
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
-        train.run_job(generate_job(models, "llama", tmp_path / name, batch_size=batch, grad_accum=accum, max_steps=2),
-                      make_accelerator(), show_progress=False)
+        job = generate_job(models, "llama", tmp_path / name, batch_size=batch, grad_accum=accum, max_steps=2,
+                           kd_level=kd_level)
+        train.run_job(job, make_accelerator(), show_progress=False)
     final = {name: jobs.state_dict(train._checkpoints(tmp_path / name / "checkpoints")[0]) for name in "ab"}
     assert jobs.max_difference(final["a"], final["b"]) < 1e-5
 

@@ -30,15 +30,6 @@ runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parents[1] / "kdcli"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: more threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> Path:
     return kit.make_model_dir(tmp_path_factory.mktemp("sec-models"), "bert", "sequence-classification", num_labels=3, layers=2)

@@ -14,22 +14,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
-from typer.testing import CliRunner
 
 import jobs
 import kit
+from clirun import kd, runner
 from kdcli import engine, recipe as recipe_mod, tune
 from kdcli.cli import app
 from kdcli.errors import RecipeError
 from kdcli.train import JobResult
 
-runner = CliRunner()
-
-
-def kd(*args: str):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +33,7 @@ def teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    with open("sentences.jsonl", "w") as handle:
-        for row in jobs.rows(60, seed=3):
-            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
+    jobs.write_sentences(Path("sentences.jsonl"), 60)
     return tmp_path
 
 
