@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
+from _common import finish  # noqa: E402
 import distill_speed  # noqa: E402
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
@@ -120,10 +120,7 @@ def main() -> None:
     print(f"{'epochs':>6} {'cache + cached (s)':>19} {'live (s)':>10}")
     for n, t in totals.items():
         print(f"{n:>6} {t['cached']:>19.1f} {t['live']:>10.1f}")
-    out = ROOT / "results" / f"cache_payoff{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    finish(summary)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
 
+from _common import finish  # noqa: E402
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, LossConfig, TeacherConfig, TrainConfig  # noqa: E402
@@ -146,10 +146,7 @@ def main() -> None:
     for mode, value in median.items():
         print(f"{mode:<8} {value:>10.1f} {value / median['plain']:>8.2f}x")
     print(f"cache built in {cache_seconds:.2f} s for {len(rows) + 16} rows\n")
-    out = ROOT / "benchmarks" / "results" / f"distill_speed{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    finish(summary)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
+from _common import finish  # noqa: E402
 from kdcli.models import load_task_model  # noqa: E402
 from kdcli.recipe import TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
@@ -103,10 +103,7 @@ def main() -> None:
         r = results[name]
         print(f"{name:<8} {r['weights_bytes'] / 2**20:>11.1f} {r['rss_growth_bytes'] / 2**20:>14.1f} {r['accuracy']:>9.4f}")
     print(f"KL(fp32 || int8) = {kl:.2e}, argmax agreement {summary['argmax_agreement']:.4f}")
-    out = ROOT / "results" / f"teacher_8bit{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    finish(summary)
 
 
 if __name__ == "__main__":

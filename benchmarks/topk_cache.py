@@ -35,7 +35,6 @@ Writes benchmarks/results/topk_cache[-quick].json and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
 
+from _common import finish  # noqa: E402
 from kdcli import losses  # noqa: E402
 from kdcli.cache import bytes_per_token, id_dtype  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
@@ -224,9 +224,6 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "env": describe(),
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"topk_cache{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
     short = {"forward_kl": "fKL", "reverse_kl": "rKL", "skew_kl": "skew", "jsd": "JSD"}
     print(f"{'T':>4} {'k':>4} {'B/token':>8} {'file B/tok':>10} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
           + " ".join(f"{short[kind] + ' err':>9} {short[kind] + ' cos':>9}" for kind in losses.DIVERGENCES))
@@ -239,7 +236,7 @@ def main() -> None:
     for r in per_k:
         gold = f"{r['gold_ce']:>8.3f}" if "gold_ce" in r else f"{'':>8}"
         print(f"{r['k']!s:>17} {r['kl_to_teacher']:>14.4f} {r['top1_agreement']:>12.3f} {gold}")
-    print(json.dumps(document))
+    finish(document, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ benchmarks/results/trainer_baseline[-quick].json and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
+from _common import finish  # noqa: E402
 import distill_speed  # noqa: E402  (shared setup: models, rows, jobs)
 from kdcli import losses  # noqa: E402
 from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
@@ -133,10 +133,7 @@ def main() -> None:
     print(f"\n{'setup':<18} {'samples/s':>10} {'vs Trainer':>11}")
     for name, value in median.items():
         print(f"{name:<18} {value:>10.1f} {value / median['trainer_live']:>10.2f}x")
-    out = ROOT / "results" / f"trainer_baseline{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    finish(summary)
 
 
 if __name__ == "__main__":
