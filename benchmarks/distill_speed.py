@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -102,7 +103,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--tokenizers-parallelism", choices=["true", "false"], default=None,
+                        help="the tokenizers library's thread pool (default: kd's, false)")
     args = parser.parse_args()
+    if args.tokenizers_parallelism:  # read by the tokenizers library at every call
+        os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
     args.steps = args.steps or (8 if args.quick else 40)
     args.repeats = args.repeats or (2 if args.quick else 3)
     if args.threads:
@@ -132,7 +137,7 @@ def main() -> None:
         "quick": args.quick,
         "model": "tiny-bert (tests/kit.py)" if args.quick else "all-MiniLM-L6-v2 -> layers " + str(layers),
         "rows": len(rows), "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "repeats": args.repeats,
+        "repeats": args.repeats, "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
         "samples_per_second": {mode: round(v, 2) for mode, v in median.items()},
         "all_runs": {mode: [round(v, 2) for v in values] for mode, values in rates.items()},
         "cached_vs_plain": round(median["cached"] / median["plain"], 3),

@@ -20,6 +20,7 @@ the whole process's peak (``memory_kind`` says which).
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import sys
 import time
@@ -204,7 +205,7 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
     from kdcli.engine import check_role, load_role, stage_data
     from kdcli.evaluate import model_description, parameter_count, place
     from kdcli.rundir import RunDir, write_json
-    from kdcli.runtime import describe
+    from kdcli.runtime import busy_cores, describe
 
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)
@@ -214,7 +215,12 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
     split = "test" if data.rows.get("test") else recipe.eval.split
     rows = data.rows.get(split, [])[: recipe.bench.max_examples]
     model = load_role(recipe, role, data.num_classes)
-    place(model)
+    device = place(model)
+    load = busy_cores()
+    if device.type == "cpu" and load is not None and load >= (os.cpu_count() or 1):
+        # Timings on a CPU that other processes keep busy measure them too (recorded in env).
+        console.print(f"[yellow]warning: the machine is busy (load {load:g} on {os.cpu_count()} cores): "
+                      f"the timings of {role} will be slower and noisier than on an idle machine[/]")
     cfg = recipe.bench
     measured = bench_model(model, rows, batch_sizes=cfg.batch_sizes, warmup=cfg.warmup, iters=cfg.iters,
                            threads=cfg.threads, max_length=stage.data.max_length, template=stage.data.template,

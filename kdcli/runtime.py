@@ -43,6 +43,11 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
+def busy_cores() -> float | None:
+    """The 1-minute load average (runnable processes, about the busy cores); None where unknown."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def describe(accelerator=None, dtype: str | None = None, why: str = "", requested_precision: str | None = None) -> dict[str, Any]:
     """What ran where: recorded in env.json and in every eval/bench result."""
     import torch
@@ -55,6 +60,7 @@ def describe(accelerator=None, dtype: str | None = None, why: str = "", requeste
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m": busy_cores(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
