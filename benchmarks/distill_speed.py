@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--tokenizers-parallelism", choices=["true", "false"], default=None,
                         help="the tokenizers library's thread pool (default: kd's, false)")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/distill_speed[-quick].json)")
     args = parser.parse_args()
     if args.tokenizers_parallelism:  # read by the tokenizers library at every call
         os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
@@ -151,7 +152,7 @@ def main() -> None:
     for mode, value in median.items():
         print(f"{mode:<8} {value:>10.1f} {value / median['plain']:>8.2f}x")
     print(f"cache built in {cache_seconds:.2f} s for {len(rows) + 16} rows\n")
-    finish(summary)
+    finish(summary, args.out)
 
 
 if __name__ == "__main__":
