@@ -217,8 +217,9 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
     model = load_role(recipe, role, data.num_classes)
     device = place(model)
     load = busy_cores()
-    if device.type == "cpu" and load is not None and load >= (os.cpu_count() or 1):
-        # Timings on a CPU that other processes keep busy measure them too (recorded in env).
+    # kd's own threads count in the load (an earlier role kept every core busy), so only more
+    # runnable threads than cores means other processes share them: the timings then measure those too.
+    if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1) + 0.5:
         console.print(f"[yellow]warning: the machine is busy (load {load:g} on {os.cpu_count()} cores): "
                       f"the timings of {role} will be slower and noisier than on an idle machine[/]")
     cfg = recipe.bench

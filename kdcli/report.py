@@ -329,6 +329,7 @@ def collect_run(root: Path) -> RunTable:
         metrics = ev["metrics"] if ev else {}
         batch1 = (be or {}).get("batches", {}).get("1")
         ms = batch1["latency_ms_per_example"]["p50"] if batch1 else None
+        batched = _largest_batch((be or {}).get("batches", {}))
         row = {
             "role": role,
             "model": (ev or be or {}).get("model") or model_description(recipe, role),
@@ -338,6 +339,8 @@ def collect_run(root: Path) -> RunTable:
             "precision": metrics.get("precision"),
             "recall": metrics.get("recall"),
             "ms_per_example": ms,
+            "batched_size": batched["batch_size"] if batched else None,
+            "ms_per_example_batched": batched["latency_ms_per_example"]["p50"] if batched else None,
             "s_per_question": ms / 1000 if ms is not None else None,
             "questions_per_s": 1000 / ms if ms else None,
         }
@@ -356,9 +359,19 @@ def collect_run(root: Path) -> RunTable:
         row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
 
-    keys = ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]
-    return RunTable(recipe.get("name", root.name), task, root, [_COLUMNS[k] for k in keys], rows,
-                    _best_row(rows, primary), hints)
+    columns = [_COLUMNS[k] for k in ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]]
+    sizes = {r["batched_size"] for r in rows if r["batched_size"] is not None}
+    if task != "generate" and sizes:  # batch throughput, beside the interactive latency
+        title = f"ms/example (batch {sizes.pop()})" if len(sizes) == 1 else "ms/example (largest batch)"
+        at = next(i for i, c in enumerate(columns) if c.key == "ms_per_example") + 1
+        columns.insert(at, Column("ms_per_example_batched", title, _fixed(3)))
+    return RunTable(recipe.get("name", root.name), task, root, columns, rows, _best_row(rows, primary), hints)
+
+
+def _largest_batch(batches: dict[str, dict]) -> dict | None:
+    """A bench result's largest batch size above 1, or None."""
+    larger = [int(size) for size in batches if int(size) > 1]
+    return dict(batches[str(max(larger))], batch_size=max(larger)) if larger else None
 
 
 def _best_row(rows: list[dict[str, Any]], primary: str) -> int | None:

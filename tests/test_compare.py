@@ -135,6 +135,19 @@ def test_mean_of_runs_averages_role_by_role_with_the_spread(tmp_path, monkeypatc
     assert table["best"] == "dataset"  # 0.845 on average beats the student's 0.84
     markdown = runner.invoke(app, ["compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "md"]).stdout
     assert "| 0.8400 ± 0.0566 |" in markdown and "| 2.00x |" in markdown  # no spread shown where there is none
+    assert "batch 32" not in markdown  # only batch 1 was measured
+
+
+def test_the_largest_batch_benched_gets_a_column_beside_batch_1(run):
+    bench = json.loads((run / "bench" / "student.json").read_text())
+    bench["batches"]["32"] = {"latency_ms_per_example": {"p50": 2.5, "p95": 3.0, "mean": 2.6}}
+    write_json(run / "bench" / "student.json", bench)
+    table = collect_run(run)
+    keys = [c.key for c in table.columns]
+    assert keys[keys.index("ms_per_example") + 1] == "ms_per_example_batched"
+    assert table.columns[keys.index("ms_per_example_batched")].title == "ms/example (batch 32)"
+    rows = {r["role"]: r for r in table.rows}
+    assert rows["student"]["ms_per_example_batched"] == 2.5 and rows["teacher:big"]["ms_per_example_batched"] is None
 
 
 def test_mean_refuses_runs_of_different_tasks(tmp_path, monkeypatch):
