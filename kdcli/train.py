@@ -499,6 +499,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     state = state or _State()
 
     maximise = cfg.metric in MAXIMISED
+    weights = part_weights(job.loss)
     started = time.perf_counter()
     train_seconds = 0.0  # optimizer steps only: validation and checkpoints are not training speed
     first_step = state.step
@@ -550,7 +551,6 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 micro_batches.append([train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]])
             answers = [teacher_answers(job, examples, "train") for examples in micro_batches]
             shares = _step_shares(job, micro_batches, answers, accelerator)
-            weights = part_weights(job.loss)
             for micro, examples in enumerate(micro_batches):
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
