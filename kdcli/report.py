@@ -465,13 +465,22 @@ def compare_csv(tables: list[RunTable]) -> str:
     return out.getvalue()
 
 
+def _json_row(table: RunTable, row: dict[str, Any]) -> dict[str, Any]:
+    """A row's values by column key, and each one's spread (``KEY_std``) where it is a mean."""
+    values = {}
+    for column in table.columns:
+        values[column.key] = row[column.key]
+        if f"{column.key}_std" in row:
+            values[f"{column.key}_std"] = row[f"{column.key}_std"]
+    return values
+
+
 def compare_json(tables: list[RunTable]) -> list[dict[str, Any]]:
     return [
         {
             "run": table.name, "task": table.task, "path": str(table.root),
             "columns": [{"key": c.key, "title": c.title} for c in table.columns],
-            "rows": [{k: v for k, v in row.items() if k in keys or k.removesuffix("_std") in keys}
-                     for row in table.rows for keys in [{c.key for c in table.columns}]],
+            "rows": [_json_row(table, row) for row in table.rows],
             "best": table.rows[table.best]["role"] if table.best is not None else None,
             "hints": table.hints,
         }

@@ -41,6 +41,25 @@ def write_sentences(path: Path, n: int, seed: int = 3) -> Path:
     return path
 
 
+def write_classify_run(root: Path, model: Path, *, name: str, rows: int, loss: dict, train: dict) -> Path:
+    """``root/recipe.toml``: ``model`` distilled into a copy of itself (a live teacher) on ``rows``
+    sentences written beside it; the CLI-level tests run kd on it in subprocesses."""
+    import tomli_w
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_sentences(root / "s.jsonl", rows)
+    recipe = {
+        "name": name, "task": "classify",
+        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": LABELS},
+        "student": {"ref": str(model)},
+        "teachers": {"t": {"ref": str(model)}},
+        "loss": loss,
+        "train": train,
+    }
+    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    return root / "recipe.toml"
+
+
 def without_dropout(model: torch.nn.Module) -> None:
     """Dropout draws different masks for different micro-batch shapes; invariance tests switch it off."""
     for module in model.modules():

@@ -98,20 +98,11 @@ def start_torchrun(root: Path, *args: str) -> subprocess.Popen:
 
 
 def write_run(root: Path, teacher: Path, rows: int = 96, **train) -> None:
-    import tomli_w
-
-    root.mkdir(parents=True, exist_ok=True)
-    jobs.write_sentences(root / "s.jsonl", rows)
-    recipe = {
-        "name": "d", "task": "classify",
-        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
-        "student": {"ref": str(teacher)},
-        "teachers": {"t": {"ref": str(teacher)}},
-        "loss": {"alpha": 0.5},
-        "train": {"max_steps": 80, "batch_size": 2, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
-                  "log_every": 4, "metric": "loss", "eval_batch_size": 32} | train,
-    }
-    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    jobs.write_classify_run(
+        root, teacher, name="d", rows=rows, loss={"alpha": 0.5},
+        train={"max_steps": 80, "batch_size": 2, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
+               "log_every": 4, "metric": "loss", "eval_batch_size": 32} | train,
+    )
 
 
 def descendants(pid: int) -> list[int]:

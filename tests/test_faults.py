@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import tomli_w
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -45,19 +44,11 @@ def bert(tmp_path_factory) -> Path:
 
 def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
     """A distillation with dropout on (BERT's 0.1) and a live teacher: resuming must restore the RNG."""
-    root.mkdir(parents=True, exist_ok=True)
-    jobs.write_sentences(root / "s.jsonl", rows)
-    recipe = {
-        "name": "f", "task": "classify",
-        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
-        "student": {"ref": str(bert)},
-        "teachers": {"t": {"ref": str(bert)}},
-        "loss": {"alpha": 0.5, "temperature": 2.0},
-        "train": {"max_steps": STEPS, "batch_size": 4, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
-                  "log_every": 4, "keep_last": 2, "eval_batch_size": 32, "metric": "loss"} | train,
-    }
-    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
-    return root / "recipe.toml"
+    return jobs.write_classify_run(
+        root, bert, name="f", rows=rows, loss={"alpha": 0.5, "temperature": 2.0},
+        train={"max_steps": STEPS, "batch_size": 4, "lr": 1e-3, "eval_every": 40, "checkpoint_every": 20,
+               "log_every": 4, "keep_last": 2, "eval_batch_size": 32, "metric": "loss"} | train,
+    )
 
 
 # --------------------------------------------------------------------------- subprocess helpers
