@@ -34,7 +34,8 @@ from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig  # noqa: E402
 from kdcli.runtime import describe, make_accelerator  # noqa: E402
-from kdcli.train import Job, run_job  # noqa: E402
+from kdcli.job import Job, TeacherSettings  # noqa: E402
+from kdcli.train import run_job  # noqa: E402
 
 
 def models(quick: bool, workdir: Path, limit: int):
@@ -62,7 +63,7 @@ def models(quick: bool, workdir: Path, limit: int):
 def throughput(teacher_kind: str, teacher, source, rows, args, workdir: Path, cache: Path) -> float:
     torch.manual_seed(0)
     student = student_from_teacher(source, [0, 2])
-    teachers = {"t": CachedTeacher(cache) if teacher_kind == "cached" else LiveTeacher(teacher, [], "mean", 64, None)}
+    teachers = {"t": CachedTeacher(cache) if teacher_kind == "cached" else LiveTeacher(teacher, TeacherSettings(max_length=64))}
     job = Job(
         name=teacher_kind, student=student, rows={"train": rows, "validation": rows[:16]},
         loss=LossConfig(alpha=0.5, temperature=2.0),
@@ -91,7 +92,7 @@ def main() -> None:
         teacher, source, rows = models(args.quick, workdir, args.rows)
         teacher.model.eval()
         started = time.perf_counter()
-        build_cache(workdir / "cache", LiveTeacher(teacher, [], "mean", 64, None), {"train": rows}, {}, batch_size=32)
+        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(max_length=64)), {"train": rows}, {}, batch_size=32)
         cache_seconds = time.perf_counter() - started
         rates: dict[str, list[float]] = {"cached": [], "live": []}
         for repeat in range(args.repeats + 1):

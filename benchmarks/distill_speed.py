@@ -36,7 +36,8 @@ from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, LossConfig, TeacherConfig, TrainConfig  # noqa: E402
 from kdcli.runtime import describe, make_accelerator  # noqa: E402
-from kdcli.train import Job, run_job  # noqa: E402
+from kdcli.job import Job, TeacherSettings  # noqa: E402
+from kdcli.train import run_job  # noqa: E402
 
 FPB = ROOT.parent / "shared" / "data" / "fpb" / "Sentences_AllAgree.txt"
 
@@ -82,7 +83,7 @@ def make_job(mode: str, teacher, layers, rows, args, out: Path, cache: Path) -> 
     if mode == "cached":
         teachers = {"t": CachedTeacher(cache)}
     elif mode == "live":
-        teachers = {"t": LiveTeacher(teacher, hidden_layers, "mean", args.max_length, None)}
+        teachers = {"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(hidden_layers), max_length=args.max_length))}
     loss = LossConfig(alpha=1.0) if mode == "plain" else LossConfig(alpha=0.5, temperature=2.0, beta=1.0)
     return Job(
         name=mode, student=student, rows={"train": rows, "validation": rows[:16]}, loss=loss,
@@ -120,7 +121,7 @@ def main() -> None:
         teacher, layers, rows = setup(args.quick, workdir)
         teacher.model.eval()
         started = time.perf_counter()
-        build_cache(workdir / "cache", LiveTeacher(teacher, sorted(set(layers)), "mean", args.max_length, None),
+        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(sorted(set(layers))), max_length=args.max_length)),
                     {"train": rows, "validation": rows[:16]}, {}, batch_size=64)
         cache_seconds = time.perf_counter() - started
 

@@ -27,6 +27,9 @@ from _common import finish  # noqa: E402
 from kdcli.models import load_task_model  # noqa: E402
 from kdcli.recipe import TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
+from kdcli.tasks import task_kind  # noqa: E402
+
+CLASSIFY = task_kind("classify")
 
 
 def rss_bytes() -> int:
@@ -40,7 +43,7 @@ def logits_of(model, rows: list[dict], batch_size: int = 32) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            out.append(model.forward(model.encode(rows[start : start + batch_size], 64)).logits.float())
+            out.append(CLASSIFY.forward(model, CLASSIFY.encode(model, rows[start : start + batch_size], 64)).logits.float())
     return torch.cat(out)
 
 

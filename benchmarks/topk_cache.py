@@ -52,6 +52,9 @@ from kdcli.cache import bytes_per_token, id_dtype  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
+from kdcli.tasks import task_kind  # noqa: E402
+
+GENERATE = task_kind("generate")
 
 TRIVIA = ROOT.parent / "shared" / "data" / "triviaqa" / "triviaqa_sm_sub.jsonl"
 KS = (8, 16, 32, 64)
@@ -86,7 +89,7 @@ def answer_logits(model, rows: list[dict], batch_size: int = 16) -> torch.Tensor
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            output = model.forward(model.encode(rows[start : start + batch_size], 64, None, 32))
+            output = GENERATE.forward(model, GENERATE.encode(model, rows[start : start + batch_size], 64, None, 32))
             out.append(output.logits[output.token_mask].float())
     return torch.cat(out)
 
@@ -144,7 +147,7 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
     """Distil a fresh student per k for ``steps`` steps of ``batch_size`` rows; score it on ``eval_rows``."""
     vocab = eval_teacher.shape[-1]
     teacher_full = F.log_softmax(answer_logits(teacher, train_rows), dim=-1)  # [N, V], T = 1
-    counts = [teacher.count_answer_tokens([row], 64, None, 32) for row in train_rows]  # to slice rows of teacher_full
+    counts = [int((GENERATE.encode(teacher, [row], 64, None, 32)["labels"] != -100).sum()) for row in train_rows]  # to slice rows of teacher_full
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     eval_teacher_log = F.log_softmax(eval_teacher, dim=-1)
     results = []
@@ -156,7 +159,7 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
         started = time.perf_counter()
         for step in range(steps):
             picked = [(step * batch_size + i) % len(train_rows) for i in range(batch_size)]
-            output = student.forward(student.encode([train_rows[i] for i in picked], 64, None, 32))
+            output = GENERATE.forward(student, GENERATE.encode(student, [train_rows[i] for i in picked], 64, None, 32))
             flat = output.logits[output.token_mask].float()
             target = torch.cat([teacher_full[starts[i]:starts[i + 1]] for i in picked])
             if k >= vocab:
@@ -172,7 +175,7 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
         gold = []
         with torch.no_grad():
             for start in range(0, len(eval_rows), 16):
-                output = student.forward(student.encode(eval_rows[start : start + 16], 64, None, 32))
+                output = GENERATE.forward(student, GENERATE.encode(student, eval_rows[start : start + 16], 64, None, 32))
                 gold.append(losses.cross_entropy(output.logits, output.labels) * int(output.token_mask.sum()))
         results.append({
             "k": "dense" if k >= vocab else k,

@@ -31,6 +31,7 @@ from _common import finish  # noqa: E402
 import distill_speed  # noqa: E402  (shared setup: models, rows, jobs)
 from kdcli import losses  # noqa: E402
 from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
+from kdcli.job import TeacherSettings  # noqa: E402
 from kdcli.models import student_from_teacher  # noqa: E402
 from kdcli.recipe import LossConfig  # noqa: E402
 from kdcli.runtime import describe, make_accelerator  # noqa: E402
@@ -82,7 +83,7 @@ def kd_samples_per_second(mode: str, teacher, layers, rows, args, out: Path, cac
     job.loss = LossConfig(alpha=0.5, temperature=args.temperature)
     job.hidden_pairs = {}
     if mode == "live":
-        job.teachers = {"t": LiveTeacher(teacher, [], "mean", args.max_length, None)}
+        job.teachers = {"t": LiveTeacher(teacher, TeacherSettings(max_length=args.max_length))}
     started = time.perf_counter()
     result = run_job(job, make_accelerator(), show_progress=False)
     return result.samples_per_second, result.samples / (time.perf_counter() - started)
@@ -109,7 +110,7 @@ def main() -> None:
         workdir = Path(tmp)
         teacher, layers, rows = distill_speed.setup(args.quick, workdir)
         teacher.model.eval()
-        build_cache(workdir / "cache", LiveTeacher(teacher, [], "mean", args.max_length, None),
+        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(max_length=args.max_length)),
                     {"train": rows, "validation": rows[:16]}, {}, batch_size=64)
         for repeat in range(args.repeats + 1):
             trainer = trainer_samples_per_second(teacher, layers, rows, args, workdir / f"trainer-{repeat}")

@@ -28,17 +28,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import KdError, ModelError
+from kdcli.data.stage import stage_data
+from kdcli.errors import KdError
+from kdcli.models import WEIGHT_SUFFIXES, parameter_count, place
+from kdcli.recipe import Recipe
+from kdcli.roles import Role, check, describe, every_role, load, saved_dir
+from kdcli.rundir import RunDir, write_json
+from kdcli.tasks import TaskKind, task_kind
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from kdcli.models import TaskModel
-    from kdcli.recipe import Recipe
-    from kdcli.rundir import RunDir
 
 
-def _input_batches(model: "TaskModel", rows: list[dict], batch_size: int, count: int, max_length: int,
+def _input_batches(task: TaskKind, model: "TaskModel", rows: list[dict], batch_size: int, count: int, max_length: int,
                    template: str | None) -> list[dict]:
     """Up to ``count`` distinct encoded batches of ``batch_size`` rows, on the model's device.
 
@@ -48,11 +52,7 @@ def _input_batches(model: "TaskModel", rows: list[dict], batch_size: int, count:
     batches = []
     for b in range(distinct):
         chunk = [rows[(b * batch_size + i) % len(rows)] for i in range(batch_size)]
-        if model.task == "generate":  # the prompts alone: the answer is what gets timed
-            encoded = model.encode_prompts(chunk, max_length, template)
-        else:
-            encoded = model.encode(chunk, max_length, template)
-        batches.append({k: v.to(model.device) for k, v in encoded.items() if k != "labels"})
+        batches.append(task.bench_inputs(model, chunk, max_length, template))
     return batches
 
 
@@ -115,16 +115,13 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sizes = [1] + [b for b in dict.fromkeys(batch_sizes) if b != 1]
     results: dict[str, Any] = {}
-    if model.task == "generate":  # questions/s includes generating the answer
-        def run_once(batch):
-            return model.generate_ids(batch, max_new_tokens or 16)
-    else:
-        run_once = model.forward
+    task = task_kind(model.task)
+    run_once, timed = task.bench_call(model, max_new_tokens or 16)
     try:
         memory_kind = _reset_peak_memory(device)
         with torch.inference_mode():
             for size in sizes:
-                batches = _input_batches(model, rows, size, warmup + iters, max_length, template)
+                batches = _input_batches(task, model, rows, size, warmup + iters, max_length, template)
                 for i in range(warmup):
                     run_once(batches[i % len(batches)])
                 batch_seconds = []
@@ -151,9 +148,7 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
         "threads": used_threads,
         "device": str(device),
         "dtype": str(model.model.dtype).removeprefix("torch."),
-        "timed": (f"greedy generation of up to {max_new_tokens or 16} new tokens on tokenised prompts already on the device "
-                  "(tokenisation and decoding excluded)" if model.task == "generate"
-                  else "model forward on tokenised batches already on the device (tokenisation excluded)"),
+        "timed": timed,
         "peak_memory_bytes": peak,
         "memory_kind": memory_kind,
         "batches": results,
@@ -163,73 +158,48 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
 # --------------------------------------------------------------------------- roles
 
 
-def saved_model_dir(recipe: "Recipe", run: "RunDir", role: str) -> Path | None:
-    """The directory a role's weights are loaded from, when there is one on this machine."""
-    from kdcli.engine import teacher_spec, trained_role
-    from kdcli.models import resolve_ref
-
-    if trained_role(role):
-        return run.final(role)
-    if role == "baseline":
-        return None  # built in memory (cut from a teacher, or a Hub model's untrained head)
-    ref = teacher_spec(recipe, run, role.split(":", 1)[1]).ref if role.startswith("teacher:") else role
-    try:
-        path = Path(resolve_ref(ref))
-    except ModelError:
-        return None
-    return path if path.is_dir() else None
-
-
 def size_on_disk(path: Path | None) -> int | None:
     """Bytes of the weight files in a model directory (safetensors when present, else any weight format)."""
-    from kdcli.models import WEIGHT_SUFFIXES
-
     if path is None or not path.is_dir():
         return None
     files = sorted(path.rglob("*.safetensors")) or sorted(p for p in path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def roles_for_all(recipe: "Recipe", run: "RunDir") -> list[str]:
+def roles_for_all(recipe: Recipe, run: RunDir) -> list[Role]:
     """`--model all`: every teacher, the baseline, and the dataset, single-teacher and student models once trained."""
-    roles = [f"teacher:{name}" for name in recipe.teachers] + ["baseline"]
-    trained = ["dataset", *(f"student:{name}" for name in recipe.single_teacher_students), "student"]
-    roles += [role for role in trained if (run.final(role) / "config.json").is_file()]
-    return roles
+    return [role for role in every_role(recipe) if not role.trained or (run.final(role) / "config.json").is_file()]
 
 
-def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) -> dict[str, Any]:
+def bench_role(recipe: Recipe, role: Role, console: "Console | None" = None) -> dict[str, Any]:
     """Benchmark one role on the last stage's test split; save and return ``runs/NAME/bench/ROLE.json``."""
     from rich.console import Console
 
-    from kdcli.engine import check_role, load_role, stage_data
-    from kdcli.evaluate import model_description, parameter_count, place
-    from kdcli.rundir import RunDir, write_json
-    from kdcli.runtime import busy_cores, describe
+    from kdcli.runtime import busy_cores, describe as environment
 
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
-    check_role(recipe, role)  # a missing model is reported before any data is prepared
-    data = stage_data(recipe, run, stage, console)
+    check(recipe, role)  # a missing model is reported before any data is prepared
+    data = stage_data(recipe, run, stage)
     split = "test" if data.rows.get("test") else recipe.eval.split
     rows = data.rows.get(split, [])[: recipe.bench.max_examples]
-    model = load_role(recipe, role, data.num_classes)
+    model = load(recipe, role, data.num_classes)
     device = place(model)
-    load = busy_cores()
+    load_average = busy_cores()
     # kd's own threads count in the load (an earlier role kept every core busy), so only more
     # runnable threads than cores means other processes share them: the timings then measure those too.
-    if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1) + 0.5:
-        console.print(f"[yellow]warning: the machine is busy (load {load:g} on {os.cpu_count()} cores): "
+    if device.type == "cpu" and load_average is not None and load_average > (os.cpu_count() or 1) + 0.5:
+        console.print(f"[yellow]warning: the machine is busy (load {load_average:g} on {os.cpu_count()} cores): "
                       f"the timings of {role} will be slower and noisier than on an idle machine[/]")
     cfg = recipe.bench
     measured = bench_model(model, rows, batch_sizes=cfg.batch_sizes, warmup=cfg.warmup, iters=cfg.iters,
                            threads=cfg.threads, max_length=stage.data.max_length, template=stage.data.template,
                            max_new_tokens=recipe.eval.max_new_tokens)
-    directory = saved_model_dir(recipe, run, role)
+    directory = saved_dir(recipe, run, role)
     result = {
-        "role": role,
-        "model": model_description(recipe.model_dump(mode="json"), role),
+        "role": str(role),
+        "model": describe(recipe.model_dump(mode="json"), role),
         "ref": str(model.model.name_or_path),
         "task": recipe.task,
         "stage": stage.name,
@@ -241,7 +211,7 @@ def bench_role(recipe: "Recipe", role: str, console: "Console | None" = None) ->
         **measured,
         "warmup": cfg.warmup,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "env": describe(),
+        "env": environment(),
     }
     del model
     gc.collect()  # the next role's memory peak should not include this model

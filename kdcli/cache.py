@@ -26,13 +26,14 @@ agree. With ``kd_level = "sequence"`` the cache holds the teacher's greedy answe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import CacheError
+from kdcli.job import TeacherSettings
 from kdcli.rundir import atomic_dir, read_json, write_json
+from kdcli.tasks import TeacherBatch, task_kind
 
 if TYPE_CHECKING:
     import torch
@@ -67,86 +68,21 @@ IDENTITY_FIELDS = (
 )
 
 
-@dataclass
-class TeacherBatch:
-    """A teacher's answer for a batch: ``logits`` [B, C]; ``hidden`` teacher layer -> pooled [B, ..., D].
-
-    generate, token level: ``token_logprobs`` and ``token_ids`` [N, k] for the N answer tokens of
-    the batch (row after row, in order), ``lengths`` the answer tokens of each row, ``targets``
-    [N] the gold tokens (for the cache's accuracy). Sequence level: ``texts``, the greedy answers.
-    """
-
-    logits: "torch.Tensor | None" = None
-    hidden: dict[int, "torch.Tensor"] = field(default_factory=dict)
-    token_logprobs: "torch.Tensor | None" = None
-    token_ids: "torch.Tensor | None" = None
-    lengths: list[int] | None = None
-    targets: "torch.Tensor | None" = None
-    texts: list[str] | None = None
-
-
-def pooled_layers(output: Any, layers: list[int], pooling: str, batch_size: int) -> dict[int, "torch.Tensor"]:
-    """Pool the listed transformer blocks' token states: layer j is ``hidden_states[j + 1]``.
-
-    Multiple-choice encoders see B*C sequences; their pooled states are reshaped to [B, C, D]
-    so that a cached row always belongs to one example.
-    """
-    from kdcli.losses import pool_hidden
-
-    pooled = {}
-    mask = output.attention_mask
-    for layer in layers:
-        states = pool_hidden(output.hidden_states[layer + 1], mask, pooling)
-        pooled[layer] = states.reshape(batch_size, -1, states.shape[-1]).squeeze(1)
-    return pooled
-
-
 class LiveTeacher:
-    """Runs the teacher model on each batch (eval mode, no gradients)."""
+    """Runs the teacher model on each batch (eval mode, no gradients), asked as ``settings`` say."""
 
-    def __init__(self, model: "TaskModel", layers: list[int], pooling: str, max_length: int, template: str | None,
-                 *, kd_level: str = "token", top_k: int | None = None, temperature: float = 1.0,
-                 answer_max_length: int = 32):
+    def __init__(self, model: "TaskModel", settings: TeacherSettings):
         self.model = model
-        self.layers = sorted(set(layers))
-        self.pooling = pooling
-        self.max_length = max_length
-        self.template = template
-        self.kd_level = kd_level
-        self.top_k = top_k
-        self.temperature = temperature
-        self.answer_max_length = answer_max_length
+        self.settings = settings
+        self.task = task_kind(model.task)
         self.model.model.eval()
 
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.settings.hidden_layers))
+
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
-        import torch
-
-        if self.model.task == "generate":
-            return self._generate(examples)
-        with torch.no_grad():
-            batch = self.model.encode(examples, self.max_length, self.template)
-            output = self.model.forward(batch, output_hidden_states=bool(self.layers))
-            hidden = pooled_layers(output, self.layers, self.pooling, len(examples)) if self.layers else {}
-        return TeacherBatch(output.logits.float(), {k: v.float() for k, v in hidden.items()})
-
-    def _generate(self, examples: list[dict]) -> TeacherBatch:
-        import torch
-        import torch.nn.functional as F
-
-        model = self.model
-        if self.kd_level == "sequence":
-            texts = model.generate(examples, self.answer_max_length, self.max_length, self.template, batch_size=len(examples) or 1)
-            return TeacherBatch(texts=texts)
-        with torch.no_grad():
-            batch = model.encode(examples, self.max_length, self.template, self.answer_max_length)
-            output = model.forward(batch)
-            mask = output.token_mask
-            logprobs = F.log_softmax(output.logits[mask].float() / self.temperature, dim=-1)
-            k = min(self.top_k or logprobs.shape[-1], logprobs.shape[-1])
-            values, ids = logprobs.topk(k, dim=-1)
-        # Rounded as the cache stores them, so a live teacher and its cache give the same loss.
-        return TeacherBatch(token_logprobs=values.half().float(), token_ids=ids, lengths=mask.sum(1).tolist(),
-                            targets=output.labels[mask])
+        return self.task.teacher_answer(self.model, examples, self.settings)
 
 
 class CachedTeacher:
@@ -213,27 +149,13 @@ class CachedTeacher:
         return TeacherBatch(stored["logits"][rows].to(self.device), hidden)
 
 
-def expected_manifest(
-    *,
-    teacher_ref: str,
-    revision: str | None,
-    weights: str,
-    tokenizer: str,
-    data_fingerprint: str,
-    task: str,
-    num_classes: int,
-    quantisation: str,
-    dtype: str,
-    hidden_layers: list[int],
-    pooling: str,
-    max_length: int,
-    template: str | None,
-    kd_level: str | None = None,
-    top_k: int | None = None,
-    temperature: float | None = None,
-    answer_max_length: int | None = None,
-    vocab_size: int | None = None,
-) -> dict[str, Any]:
+def expected_manifest(*, teacher_ref: str, revision: str | None, weights: str, tokenizer: str, data_fingerprint: str,
+                      task: str, num_classes: int, quantisation: str, dtype: str, settings: TeacherSettings,
+                      vocab_size: int | None = None) -> dict[str, Any]:
+    """The identity a cache must carry to stand in for the teacher: the model, the data, and how the
+    teacher is asked (``settings``; the generate-only ones are None for the other tasks)."""
+    generate = task == "generate"
+    token = generate and settings.kd_level == "token"
     return {
         "cache_format": CACHE_FORMAT,
         "teacher": teacher_ref,
@@ -245,15 +167,15 @@ def expected_manifest(
         "num_classes": num_classes,
         "quantisation": quantisation,
         "dtype": dtype,
-        "hidden_layers": sorted(set(hidden_layers)),
-        "pooling": pooling,
-        "max_length": max_length,
-        "template": template,
-        "kd_level": kd_level,
-        "top_k": top_k,
-        "temperature": temperature,
-        "answer_max_length": answer_max_length,
-        "vocab_size": vocab_size,
+        "hidden_layers": sorted(set(settings.hidden_layers)),
+        "pooling": settings.pooling,
+        "max_length": settings.max_length,
+        "template": settings.template,
+        "kd_level": settings.kd_level if generate else None,
+        "top_k": settings.top_k if token else None,
+        "temperature": settings.temperature if token else None,
+        "answer_max_length": settings.answer_max_length if generate else None,
+        "vocab_size": vocab_size if token else None,
     }
 
 
@@ -352,13 +274,13 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
     import torch
     from safetensors.torch import save_file
 
-    from kdcli.evaluate import exact_match
+    from kdcli.metrics import exact_match
 
     vocab = teacher.model.vocab_size
-    sequence = teacher.kd_level == "sequence"
+    sequence = teacher.settings.kd_level == "sequence"
     # What CachedTeacher reads the shards by (cache_identity sets both; a bare identity may not).
-    manifest.update(task="generate", kd_level=teacher.kd_level)
-    k = min(teacher.top_k or vocab, vocab)
+    manifest.update(task="generate", kd_level=teacher.settings.kd_level)
+    k = min(teacher.settings.top_k or vocab, vocab)
     if not sequence:
         manifest.update(top_k_stored=k, id_dtype=str(id_dtype(vocab)).removeprefix("torch."),
                         bytes_per_token=bytes_per_token(k, vocab), tail="implicit: 1 - sum(exp(top-k log-probs))")

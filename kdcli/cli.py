@@ -179,8 +179,8 @@ def cache_teachers(
     as_json: JsonOpt = False,
 ) -> None:
     """Run each teacher once over the data and store its outputs for distillation."""
-    from kdcli.engine import cache_teachers as build
     from kdcli.report import print_cache_summary
+    from kdcli.teachers import cache_teachers as build
 
     recipe = _load(recipe_path, overrides)
     with _locked(recipe):
@@ -211,20 +211,20 @@ def distill(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the student from the teachers (and gold labels), stage by stage."""
-    from kdcli import recipe as recipe_mod
-    from kdcli.engine import distill as run_stages
-    from kdcli.report import print_distill_summary
-
     from rich.console import Console
+
+    from kdcli import recipe as recipe_mod
+    from kdcli.distill import distill as run_stages
+    from kdcli.report import print_distill_summary
+    from kdcli.roles import DATASET, STUDENT, solo_role
 
     if no_teachers and teacher:
         raise KdError("--no-teachers and --teacher contradict each other", "give one of them")
     recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
-    role = "dataset" if no_teachers else f"student:{teacher}" if teacher else "student"
+    role = DATASET if no_teachers else solo_role(teacher) if teacher else STUDENT
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
     with _locked(recipe):
-        results = run_stages(recipe, resume=resume, role=role, show_progress=not as_json,
-                         console=Console(stderr=as_json))
+        results = run_stages(recipe, resume=resume, role=role, show_progress=not as_json, console=Console(stderr=as_json))
     if as_json:
         from dataclasses import asdict
 
@@ -245,9 +245,10 @@ def eval_(
     """Score a model on a split: accuracy, F1, and agreement with the teachers."""
     from kdcli.evaluate import evaluate_role
     from kdcli.report import print_eval
+    from kdcli.roles import Role
 
     recipe = _load(recipe_path, overrides)
-    result = evaluate_role(recipe, model, split)
+    result = evaluate_role(recipe, Role.parse(model), split)
     _record(recipe)
     if as_json:
         _emit_json(result)
@@ -267,6 +268,7 @@ def bench(
     from kdcli.bench import bench_role, latest_run, roles_for_all
     from kdcli.errors import ModelError
     from kdcli.report import print_bench
+    from kdcli.roles import Role
     from kdcli.rundir import RunDir
 
     if recipe_path is None:
@@ -280,11 +282,11 @@ def bench(
             try:
                 results.append(bench_role(recipe, role))
             except ModelError as exc:  # e.g. a teacher not fine-tuned yet: bench the others
-                skipped[role] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+                skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
         if not results:
             raise ModelError("no model of this recipe could be benchmarked", "; ".join(f"{r}: {w}" for r, w in skipped.items()))
     else:
-        results.append(bench_role(recipe, model))
+        results.append(bench_role(recipe, Role.parse(model)))
     _record(recipe)
     if as_json:
         _emit_json({"results": results, "skipped": skipped})
@@ -340,7 +342,7 @@ def run(
 ) -> None:
     """Every step in order: prepare, cache-teachers, distill (with and without teachers), eval, bench, compare."""
     from kdcli import recipe as recipe_mod
-    from kdcli.engine import run_all
+    from kdcli.pipeline import run_all
 
     recipe = recipe_mod.load(recipe_path, overrides or [], params=params or [])
     with _locked(recipe):

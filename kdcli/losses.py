@@ -169,17 +169,12 @@ def divergence(
     - ``jsd``: beta * KL(p || m) + (1 - beta) * KL(q || m) with m = beta * p + (1 - beta) * q;
       symmetric and at most log 2 at beta = 0.5.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    _check_divergence(kind, skew, jsd_beta)
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher probabilities "
             f"{tuple(teacher_probs.shape)} must have the same shape"
         )
-    if kind == "skew_kl" and not 0 < skew < 1:
-        raise ValueError(f"skew must be in (0, 1), got {skew}")
-    if kind == "jsd" and not 0 < jsd_beta < 1:
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
 
     valid = _valid_mask(mask, student_logits.shape[:-1], student_logits.device)
     # Padding may hold anything (inf, NaN from an empty row). where() drops it from the value,
@@ -192,6 +187,15 @@ def divergence(
 
     log_q = F.log_softmax(logits / temperature, dim=-1)
     return _masked_mean(_per_position(log_q, p, kind, skew, jsd_beta), valid)
+
+
+def _check_divergence(kind: str, skew: float, jsd_beta: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    if kind == "skew_kl" and not 0 < skew < 1:
+        raise ValueError(f"skew must be in (0, 1), got {skew}")
+    if kind == "jsd" and not 0 < jsd_beta < 1:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
 
 
 def _per_position(log_q: Tensor, p: Tensor, kind: str, skew: float, jsd_beta: float) -> Tensor:
@@ -250,8 +254,7 @@ def sparse_divergence(
     divergence is the dense one on these [..., k + 1] distributions, so with k = V it equals
     ``divergence`` on the full distributions (up to the teacher's rounding).
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    _check_divergence(kind, skew, jsd_beta)
     if teacher_logprobs.shape != teacher_ids.shape or teacher_logprobs.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)}, teacher log-probs {tuple(teacher_logprobs.shape)} and ids "
@@ -452,32 +455,19 @@ def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None
     return torch.where(any_valid, value, torch.zeros_like(value))
 
 
-def combine(parts: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of loss parts, and every part's value for logging.
+def weighted_sum(parts: dict[str, Tensor], weights: dict[str, float], scales: dict[str, float] | None = None) -> Tensor:
+    """The total loss: ``sum(weights[k] * parts[k] * scales[k])`` over the parts computed.
 
-    Returns ``(total, logged)``: total = sum of weight * part over parts with a non-zero
-    weight (a part with weight 0 is left out, so a NaN in an unused part cannot poison the
-    total); ``logged`` maps each part name, and ``"total"``, to its float value. Every part
-    needs a weight; weights for parts not given are ignored.
+    parts: name -> scalar tensor; weights: every part's weight in the recipe (``alpha``, ...);
+    scales: per part, the micro-batch's share of the step (``train``), 1 when None.
     """
-    missing = sorted(set(parts) - set(weights))
-    if missing:
-        raise ValueError(f"no weight for loss part(s): {', '.join(missing)}")
-    active = [weights[name] * part for name, part in parts.items() if weights[name] != 0]
-    if not active:
-        raise ValueError(f"every loss part has weight 0 ({', '.join(parts)}): nothing to train")
-    total = torch.stack([term.float() for term in active]).sum()
-    names = [*parts, "total"]
-    # One device-to-host copy for all values instead of one .item() per part.
-    values = torch.stack([parts[name].detach().float() for name in parts] + [total.detach()]).tolist()
-    return total, dict(zip(names, values))
+    if scales is None:
+        return sum(weights[k] * v for k, v in parts.items())
+    return sum(weights[k] * v * scales[k] for k, v in parts.items())
 
 
 def check_finite(parts: dict[str, Tensor | float], step: int) -> None:
-    """Raise ``NonFiniteLoss`` naming the step and every NaN or infinite part.
-
-    Pass the floats that ``combine`` logged to avoid a device sync per tensor.
-    """
+    """Raise ``NonFiniteLoss`` naming the step and every NaN or infinite part."""
     bad = [f"{name} = {float(value):g}" for name, value in parts.items() if not math.isfinite(float(value))]
     if bad:
         raise NonFiniteLoss(

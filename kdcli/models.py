@@ -1,10 +1,10 @@
 """Loading models for a task, and one interface over every head.
 
 ``load_task_model`` turns a recipe's model spec into a ``TaskModel``: a transformers
-model with its tokenizer and the knowledge of how to turn normalised examples
-(``id, text, options, label, answers``) into tensors and tensors into logits over the
-task's classes or options. The training loop, the teacher cache and evaluation all go
-through ``TaskModel.encode`` and ``TaskModel.forward`` and never look at the head.
+model with its tokenizer and what its head needs (the option tokens of a decoder that
+answers a choice). The task kinds (``kdcli.tasks``) turn examples into tensors and tensors
+into what the loss reads, through the head-level operations here: ``tokenize``,
+``encode_pairs``, ``class_logits``, ``encode_prompts``, ``generate_ids`` and ``generate``.
 
 Heads (``kind``):
 
@@ -13,15 +13,9 @@ Heads (``kind``):
 - ``seq2seq`` / ``causal``: a prompt lists the numbered options; the logits of the LM's
   next token at the answer position, restricted to the tokens "1".."N", are the logits
   over options.
-- ``seq2seq`` / ``causal`` for task ``generate``: a prompt (``data.template``, default
-  ``GENERATE_TEMPLATE``) and its reference answer (the first of ``answers``, or a teacher's
-  answer put in ``target`` for sequence-level KD) become ``labels`` [B, T]: the answer tokens
-  plus EOS, -100 elsewhere. A causal model reads prompt + answer in one sequence and only the
-  answer tokens are targets; a seq2seq model reads the prompt and its decoder the answer.
-  ``forward`` returns next-token logits [B, T, V] aligned with ``TaskOutput.labels`` and
-  ``token_mask`` (True at answer tokens), over the shared vocabulary only (``vocab_size``: an
-  embedding matrix padded beyond the tokenizer, as T5's is, is trimmed). ``generate`` answers
-  with batched greedy decoding (left padding for causal models).
+- ``seq2seq`` / ``causal`` for task ``generate``: next-token logits over the shared vocabulary
+  only (``vocab_size``: an embedding matrix padded beyond the tokenizer, as T5's is, is trimmed);
+  ``generate`` answers with batched greedy decoding (left padding for causal models).
 
 Layer numbering: layer ``i`` is the output of transformer block ``i`` (0-based), which is
 ``hidden_states[i + 1]``; ``hidden_states[0]`` is the embeddings output.
@@ -53,7 +47,7 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 from torch import Tensor, nn
 
-from kdcli.errors import DataError, ModelError
+from kdcli.errors import ModelError
 from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
 
 HEAD_CLASSES = {
@@ -161,83 +155,7 @@ class TaskModel:
     def device(self) -> torch.device:
         return self.model.device
 
-    # ----------------------------------------------------------------- encode
-
-    def encode(self, examples: list[dict], max_length: int | None = None, template: str | None = None,
-               answer_max_length: int | None = None) -> dict[str, Tensor]:
-        """Tensors for a batch of normalised examples, always with ``labels`` [B] (-100 = no label);
-        generate: ``labels`` [B, T] over the answer tokens (see the module docstring)."""
-        max_length = max_length or self.max_length
-        if self.task == "generate":
-            return self._encode_generate(examples, max_length, template, answer_max_length or self.answer_max_length)
-        labels = torch.tensor([ex["label"] if ex["label"] >= 0 else -100 for ex in examples], dtype=torch.long)
-        if self.task == "classify":
-            batch = self._tokenize([ex["text"] for ex in examples], max_length=max_length)
-        elif self.task == "choice":
-            for ex in examples:
-                if len(ex["options"]) != self.num_classes:
-                    raise DataError(
-                        f"example {ex['id']}: {len(ex['options'])} options, but the model scores {self.num_classes}"
-                    )
-            if self.kind == "multiple-choice":
-                batch = self._encode_pairs(examples, max_length)
-            else:
-                prompts = [render_prompt(ex, template) + self.prompt_suffix for ex in examples]
-                batch = self._tokenize(prompts, max_length=max_length)
-                if self.kind == "seq2seq":
-                    start = self.model.config.decoder_start_token_id
-                    batch["decoder_input_ids"] = torch.full((len(examples), 1), start, dtype=torch.long)
-        else:
-            raise ModelError(f"TaskModel.encode covers classify and choice, not '{self.task}'")
-        batch["labels"] = labels
-        return batch
-
-    def _encode_generate(self, examples: list[dict], max_length: int, template: str | None, answer_max_length: int) -> dict[str, Tensor]:
-        prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
-        targets = [answer_target(ex) for ex in examples]
-        pad = self.tokenizer.pad_token_id
-        if self.kind == "seq2seq":
-            batch = self._tokenize(prompts, max_length=max_length)
-            answers = [self._answer_ids(None, None, target, answer_max_length) for target in targets]
-            labels = _pad([a for a in answers], -100)
-            batch["labels"] = labels
-            if hasattr(self.model, "prepare_decoder_input_ids_from_labels"):
-                batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            else:
-                start = torch.full((len(examples), 1), self.model.config.decoder_start_token_id, dtype=torch.long)
-                batch["decoder_input_ids"] = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
-            return batch
-        if self.kind != "causal":
-            raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{self.kind}'")
-        sequences, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            prompt_ids = self.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
-            answer = self._answer_ids(prompt_ids, prompt, target, answer_max_length)
-            sequences.append(prompt_ids + answer)
-            labels.append([-100] * len(prompt_ids) + answer)
-        input_ids = _pad(sequences, pad)
-        mask = _pad([[1] * len(x) for x in sequences], 0)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(labels, -100)}
-
-    def _answer_ids(self, prompt_ids: list[int] | None, prompt: str | None, answer: str, limit: int) -> list[int]:
-        """The answer's tokens as they follow the prompt, cut to ``limit - 1``, then EOS.
-
-        A causal model sees ``prompt + " " + answer``; the answer's tokens are what that adds to the
-        prompt's own tokens (so merges across the boundary are as in the text). Tokenizers that
-        add special tokens at the end of a text break that prefix; the answer is then tokenized
-        on its own with a leading space.
-        """
-        tokenizer = self.tokenizer
-        ids: list[int] | None = None
-        if prompt_ids is not None and answer:
-            full = tokenizer(prompt + " " + answer)["input_ids"]
-            if full[: len(prompt_ids)] == prompt_ids:
-                ids = full[len(prompt_ids):]
-            else:
-                ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        elif answer:
-            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return (ids or [])[: max(limit - 1, 0)] + [tokenizer.eos_token_id]
+    # ----------------------------------------------------------------- inputs
 
     def encode_prompts(self, examples: list[dict], max_length: int | None = None, template: str | None = None) -> dict[str, Tensor]:
         """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one)."""
@@ -245,7 +163,7 @@ class TaskModel:
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
         try:
-            return self._tokenize(prompts, max_length=max_length or self.max_length)
+            return self.tokenize(prompts, max_length=max_length or self.max_length)
         finally:
             self.tokenizer.padding_side = side
 
@@ -280,12 +198,12 @@ class TaskModel:
             self.model.train(was_training)
         return answers
 
-    def _tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int) -> dict[str, Tensor]:
+    def tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int) -> dict[str, Tensor]:
         return dict(
             self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         )
 
-    def _encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:
+    def encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:
         """[B, C, L] inputs for a multiple-choice encoder.
 
         A WinoGrande-style sentence with a ``_`` blank is scored with each option put into
@@ -306,10 +224,9 @@ class TaskModel:
 
     # ----------------------------------------------------------------- forward
 
-    def forward(self, batch: dict[str, Tensor], output_hidden_states: bool = False) -> TaskOutput:
-        """Logits over classes/options for an ``encode`` batch (on any device; moved to the model's)."""
-        if self.task == "generate":
-            return self._forward_generate(batch, output_hidden_states)
+    def class_logits(self, batch: dict[str, Tensor], output_hidden_states: bool = False) -> TaskOutput:
+        """Logits over classes or options [B, C] for an encoded batch (on any device; moved to the model's):
+        a classification head's own; a seq2seq or causal LM's logits of the option tokens where the answer goes."""
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         mask = inputs["attention_mask"]
         if _is_decoder_only(self.model.config):
@@ -333,33 +250,6 @@ class TaskModel:
             hidden = out.hidden_states
         return TaskOutput(logits=logits, hidden_states=hidden if output_hidden_states else None, attention_mask=mask)
 
-    __call__ = forward
-
-    def _forward_generate(self, batch: dict[str, Tensor], output_hidden_states: bool) -> TaskOutput:
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        labels = batch["labels"].to(self.device)
-        mask = inputs["attention_mask"]
-        if self.kind == "causal":
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            inputs["use_cache"] = False
-        out = (self.runner or self.model)(**inputs, output_hidden_states=output_hidden_states)
-        logits = out.logits[..., : self.vocab_size]
-        if self.kind == "causal":
-            # Position t predicts token t + 1.
-            logits, labels = logits[:, :-1], labels[:, 1:]
-            hidden = out.hidden_states
-        else:
-            hidden = out.encoder_hidden_states
-        return TaskOutput(logits=logits, hidden_states=hidden if output_hidden_states else None, attention_mask=mask,
-                          labels=labels, token_mask=labels != -100)
-
-    def count_answer_tokens(self, examples: list[dict], max_length: int | None = None, template: str | None = None,
-                            answer_max_length: int | None = None) -> int:
-        """generate: the answer tokens (targets) a batch of examples has; other tasks: one per example."""
-        if self.task != "generate":
-            return len(examples)
-        return int((self.encode(examples, max_length, template, answer_max_length)["labels"] != -100).sum())
-
     # ----------------------------------------------------------------- save
 
     def save(self, path: str | Path, label_names: list[str] | None = None) -> Path:
@@ -373,6 +263,18 @@ class TaskModel:
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def parameter_count(model: TaskModel) -> int:
+    return sum(p.numel() for p in model.model.parameters())
+
+
+def place(model: TaskModel) -> torch.device:
+    """Move the model to the GPU when there is one (quantised models are already placed)."""
+    if not is_weight_quantized(model.model):
+        model.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.model.eval()
+    return model.device
 
 
 def answer_target(example: dict) -> str:
@@ -395,7 +297,7 @@ def clean_answer(text: str) -> str:
     return lines[0]
 
 
-def _pad(rows: list[list[int]], value: int) -> Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> Tensor:
     """Right-pad lists of ids to one [B, T] tensor (T >= 1)."""
     width = max([len(r) for r in rows] + [1])
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -763,4 +665,5 @@ __all__ = [
     "TaskModel", "TaskOutput", "resolve_ref", "load_task_model", "pick_head", "render_prompt", "option_token_ids",
     "student_from_teacher", "check_compatible", "weights_fingerprint", "tokenizer_fingerprint", "load_tokenizer",
     "load_config", "check_label_count", "check_shared_vocabulary", "answer_target", "clean_answer", "GENERATE_TEMPLATE",
+    "pad_rows", "parameter_count", "place",
 ]

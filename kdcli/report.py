@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdcli.errors import KdError
+from kdcli.roles import Role, describe, solo_role, teacher_role
+from kdcli.tasks import task_kind
 
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
@@ -96,7 +98,7 @@ def print_eval(result: dict, console: Console | None = None) -> None:
     """Headline metrics, per-class report, confusion matrix, answer histogram, agreement and disagreements."""
     console = console or Console(highlight=False)
     metrics = result["metrics"]
-    if result.get("task") == "generate":
+    if "exact_match" in metrics:  # free-text answers
         _print_generate_eval(result, console)
         return
     names = metrics["label_names"]
@@ -250,15 +252,6 @@ _COLUMNS = {
     "speedup": Column("speedup", "speed-up vs slowest teacher", lambda v: f"{v:.2f}x"),
     "size_ratio": Column("size_ratio", "size vs largest teacher", lambda v: f"{v:.2f}x"),
 }
-# The study's tables: Table 3 (classify), Table 4 (generate), Table 5 (choice).
-_TASK_COLUMNS = {
-    "classify": ["accuracy", "f1", "ms_per_example"],
-    "generate": ["f1", "precision", "recall", "questions_per_s"],
-    "choice": ["accuracy", "s_per_question"],
-}
-# The quality a student "keeps" and that picks the best row: token F1 for generate, else accuracy.
-_PRIMARY = {"classify": "accuracy", "choice": "accuracy", "generate": "f1"}
-
 
 def run_roots(paths: list[Path]) -> list[Path]:
     """Run directories named by run directories, recipes or resolved recipes; every run in ./runs by default."""
@@ -293,14 +286,18 @@ def _read_role_files(directory: Path) -> dict[str, dict]:
     return found
 
 
+def _is_teacher(role: str) -> bool:
+    return Role.parse(role).kind == "teacher"
+
+
 def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list[str]:
     """Teachers (recipe order), baseline, dataset (when trained or measured), students of one teacher
     (when measured), student, then any other model."""
-    teachers = [f"teacher:{name}" for name in recipe.get("teachers", {})]
+    teachers = [str(teacher_role(name)) for name in recipe.get("teachers", {})]
     measured = list(dict.fromkeys([*evals, *benches]))
     dataset = ["dataset"] if "dataset" in measured or (root / "dataset" / "config.json").is_file() else []
-    solos = [f"student:{name}" for name in recipe.get("teachers", {}) if f"student:{name}" in measured]
-    known = [*teachers, *sorted(r for r in measured if r.startswith("teacher:") and r not in teachers),
+    solos = [str(solo_role(name)) for name in recipe.get("teachers", {}) if str(solo_role(name)) in measured]
+    known = [*teachers, *sorted(r for r in measured if _is_teacher(r) and r not in teachers),
              "baseline", *dataset, *solos, "student"]
     return known + [r for r in measured if r not in known]
 
@@ -309,15 +306,14 @@ def collect_run(root: Path) -> RunTable:
     """The comparison table of one run directory, from its files alone."""
     import tomllib
 
-    from kdcli.evaluate import model_description
-
     recipe_path = root / "recipe.resolved.toml"
     if not recipe_path.is_file():
         raise KdError(f"{root} is not a kd run directory (no recipe.resolved.toml)", "give a run directory or a recipe")
     recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
     task = recipe["task"]
+    kind = task_kind(task)
     evals, benches = _read_role_files(root / "eval"), _read_role_files(root / "bench")
-    primary = _PRIMARY[task]
+    primary = kind.primary
     try:
         shown = recipe_path.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
@@ -332,7 +328,7 @@ def collect_run(root: Path) -> RunTable:
         batched = _largest_batch((be or {}).get("batches", {}))
         row = {
             "role": role,
-            "model": (ev or be or {}).get("model") or model_description(recipe, role),
+            "model": (ev or be or {}).get("model") or describe(recipe, Role.parse(role)),
             "parameters": (ev or be or {}).get("parameters"),
             "accuracy": metrics.get("accuracy"),
             "f1": metrics.get("f1"),
@@ -350,7 +346,7 @@ def collect_run(root: Path) -> RunTable:
         if be is None:
             hints.append(f"{role}: no bench, run `kd bench {shown} --model {role}`")
 
-    teachers = [r for r in rows if r["role"].startswith("teacher:")]
+    teachers = [r for r in rows if _is_teacher(r["role"])]
     best_quality = max((r[primary] for r in teachers if r[primary] is not None), default=None)
     slowest = max((r["ms_per_example"] for r in teachers if r["ms_per_example"] is not None), default=None)
     largest = max((r["parameters"] for r in teachers if r["parameters"] is not None), default=None)
@@ -359,9 +355,9 @@ def collect_run(root: Path) -> RunTable:
         row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
 
-    columns = [_COLUMNS[k] for k in ["role", "model", "parameters", *_TASK_COLUMNS[task], "kept_pct", "speedup", "size_ratio"]]
+    columns = [_COLUMNS[k] for k in ["role", "model", "parameters", *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
     sizes = {r["batched_size"] for r in rows if r["batched_size"] is not None}
-    if task != "generate" and sizes:  # batch throughput, beside the interactive latency
+    if "ms_per_example" in kind.compare_columns and sizes:  # batch throughput, beside the interactive latency
         title = f"ms/example (batch {sizes.pop()})" if len(sizes) == 1 else "ms/example (largest batch)"
         at = next(i for i, c in enumerate(columns) if c.key == "ms_per_example") + 1
         columns.insert(at, Column("ms_per_example_batched", title, _fixed(3)))
@@ -375,7 +371,7 @@ def _largest_batch(batches: dict[str, dict]) -> dict | None:
 
 
 def _best_row(rows: list[dict[str, Any]], primary: str) -> int | None:
-    candidates = [i for i, r in enumerate(rows) if not r["role"].startswith("teacher:") and r[primary] is not None]
+    candidates = [i for i, r in enumerate(rows) if not _is_teacher(r["role"]) and r[primary] is not None]
     # On a tie the later row wins: the trained student over the dataset model over the baseline.
     return max(candidates, key=lambda i: (rows[i][primary], i), default=None)
 
@@ -405,7 +401,7 @@ def mean_table(tables: list[RunTable]) -> RunTable:
             row[f"{column.key}_std"] = statistics.stdev(values) if complete and len(values) > 1 else None
         rows.append(row)
     name = f"mean of {len(tables)} runs ({', '.join(t.name for t in tables)})"
-    return RunTable(name, first.task, first.root, first.columns, rows, _best_row(rows, _PRIMARY[first.task]), hints)
+    return RunTable(name, first.task, first.root, first.columns, rows, _best_row(rows, task_kind(first.task).primary), hints)
 
 
 def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
@@ -572,16 +568,16 @@ def plot_quality_speed(tables: list[RunTable]) -> list[Path]:
     written = []
     for table in tables:
         peers = [t for t in tables if t.task == table.task]
-        primary = _PRIMARY[table.task]
+        primary = task_kind(table.task).primary
         points = [(t, r) for t in peers for r in t.rows if r[primary] is not None and r["ms_per_example"] is not None]
         if not points:
             continue
         figure = Figure(figsize=(7, 4.5))
         axes = figure.subplots()
         for t, row in points:
-            teacher = row["role"].startswith("teacher:")
-            axes.scatter(row["ms_per_example"], row[primary], marker="s" if teacher else "o",
-                         color="tab:blue" if teacher else "tab:orange")
+            by_teacher = _is_teacher(row["role"])
+            axes.scatter(row["ms_per_example"], row[primary], marker="s" if by_teacher else "o",
+                         color="tab:blue" if by_teacher else "tab:orange")
             label = row["role"] if len(peers) == 1 else f"{t.name}/{row['role']}"
             axes.annotate(label, (row["ms_per_example"], row[primary]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         axes.set_xscale("log")

@@ -54,11 +54,11 @@ class RunDir:
         """Resumable checkpoints of one training job (`main`, `main.dataset`, `teacher.NAME`)."""
         return self.root / "checkpoints" / job
 
-    def stage_output(self, stage: str, role: str) -> Path:
+    def stage_output(self, stage: str, role: object) -> Path:
         """A stage's best model for a trained role (`student`, `dataset`, `student:NAME`); the next stage starts from it."""
         return self.root / "stages" / stage / role_filename(role)
 
-    def final(self, role: str) -> Path:
+    def final(self, role: object) -> Path:
         """The last stage's best model: `student/` (distilled), `dataset/` (labels only) or
         `student-NAME/` (distilled from teacher NAME alone)."""
         return self.root / role_filename(role)
@@ -79,10 +79,10 @@ class RunDir:
     def env(self) -> Path:
         return self.root / "env.json"
 
-    def eval(self, role: str) -> Path:
+    def eval(self, role: object) -> Path:
         return self.root / "eval" / f"{role_filename(role)}.json"
 
-    def bench(self, role: str) -> Path:
+    def bench(self, role: object) -> Path:
         return self.root / "bench" / f"{role_filename(role)}.json"
 
     @property
@@ -90,9 +90,9 @@ class RunDir:
         return self.root / "plots"
 
 
-def role_filename(role: str) -> str:
-    """`teacher:finbert` -> `teacher-finbert` (no colons in file names)."""
-    return role.replace(":", "-").replace("/", "_")
+def role_filename(role: object) -> str:
+    """A role (``kdcli.roles.Role`` or its text) as a file name: `teacher:finbert` -> `teacher-finbert`."""
+    return str(role).replace(":", "-").replace("/", "_")
 
 
 # ----------------------------------------------------------------------- atomic writes

@@ -26,45 +26,18 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from kdcli.errors import KdError
-from kdcli.recipe import LossConfig, TrainConfig
+from kdcli.job import Job
+from kdcli.metrics import MAXIMISED
 from kdcli.rundir import atomic_dir, read_json, write_json
+from kdcli.tasks import part_weights, task_kind
 
 if TYPE_CHECKING:
     import torch
-
-    from kdcli.models import TaskModel
-
-MAXIMISED = {"accuracy", "f1", "exact_match", "token_f1"}
-
-
-@dataclass
-class Job:
-    """Everything one training run needs; built by ``kdcli.engine`` from a recipe."""
-
-    name: str
-    student: "TaskModel"
-    rows: dict[str, list[dict]]
-    loss: LossConfig
-    train: TrainConfig
-    seed: int
-    max_length: int
-    template: str | None
-    checkpoint_dir: Path
-    output_dir: Path
-    metrics_path: Path
-    teachers: dict[str, Any] = field(default_factory=dict)  # LiveTeacher | CachedTeacher
-    teacher_weights: dict[str, float] = field(default_factory=dict)
-    hidden_pairs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    teacher_widths: dict[str, int] = field(default_factory=dict)
-    pooling: dict[str, str] = field(default_factory=dict)
-    label_prior: list[float] | None = None
-    extra_metadata: dict[str, Any] = field(default_factory=dict)
-    answer_max_length: int = 32  # generate: answer tokens kept as targets; also the validation's generation length
 
 
 @dataclass
@@ -112,14 +85,19 @@ def step_examples(n_rows: int, seed: int, step: int, steps_per_epoch: int, per_s
     return order[position * per_step : (position + 1) * per_step].tolist()
 
 
-def part_weights(cfg: LossConfig) -> dict[str, float]:
-    """How much each loss term counts in the total."""
-    return {"ce": cfg.alpha, "kd": 1 - cfg.alpha, "hidden": cfg.beta, "diversity": cfg.gamma}
+def micro_batches(rows: list[dict], indices: list[int], batch_size: int, grad_accum: int, world: int,
+                  rank: int) -> list[list[dict]]:
+    """This process's micro-batches of one optimizer step: micro-batch m of rank r is slice m * world + r."""
+    chunks = []
+    for micro in range(grad_accum):
+        chunk = micro * world + rank
+        chunks.append([rows[i] for i in indices[chunk * batch_size : (chunk + 1) * batch_size]])
+    return chunks
 
 
 def teacher_answers(job: Job, examples: list[dict], split: str) -> dict[str, Any]:
     """What each teacher says about a micro-batch (none when the loss reads no teacher)."""
-    wants_hidden = job.loss.beta > 0 and bool(job.hidden_pairs) and job.student.task != "generate"
+    wants_hidden = job.loss.beta > 0 and bool(job.hidden_pairs)
     if not job.teachers or (job.loss.alpha >= 1 and not wants_hidden):
         return {}
     return {name: teacher(examples, split) for name, teacher in job.teachers.items()}
@@ -129,123 +107,9 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections,
                  answers: dict[str, Any] | None = None) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
     """The distillation loss of one micro-batch: total, its parts (each a mean over the micro-batch's
     units, see ``_step_shares``), and the student's output. ``answers``: the teachers' (asked when None)."""
-    from kdcli import losses
-    from kdcli.cache import pooled_layers
-
-    cfg = job.loss
-    student = job.student
     if answers is None:
         answers = teacher_answers(job, examples, split)
-    if student.task == "generate":
-        return _generate_loss(job, examples, answers)
-    batch = student.encode(examples, job.max_length, job.template)
-    batch = {k: v.to(student.device) for k, v in batch.items()}
-    want_hidden = cfg.beta > 0 and bool(job.hidden_pairs)
-    output = student.forward(batch, output_hidden_states=want_hidden)
-    labels = batch["labels"]
-    parts: dict[str, torch.Tensor] = {}
-    if cfg.alpha > 0:
-        parts["ce"] = losses.cross_entropy(output.logits, labels)
-    if answers:
-        if cfg.alpha < 1:
-            probs = losses.teacher_probs(
-                [answers[name].logits.to(output.logits.device) for name in job.teachers],
-                cfg.temperature,
-                weights=[job.teacher_weights.get(name, 1.0) for name in job.teachers],
-                mode=cfg.teacher_weighting,
-                labels=labels,
-            )
-            parts["kd"] = losses.kd_term(
-                output.logits, probs, cfg.temperature, cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta
-            )
-        if want_hidden:
-            terms = []
-            for name, pairs in job.hidden_pairs.items():
-                mine = pooled_layers(output, [s for s, _ in pairs], job.pooling[name], len(examples))
-                project = projections[name] if name in projections else None
-                for s, t in pairs:
-                    target = answers[name].hidden[t].to(mine[s].device)
-                    terms.append(losses.hidden_mse(mine[s], target, project))
-            parts["hidden"] = sum(terms) / len(terms)
-    if cfg.gamma > 0 and job.label_prior is not None:
-        import torch
-
-        prior = torch.tensor(job.label_prior, device=output.logits.device)
-        parts["diversity"] = losses.diversity_penalty(
-            output.logits, prior, labels != -100, cfg.diversity_temperature
-        )
-    weights = part_weights(cfg)
-    total = sum(weights[k] * v for k, v in parts.items())
-    return total, parts, output
-
-
-def _teacher_targets(examples: list[dict], answer) -> list[dict]:
-    """Sequence-level KD: the examples with a teacher's greedy answer as the target."""
-    return [dict(ex, target=text) for ex, text in zip(examples, answer.texts)]
-
-
-def _generate_loss(job: Job, examples: list[dict], answers: dict[str, Any]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"], Any]:
-    """compute_loss for task generate: every term is a mean over answer tokens.
-
-    ``ce``: the gold answer's tokens. ``kd``, token level: T^2 * D(teacher || student) at each
-    answer token, against the teacher's top-k distribution (``losses.sparse_kd_term``); several
-    teachers are mixed as full distributions (tail spread evenly, ``losses.topk_to_dense``).
-    Sequence level: cross-entropy on the tokens of the teachers' greedy answers, each token
-    weighted by its teacher's static weight.
-    """
-    import torch
-
-    from kdcli import losses
-
-    cfg = job.loss
-    student = job.student
-    batch = student.encode(examples, job.max_length, job.template, job.answer_max_length)
-    output = student.forward(batch)
-    parts: dict[str, torch.Tensor] = {}
-    if cfg.alpha > 0:
-        parts["ce"] = losses.cross_entropy(output.logits, output.labels)
-    if answers and cfg.alpha < 1:
-        weights = [job.teacher_weights.get(name, 1.0) for name in job.teachers]
-        if cfg.kd_level == "sequence":
-            weighted_sum, weighted_count = 0.0, 0.0
-            for name, weight in zip(job.teachers, weights):
-                targets = _teacher_targets(examples, answers[name])
-                theirs = student.forward(student.encode(targets, job.max_length, job.template, job.answer_max_length))
-                tokens = int((theirs.labels != -100).sum())
-                if tokens:
-                    weighted_sum = weighted_sum + weight * tokens * losses.cross_entropy(theirs.logits, theirs.labels)
-                    weighted_count += weight * tokens
-            parts["kd"] = weighted_sum / weighted_count if weighted_count else output.logits.sum() * 0.0
-        else:
-            mask = output.token_mask
-            flat = output.logits[mask]  # [N, V]: the answer tokens, row after row
-            mine = mask.sum(1).tolist()
-            for name, answer in answers.items():
-                if list(answer.lengths) != mine:
-                    raise KdError(
-                        f"teacher {name} scores {answer.lengths} answer tokens per example, the student {mine}",
-                        "teacher and student must tokenize answers alike for token-level KD; "
-                        'use loss.kd_level = "sequence"',
-                    )
-            device = flat.device
-            if len(answers) == 1:
-                answer = next(iter(answers.values()))
-                parts["kd"] = losses.sparse_kd_term(
-                    flat, answer.token_logprobs.to(device), answer.token_ids.to(device), cfg.temperature,
-                    cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta,
-                )
-            else:
-                vocab = flat.shape[-1]
-                dense = [losses.topk_to_dense(a.token_logprobs.to(device), a.token_ids.to(device), vocab) for a in answers.values()]
-                # Already softened: mixed at temperature 1 (log-probabilities are valid logits).
-                probs = losses.teacher_probs(
-                    [d.clamp(min=losses.PROB_FLOOR).log() for d in dense], 1.0, weights=weights,
-                    mode=cfg.teacher_weighting, labels=output.labels[mask],
-                )
-                parts["kd"] = losses.kd_term(flat, probs, cfg.temperature, cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta)
-    weights = part_weights(cfg)
-    total = sum(weights[k] * v for k, v in parts.items())
-    return total, parts, output
+    return task_kind(job.student.task).loss(job, examples, answers, projections)
 
 
 def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any]], accelerator) -> list[dict[str, float]]:
@@ -254,90 +118,15 @@ def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any
     of processes, which DDP's gradient average divides out again."""
     import torch
 
-    student, world = job.student, accelerator.num_processes
-    if student.task != "generate":
-        total = float(job.train.batch_size * world * job.train.grad_accum)
-        return [dict.fromkeys(("ce", "kd", "hidden", "diversity"), len(chunk) * world / total) for chunk in chunks]
-
-    def tokens(examples: list[dict]) -> int:
-        return student.count_answer_tokens(examples, job.max_length, job.template, job.answer_max_length)
-
-    units = []
-    for chunk, answer in zip(chunks, answers):
-        gold = tokens(chunk)
-        kd = gold
-        if answer and job.loss.kd_level == "sequence":
-            kd = sum(job.teacher_weights.get(n, 1.0) * tokens(_teacher_targets(chunk, answer[n])) for n in job.teachers)
-        units.append({"ce": gold, "kd": kd})
-    totals = {term: float(sum(u[term] for u in units)) for term in ("ce", "kd")}
+    world = accelerator.num_processes
+    task = task_kind(job.student.task)
+    units = [task.units(job, chunk, answer) for chunk, answer in zip(chunks, answers)]
+    terms = list(units[0])
+    totals = {term: float(sum(u[term] for u in units)) for term in terms}
     if world > 1:
-        summed = accelerator.reduce(torch.tensor([totals["ce"], totals["kd"]], device=accelerator.device), reduction="sum")
-        totals = {"ce": float(summed[0]), "kd": float(summed[1])}
-    return [{term: u[term] * world / max(totals[term], 1e-12) for term in u} for u in units]
-
-
-def evaluate_rows(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
-                  *, metric: str | None = None, answer_max_length: int = 32) -> dict[str, float]:
-    """Validation loss (CE on gold), accuracy and macro-F1 of ``student`` over ``rows``.
-
-    generate: the loss per answer token, and, when ``metric`` is exact_match or token_f1, greedy
-    answers (up to ``answer_max_length`` new tokens) scored against every alias.
-    """
-    import torch
-    from sklearn.metrics import f1_score
-
-    from kdcli import losses
-
-    if student.task == "generate":
-        return _evaluate_generate(student, rows, batch_size, max_length, template, metric, answer_max_length)
-
-    was_training = student.model.training
-    student.model.eval()
-    predictions, gold, loss_sum, count = [], [], 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = {k: v.to(student.device) for k, v in student.encode(chunk, max_length, template).items()}
-            logits = student.forward(batch).logits
-            labels = batch["labels"]
-            valid = labels != -100
-            if valid.any():
-                loss_sum += float(losses.cross_entropy(logits, labels)) * int(valid.sum())
-                count += int(valid.sum())
-            predictions += logits.argmax(-1)[valid].tolist()
-            gold += labels[valid].tolist()
-    student.model.train(was_training)
-    if not count:
-        return {"loss": float("nan"), "accuracy": float("nan"), "f1": float("nan")}
-    accuracy = sum(p == g for p, g in zip(predictions, gold)) / count
-    return {"loss": loss_sum / count, "accuracy": accuracy, "f1": float(f1_score(gold, predictions, average="macro"))}
-
-
-def _evaluate_generate(student: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
-                       metric: str | None, answer_max_length: int) -> dict[str, float]:
-    import torch
-
-    from kdcli import losses
-    from kdcli.evaluate import generation_metrics
-
-    was_training = student.model.training
-    student.model.eval()
-    loss_sum, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            output = student.forward(student.encode(chunk, max_length, template, answer_max_length))
-            n = int(output.token_mask.sum())
-            loss_sum += float(losses.cross_entropy(output.logits, output.labels)) * n
-            count += n
-    scores = {"loss": loss_sum / count if count else float("nan")}
-    if metric in ("exact_match", "token_f1"):
-        scored = [row for row in rows if row["answers"]]
-        predictions = student.generate(scored, answer_max_length, max_length, template, batch_size)
-        measured = generation_metrics(predictions, [row["answers"] for row in scored])
-        scores.update(exact_match=measured["exact_match"], token_f1=measured["f1"])
-    student.model.train(was_training)
-    return scores
+        summed = accelerator.reduce(torch.tensor([totals[t] for t in terms], device=accelerator.device), reduction="sum")
+        totals = {term: float(value) for term, value in zip(terms, summed)}
+    return [{term: u[term] * world / max(totals[term], 1e-12) for term in terms} for u in units]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -457,11 +246,12 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     from rich.console import Console
     from transformers import get_scheduler
 
-    from kdcli.losses import NonFiniteLoss, check_finite
+    from kdcli.losses import NonFiniteLoss, check_finite, weighted_sum
     from kdcli.runtime import seed_everything
 
     console = console or Console()
     cfg = job.train
+    task = task_kind(job.student.task)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world * cfg.grad_accum
     train_rows = job.rows["train"]
@@ -513,8 +303,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 handle.write(json.dumps({"stage": job.name, **record}) + "\n")
 
     def validate_and_keep_best() -> dict[str, float]:
-        scores = evaluate_rows(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template,
-                               metric=cfg.metric, answer_max_length=job.answer_max_length)
+        scores = task.validate(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template,
+                               cfg.metric, job.answer_max_length)
         value = scores[cfg.metric if cfg.metric in scores else "loss"]
         improved = state.best is None or (value > state.best if maximise else value < state.best)
         if improved:
@@ -545,18 +335,15 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         while state.step < total_steps and not state.stopped_early:
             step_started = time.perf_counter()
             indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
-            micro_batches = []
-            for micro in range(cfg.grad_accum):
-                chunk = micro * world + rank
-                micro_batches.append([train_rows[i] for i in indices[chunk * cfg.batch_size : (chunk + 1) * cfg.batch_size]])
-            answers = [teacher_answers(job, examples, "train") for examples in micro_batches]
-            shares = _step_shares(job, micro_batches, answers, accelerator)
-            for micro, examples in enumerate(micro_batches):
+            chunks = micro_batches(train_rows, indices, cfg.batch_size, cfg.grad_accum, world, rank)
+            answers = [teacher_answers(job, examples, "train") for examples in chunks]
+            shares = _step_shares(job, chunks, answers, accelerator)
+            for micro, examples in enumerate(chunks):
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     total, parts, _ = compute_loss(job, examples, "train", projections, answers[micro])
                     check_finite({k: v.detach() for k, v in {**parts, "total": total}.items()}, state.step + 1)
-                    accelerator.backward(sum(weights[k] * v * shares[micro][k] for k, v in parts.items()))
+                    accelerator.backward(weighted_sum(parts, weights, shares[micro]))
                 for key, value in parts.items():
                     window[key] = window.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
                 window["loss"] = window.get("loss", 0.0) + float(total.detach()) / cfg.grad_accum

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from kdcli.errors import KdError, RecipeError
+from kdcli.metrics import MAXIMISED
 from kdcli.recipe import Recipe, SearchDistribution, apply_overrides, validate
 from kdcli.rundir import RunDir, write_text_atomic
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     import optuna
 
 SAMPLERS = ("random", "tpe")
-MAXIMISED = {"accuracy", "f1", "exact_match", "token_f1"}  # as in kdcli.train: only loss is minimised
 # Sections a trial may vary. Teachers are fine-tuned and cached once, before the trials, so
 # searching them would re-run them per trial; the run's name, task or seed would make each
 # trial a different run.
@@ -176,15 +176,15 @@ def counted(trial: "optuna.trial.FrozenTrial") -> bool:
 def run_trials(study: "optuna.Study", recipe: Recipe, raw: dict[str, Any], *, trials: int, fraction: float,
                console: Console, quiet: bool = False) -> None:
     """Cache the teachers once, then run trials until the study has ``trials`` counted ones."""
-    import optuna
 
-    from kdcli import engine
+    from kdcli.distill import distill
+    from kdcli.teachers import cache_teachers
 
     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     if done >= trials:
         console.print(f"the study already has {done} finished trials (--trials {trials}): nothing to run")
         return
-    engine.cache_teachers(recipe, console=console, quiet=quiet)
+    cache_teachers(recipe, console=console, quiet=quiet)
     run = RunDir.for_recipe(recipe)
     metric = _metric(recipe)
     console.print(f"running {trials - done} of {trials} trials on {fraction:.0%} of the train split ({done} done before)")
@@ -195,7 +195,7 @@ def run_trials(study: "optuna.Study", recipe: Recipe, raw: dict[str, Any], *, tr
         try:
             sampled = validate(apply_overrides(raw, [f"{k}={_toml_value(v)}" for k, v in values.items()]),
                                source=f"trial {trial.number}")
-            results = engine.distill(sampled, console=console, show_progress=False, train_fraction=fraction,
+            results = distill(sampled, console=console, show_progress=False, train_fraction=fraction,
                                      workdir=workdir, on_eval=_Reporter(trial, sampled, metric))
         except KdError as exc:  # e.g. values that do not combine, or a batch larger than the fraction
             trial.set_user_attr("error", f"{exc.message} ({exc.hint})" if exc.hint else exc.message)

@@ -14,9 +14,9 @@ import torch
 
 import kit
 from kdcli.cache import LiveTeacher
+from kdcli.job import Job, TeacherSettings
 from kdcli.models import load_task_model, student_from_teacher
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
-from kdcli.train import Job
 
 LABELS = ["negative", "neutral", "positive"]
 CUES = {0: ["fell", "cut", "weakened", "losses"], 1: ["unchanged", "expected", "remain", "proposed"], 2: ["rose", "grew", "raised", "increased"]}
@@ -83,7 +83,7 @@ def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: i
                           checkpoint_every=checkpoint_every, log_every=8, eval_batch_size=16),
         seed=seed, max_length=32, template=None,
         checkpoint_dir=out / "checkpoints", output_dir=out / "student", metrics_path=out / "metrics.jsonl",
-        teachers={"t": LiveTeacher(teacher, [1, 3], "mean", 32, None)}, teacher_weights={"t": 1.0},
+        teachers={"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=(1, 3), max_length=32))}, teacher_weights={"t": 1.0},
         hidden_pairs={"t": [(0, 1), (1, 3)]}, teacher_widths={"t": teacher.hidden_size}, pooling={"t": "mean"},
         label_prior=[1 / 3] * 3, extra_metadata={"label_names": LABELS},
     )

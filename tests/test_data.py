@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcli import data as kd_data
 from kdcli.data import load_prepared, prepare_recipe, read_examples, resolve_path
+from kdcli.data.files import MAX_LINE_CHARS
 from kdcli.errors import DataError
 from kdcli.recipe import validate
 from kdcli.rundir import RunDir
@@ -437,7 +437,7 @@ def test_utf8_copy_of_fpb_is_refused_unless_encoding_is_set(here):
 
 def test_huge_line_and_binary_garbage(here):
     huge = here / "huge.jsonl"
-    huge.write_text('{"sentence": "' + "x" * (kd_data.MAX_LINE_CHARS + 1) + '"}\n')
+    huge.write_text('{"sentence": "' + "x" * (MAX_LINE_CHARS + 1) + '"}\n')
     with pytest.raises(DataError, match="huge.jsonl:1: line is 1,000,0"):
         prepare_recipe(make_recipe("choice", format="winogrande", path=str(huge)), quiet=True)
     garbage = here / "garbage.txt"

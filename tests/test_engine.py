@@ -157,14 +157,15 @@ def test_a_wrong_single_teacher_is_refused_before_work(models, workdir, args, me
 def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, workdir):
     recipe = classify_recipe(models)
     kd("cache-teachers", str(recipe))
-    from kdcli import engine, recipe as recipe_mod
+    from kdcli import recipe as recipe_mod, teachers
+    from kdcli.data.stage import stage_data
     from kdcli.rundir import RunDir
 
     changed = recipe_mod.load(recipe, ["teachers.roberta.dtype=bfloat16"])
     run = RunDir.for_recipe(changed)
     stage = changed.resolved_stages()[0]
-    data = engine.stage_data(changed, run, stage, console=None)
-    identity = engine.cache_identity(changed, run, stage, "roberta", data)
+    data = stage_data(changed, run, stage)
+    identity, _ = teachers.cache_identity(changed, run, stage, "roberta", data)
     with pytest.raises(CacheError, match="dtype = 'auto', but the recipe now gives 'bfloat16'"):
         check_cache(run.cache("main", "roberta"), identity, "roberta")
     result = kd("distill", str(recipe), "--set", "teachers.roberta.dtype=bfloat16")
@@ -237,6 +238,7 @@ def test_a_layer_map_out_of_range_is_refused_before_training(models, workdir):
 def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minilm_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     from kdcli.cache import LiveTeacher, build_cache
+    from kdcli.job import TeacherSettings
     from kdcli.models import load_task_model
     from kdcli.recipe import TeacherConfig
 
@@ -245,7 +247,7 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
     for name, eight in (("fp32", False), ("int8", True)):
         torch.manual_seed(0)  # the same freshly initialised head for both
         teacher = load_task_model(TeacherConfig(ref=str(minilm_dir), load_in_8bit=eight, finetune={}), "classify", 3)
-        build_cache(tmp_path / name, LiveTeacher(teacher, [], "mean", 32, None), {"train": rows}, {}, batch_size=8)
+        build_cache(tmp_path / name, LiveTeacher(teacher, TeacherSettings(max_length=32)), {"train": rows}, {}, batch_size=8)
         from safetensors.torch import load_file
 
         caches[name] = load_file(tmp_path / name / "train-00000.safetensors")["logits"]

@@ -7,19 +7,18 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from kdcli.evaluate import (
-    agreement,
+from kdcli.evaluate import evaluate_role
+from kdcli.metrics import (
     answer_histogram,
     classification_metrics,
-    evaluate_role,
     exact_match,
     generation_metrics,
-    model_description,
     shortcut_warning,
     squad_normalize,
     token_f1,
 )
 from kdcli.recipe import validate
+from kdcli.roles import BASELINE, Role, describe
 
 NAMES = ["positive", "negative", "neutral", "unused"]
 
@@ -52,11 +51,16 @@ def test_classification_metrics_match_sklearn(seed):
     assert m["confusion"] == confusion_matrix(gold, pred, labels=[0, 1, 2, 3]).tolist()
 
 
-def test_histogram_and_agreement():
+def test_answer_histogram():
     assert answer_histogram([1, 1, 0, 3], 4) == [1, 2, 0, 1]
-    assert agreement([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
-    with pytest.raises(ValueError):
-        agreement([0], [0, 1])
+
+
+def test_role_text_round_trips():
+    for text in ("student", "dataset", "baseline", "teacher:fin", "student:fin", "runs/x/student", "package:m/model"):
+        assert str(Role.parse(text)) == text
+    assert Role.parse("student:fin").trained and Role.parse("student:fin").teacher == "fin"
+    assert not Role.parse("teacher:fin").trained and Role.parse("teacher:fin").teacher == "fin"
+    assert Role.parse("runs/x/student").kind == "model"
 
 
 def test_shortcut_fires_on_a_collapsed_predictor_only():
@@ -130,14 +134,14 @@ def test_generation_metrics_average_over_questions():
     assert m["recall"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
 
 
-def test_model_description():
+def test_role_description():
     recipe = {"student": {"from_teacher": "big", "layers": [0, 2]},
               "teachers": {"big": {"ref": "/models/bert-base", "finetune": {"epochs": 1}}, "fin": {"ref": "ProsusAI/finbert"}}}
-    assert model_description(recipe, "teacher:big") == "bert-base (fine-tuned)"
-    assert model_description(recipe, "teacher:fin") == "ProsusAI/finbert"
-    assert model_description(recipe, "baseline") == "big layers [0, 2]"
-    assert model_description(recipe, "student") == "big layers [0, 2], distilled"
-    assert model_description({"student": {"ref": "distilbert-base-uncased"}}, "dataset") == "distilbert-base-uncased, labels only"
+    assert describe(recipe, Role.parse("teacher:big")) == "bert-base (fine-tuned)"
+    assert describe(recipe, Role.parse("teacher:fin")) == "ProsusAI/finbert"
+    assert describe(recipe, Role.parse("baseline")) == "big layers [0, 2]"
+    assert describe(recipe, Role.parse("student")) == "big layers [0, 2], distilled"
+    assert describe({"student": {"ref": "distilbert-base-uncased"}}, Role.parse("dataset")) == "distilbert-base-uncased, labels only"
 
 
 def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path, monkeypatch):
@@ -156,7 +160,7 @@ def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path
         "student": {"ref": str(model)}, "teachers": {"t": {"ref": str(other)}}, "loss": {"alpha": 1.0},
         "eval": {"examples": 1, "split": "validation"},
     })
-    result = evaluate_role(recipe, "baseline")
+    result = evaluate_role(recipe, BASELINE)
     assert result["split"] == "validation" and result["metrics"]["label_names"] == ["1", "2"]
     assert sum(result["answer_histogram"].values()) == result["n"] == sum(result["gold_histogram"].values())
     assert all(count > 0 for count in result["gold_histogram"].values())  # the stratified split keeps both answers

@@ -221,7 +221,8 @@ def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds
 
 
 def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebuilds(bert, tmp_path, monkeypatch):
-    from kdcli import engine
+    from kdcli import teachers
+    from kdcli.data.stage import stage_data
     from kdcli.cache import check_cache
     from kdcli.recipe import load
 
@@ -238,7 +239,7 @@ def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebu
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # the complete cache, untouched
     recipe = load(recipe_path)
     stage = recipe.resolved_stages()[0]
-    identity = engine.cache_identity(recipe, run, stage, "t", engine.stage_data(recipe, run, stage, console=None))
+    identity, _ = teachers.cache_identity(recipe, run, stage, "t", stage_data(recipe, run, stage))
     check_cache(cache, identity, "t")  # still valid: distill keeps using it
 
     # A kill on a first build: no cache at all, and `distill` would say so and use the live teacher.

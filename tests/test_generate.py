@@ -16,12 +16,15 @@ import kit
 from clirun import kd, runner
 from kdcli import losses, train
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
+from kdcli.job import Job, TeacherSettings
 from kdcli.cli import app
 from kdcli.models import load_task_model, student_from_teacher
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
 from kdcli.rundir import read_json
 from kdcli.runtime import make_accelerator
+from kdcli.tasks import task_kind
 
+GENERATE = task_kind("generate")
 HEADS = {"t5": "seq2seq", "llama": "causal"}
 QUESTIONS = [
     ("What is the capital of France", ["Paris", "Paris city"]),
@@ -58,21 +61,21 @@ def generate_model(path: Path, *, seed: int | None = None):
 
 
 def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum: int, top_k: int = 16,
-                 divergence: str = "forward_kl", kd_level: str = "token", max_steps: int = 3) -> train.Job:
+                 divergence: str = "forward_kl", kd_level: str = "token", max_steps: int = 3) -> Job:
     teacher = generate_model(models[family], seed=1)
     torch.manual_seed(0)
     student = student_from_teacher(teacher, [0])
     jobs.without_dropout(student.model)
     data = qa_rows(40)
     loss = LossConfig(alpha=0.5, temperature=2.0, divergence=divergence, kd_level=kd_level, top_k=top_k)
-    return train.Job(
+    return Job(
         name="main", student=student, rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
         loss=loss, train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
                                      eval_every=10_000, checkpoint_every=10_000, log_every=8, eval_batch_size=8),
         seed=0, max_length=32, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",
         metrics_path=out / "metrics.jsonl",
-        teachers={"t": LiveTeacher(teacher, [], "mean", 32, None, kd_level=kd_level, top_k=top_k, temperature=2.0,
-                                   answer_max_length=8)},
+        teachers={"t": LiveTeacher(teacher, TeacherSettings(max_length=32, kd_level=kd_level, top_k=top_k,
+                                                            temperature=2.0, answer_max_length=8))},
         teacher_weights={"t": 1.0}, answer_max_length=8,
     )
 
@@ -83,7 +86,7 @@ def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum:
 def test_causal_targets_are_the_answer_tokens_and_eos_only(models):
     model = generate_model(models["llama"])
     rows = qa_rows(3)
-    batch = model.encode(rows, 32, None, 16)
+    batch = GENERATE.encode(model, rows, 32, None, 16)
     tokenizer = model.tokenizer
     for i, row in enumerate(rows):
         real = batch["attention_mask"][i].bool()
@@ -97,19 +100,19 @@ def test_causal_targets_are_the_answer_tokens_and_eos_only(models):
         assert torch.equal(ids[answer], labels[answer])
     assert (batch["labels"][~batch["attention_mask"].bool()] == -100).all()
     # forward shifts: logits at t predict labels[t + 1]
-    out = model.forward(batch)
+    out = GENERATE.forward(model, batch)
     assert out.logits.shape[:2] == out.labels.shape and torch.equal(out.labels, batch["labels"][:, 1:])
     assert int(out.token_mask.sum()) == int((batch["labels"] != -100).sum())
 
 
 def test_seq2seq_labels_are_the_answer_and_the_decoder_reads_them_shifted(models):
     model = generate_model(models["t5"])
-    batch = model.encode(qa_rows(2), 32, None, 4)
+    batch = GENERATE.encode(model, qa_rows(2), 32, None, 4)
     labels = batch["labels"]
     assert labels.shape[1] <= 4 and (labels == model.tokenizer.eos_token_id).sum() == 2
     assert batch["decoder_input_ids"][0, 0] == model.model.config.decoder_start_token_id
     assert torch.equal(batch["decoder_input_ids"][:, 1:], labels[:, :-1].clamp(min=0))
-    assert model.forward(batch).logits.shape == (2, labels.shape[1], model.vocab_size)
+    assert GENERATE.forward(model, batch).logits.shape == (2, labels.shape[1], model.vocab_size)
 
 
 def test_left_padded_batched_generation_equals_one_at_a_time(models):
@@ -227,7 +230,7 @@ def test_a_padded_teacher_vocabulary_is_trimmed_and_a_real_mismatch_is_refused(m
     assert padded.model.config.vocab_size == len(tokenizer) + 24 and padded.vocab_size == len(tokenizer)
     student = generate_model(models["llama"])
     check_shared_vocabulary(student.tokenizer, padded.tokenizer, "padded")
-    out = padded.forward(padded.encode(qa_rows(2), 32, None, 8))
+    out = GENERATE.forward(padded, GENERATE.encode(padded, qa_rows(2), 32, None, 8))
     assert out.logits.shape[-1] == len(tokenizer) == student.vocab_size
     t5 = generate_model(models["t5"])
     with pytest.raises(ModelError, match="do not share a vocabulary") as caught:

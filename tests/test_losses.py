@@ -388,20 +388,17 @@ def test_diversity_masking():
     assert (logits.grad == 0).all()
 
 
-# --- combining and checking --------------------------------------------------------------------
-def test_combine_weights_parts_and_logs_every_value():
-    student = torch.tensor(1.0, requires_grad=True)
-    parts = {"ce": 2.0 * student, "kd": 3.0 * student, "hidden": torch.tensor(float("nan"))}
-    total, logged = losses.combine(parts, {"ce": 0.5, "kd": 0.5, "hidden": 0.0, "diversity": 1.0})
-    assert total.item() == pytest.approx(2.5)
-    assert logged["ce"] == 2.0 and logged["kd"] == 3.0 and logged["total"] == pytest.approx(2.5)
-    assert math.isnan(logged["hidden"])  # logged, but its zero weight keeps it out of the total
-    total.backward()
-    assert student.grad.item() == pytest.approx(2.5)
-    with pytest.raises(ValueError, match="no weight for loss part"):
-        losses.combine({"ce": student}, {})
-    with pytest.raises(ValueError, match="nothing to train"):
-        losses.combine({"ce": student}, {"ce": 0.0})
+# --- checking ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, skew, jsd_beta, message", [
+    ("skew_kl", 0.0, 0.5, "skew must be in"), ("jsd", 0.1, 1.0, "jsd_beta must be in"), ("kl", 0.1, 0.5, "unknown divergence"),
+])
+def test_dense_and_top_k_divergences_refuse_the_same_bad_settings(kind, skew, jsd_beta, message):
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match=message):
+        losses.divergence(logits, torch.softmax(logits, -1), kind, skew=skew, jsd_beta=jsd_beta)
+    top = torch.log_softmax(logits, -1).topk(2)
+    with pytest.raises(ValueError, match=message):
+        losses.sparse_divergence(logits, top.values, top.indices, kind, skew=skew, jsd_beta=jsd_beta)
 
 
 def test_check_finite_names_the_step_and_term():

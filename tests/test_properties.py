@@ -226,7 +226,7 @@ def test_any_rows_in_parquet(tmp_path, rows, choice):
        split=st.sampled_from([{"train": 0.5, "validation": 0.5}, {"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 1.0}]))
 def test_any_rows_through_cleaning_and_splitting(tmp_path, rows, on_conflict, seed, split):
     """The whole prepare pipeline short of writing: conflicts, dedupe, stratified split, limits."""
-    from kdcli.data import _build
+    from kdcli.data.prepare import _build
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -1,6 +1,6 @@
 """`kd tune` end to end on tiny models and data: the study, resuming, pruning, best.toml, bad input.
 
-One test trains real tiny students; the others replace `engine.distill` with a stand-in whose
+One test trains real tiny students; the others replace `distill` with a stand-in whose
 score follows the sampled values, so pruning and interruption are deterministic and fast.
 """
 
@@ -18,7 +18,7 @@ from rich.console import Console
 import jobs
 import kit
 from clirun import kd, runner
-from kdcli import engine, recipe as recipe_mod, tune
+from kdcli import distill as distill_mod, recipe as recipe_mod, tune
 from kdcli.cli import app
 from kdcli.errors import RecipeError
 from kdcli.train import JobResult
@@ -112,7 +112,7 @@ def test_a_study_runs_resumes_and_writes_an_overlay_that_distill_applies(teacher
 
 
 class FakeDistill:
-    """Stands in for engine.distill: reports `loss.alpha` as the accuracy at four validations."""
+    """Stands in for kdcli.distill.distill: reports `loss.alpha` as the accuracy at four validations."""
 
     def __init__(self, interrupt_on: int | None = None) -> None:
         self.calls, self.interrupt_on = 0, interrupt_on
@@ -130,7 +130,7 @@ class FakeDistill:
 
 def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
-    monkeypatch.setattr(engine, "distill", FakeDistill(interrupt_on=3))
+    monkeypatch.setattr(distill_mod, "distill", FakeDistill(interrupt_on=3))
     result = runner.invoke(app, ["tune", recipe, "--trials", "4"])
     assert result.exit_code == 130  # Ctrl-C, as click reports it
     assert [t.state for t in study_trials()] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
@@ -140,7 +140,7 @@ def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, work
     storage = f"sqlite:///{(workdir / 'runs' / 'tun' / 'tune.db')}"
     optuna.load_study(study_name="tun", storage=storage).ask()
 
-    monkeypatch.setattr(engine, "distill", FakeDistill())
+    monkeypatch.setattr(distill_mod, "distill", FakeDistill())
     resumed = kd("tune", recipe, "--trials", "4")
     states = [t.state for t in study_trials()]
     assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 2
@@ -151,7 +151,7 @@ def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, work
 def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
     fake = FakeDistill()
-    monkeypatch.setattr(engine, "distill", fake)
+    monkeypatch.setattr(distill_mod, "distill", fake)
     result = json.loads(kd("tune", recipe, "--trials", "2", "--storage", "sqlite:///shared.db", "--json").stdout)
     assert result["storage"] == "sqlite:///shared.db" and len(result["trials"]) == 2
     assert (workdir / "shared.db").is_file() and not (workdir / "runs" / "tun" / "tune.db").exists()
@@ -192,7 +192,7 @@ def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_t
                         extra="[loss]\nalpha = 1.0\n[[stages]]\nname = 'main'\nteachers = []\n")
     raw = recipe_mod.load_raw(path)
     recipe = recipe_mod.validate(raw)
-    monkeypatch.setattr(engine, "distill", FakeDistill())
+    monkeypatch.setattr(distill_mod, "distill", FakeDistill())
     study = tune.open_study(recipe, storage=None, sampler="random", fraction=0.5,
                             pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
     tune.run_trials(study, recipe, raw, trials=8, fraction=0.5, console=Console(quiet=True))

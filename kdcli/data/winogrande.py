@@ -1,0 +1,38 @@
+"""WinoGrande: jsonl rows with a `_` blank, two options and an answer (choice); labels may sit in `NAME-labels.lst`."""
+
+from __future__ import annotations
+
+from kdcli.data.fields import Example, aligned_labels, numbered_option, string_field
+from kdcli.data.files import SourceFile, json_rows
+from kdcli.errors import DataError
+from kdcli.recipe import DataConfig
+
+WINOGRANDE_HINT = "WinoGrande rows have qID, sentence, option1, option2 and answer; check data.path and data.format"
+
+
+def read_winogrande(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
+    rows = list(json_rows(source.path, data.encoding or "utf-8"))
+    labels = aligned_labels(source, rows)
+    examples = []
+    for i, row in enumerate(rows):
+        options = [string_field(row, "option1", WINOGRANDE_HINT), string_field(row, "option2", WINOGRANDE_HINT)]
+        answer = row.data.get("answer")
+        if labels is not None:
+            where, value = labels[i]
+            if answer is not None and str(answer).strip() != value:
+                raise DataError(
+                    f"{row.where}: answer {answer!r} disagrees with {where}: {value!r}",
+                    "the data file and its label file do not belong together",
+                )
+        elif answer is not None:
+            where, value = row.where, answer
+        else:
+            raise DataError(
+                f"{row.where}: no answer and no label file {source.path.stem}-labels.lst",
+                "WinoGrande test labels are hidden; use a train file, or give data.labels_path",
+            )
+        qid = row.data.get("qID")
+        text = string_field(row, "sentence", WINOGRANDE_HINT)
+        label = numbered_option(value, 2, where)
+        examples.append(Example(qid if isinstance(qid, str) else row.default_id, text, options, label, [], row.where))
+    return examples

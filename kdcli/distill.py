@@ -1,0 +1,124 @@
+"""`kd distill`: train a student stage by stage, from its teachers (cached or live) and the gold labels.
+
+Each stage's best student is saved under ``stages/STAGE/ROLE/`` and is where the next stage
+starts; the last one becomes the role's final model (``student/``, ``dataset/``,
+``student-NAME/``). A stage whose output was made from the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from kdcli.data.stage import StageData, stage_data
+from kdcli.job import Job
+from kdcli.recipe import Recipe, Stage, fingerprint
+from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
+from kdcli.rundir import RunDir, atomic_dir, read_json, record_recipe, write_json
+from kdcli.teachers import finetune_teachers, open_teachers, preflight
+from kdcli.train import JobResult, run_job
+
+
+def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded random share of the rows (at least one); rows keep their `idx` for cache lookups."""
+    keep = max(1, round(len(rows) * fraction))
+    return random.Random(seed).sample(rows, keep)
+
+
+def _stage_fingerprint(recipe: Recipe, stage: Stage, role: Role, data: StageData, previous: str | None) -> str:
+    teachers = {} if role == DATASET else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
+    return fingerprint({
+        "student": recipe.student.model_dump(mode="json"), "stage": stage.model_dump(mode="json"), "role": str(role),
+        "teachers": teachers, "data": data.fingerprint, "seed": recipe.seed, "previous": previous,
+    })
+
+
+def _solo_stage(recipe: Recipe, stage: Stage, name: str) -> Stage:
+    """The stage as a student taught by ``name`` alone sees it: the other teachers dropped, and the
+    hidden MSE with them when ``name`` has no layer map (a stage without ``name`` trains on labels)."""
+    teachers = [n for n in stage.teachers or [] if n == name]
+    loss = stage.loss
+    if not teachers:
+        loss = loss.model_copy(update={"alpha": 1.0, "beta": 0.0})
+    elif recipe.teachers[name].hidden is None:
+        loss = loss.model_copy(update={"beta": 0.0})
+    return stage.model_copy(update={"teachers": teachers, "loss": loss})
+
+
+def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, console: Console | None = None,
+            show_progress: bool = True, on_eval=None, train_fraction: float = 1.0,
+            workdir: RunDir | None = None) -> list[JobResult]:
+    """Run every stage in order for ``role``: `student` (every teacher), `dataset` (labels only) or a
+    solo student (teacher NAME alone).
+
+    Data, teachers and caches come from the recipe's run directory; checkpoints, stage outputs,
+    the final model and metrics go to ``workdir`` (default: the same directory). `kd tune` runs
+    its trials in their own workdirs on ``train_fraction`` of each train split, reporting every
+    validation to ``on_eval`` (see ``train.run_job``).
+    """
+    from kdcli.runtime import describe, make_accelerator
+
+    console = console or Console()
+    run = RunDir.for_recipe(recipe)
+    out = workdir or run
+    if role.kind == "solo":
+        require_teacher(recipe, role.name)
+    preflight(recipe, run)
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    if role == STUDENT:
+        finetune_teachers(recipe, run, accelerator, console)
+    else:
+        needed = [n for n in (role.teacher, recipe.student.from_teacher) if n]
+        finetune_teachers(recipe, run, accelerator, console, names=list(dict.fromkeys(needed)))
+    results = []
+    previous: Path | None = None
+    previous_fingerprint: str | None = None
+    for stage in recipe.resolved_stages():
+        if role.kind == "solo":
+            stage = _solo_stage(recipe, stage, role.name)
+        data = stage_data(recipe, run, stage)
+        if train_fraction < 1.0:
+            data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
+        wanted = _stage_fingerprint(recipe, stage, role, data, previous_fingerprint) + f"-{train_fraction:g}"
+        output = out.stage_output(stage.name, role)
+        done = output / "done.json"
+        if done.is_file() and read_json(done).get("fingerprint") == wanted:
+            console.print(f"stage {stage.name} ({role}) is up to date: {output}")
+            previous, previous_fingerprint = output, wanted
+            continue
+        student = initial_student(recipe, run, data.num_classes, previous)
+        loss, sources, taught = stage.loss, {}, {}
+        if role == DATASET or not stage.teachers:
+            loss = stage.loss.model_copy(update={"alpha": 1.0, "beta": 0.0})
+        else:
+            taught = open_teachers(recipe, run, stage, data, student, accelerator, console)
+            sources = taught.pop("sources")
+            if sources:
+                console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
+        job_name = stage.name if role == STUDENT else f"{stage.name}.{out.final(role).name}"
+        job = Job(
+            name=job_name, student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
+            max_length=stage.data.max_length, template=stage.data.template, checkpoint_dir=out.checkpoints(job_name),
+            output_dir=output, metrics_path=out.metrics, label_prior=data.label_prior,
+            extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []), "teachers": sources},
+            answer_max_length=stage.data.answer_max_length, **taught,
+        )
+        result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
+        if accelerator.is_main_process:
+            write_json(done, {"fingerprint": wanted, "steps": result.steps, "best_metric": result.best_metric,
+                              "best_step": result.best_step, "stopped_early": result.stopped_early,
+                              "samples_per_second": result.samples_per_second})
+        accelerator.wait_for_everyone()
+        results.append(result)
+        previous, previous_fingerprint = output, wanted
+    if previous is not None and accelerator.is_main_process:
+        with atomic_dir(out.final(role)) as tmp:
+            shutil.copytree(previous, tmp, dirs_exist_ok=True)
+        # Recorded once the run succeeded: a failed command leaves the run as it was.
+        record_recipe(recipe, out.resolved_recipe)
+        write_json(out.env, describe(accelerator, requested_precision=recipe.train.mixed_precision))
+    accelerator.wait_for_everyone()
+    return results
