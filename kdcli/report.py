@@ -307,7 +307,12 @@ def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list
 
 def collect_run(root: Path) -> RunTable:
     """The comparison table of one run directory, from its files alone."""
-    import tomllib
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
 
     from kdcli.evaluate import model_description
 
