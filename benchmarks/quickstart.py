@@ -131,10 +131,12 @@ def main() -> None:
             if repeat == 0:
                 run = workdir / "runs" / "quickstart"
                 name = str(run.relative_to(workdir))
+                manifest = json.loads((run / "data" / "main" / "manifest.json").read_text(encoding="utf-8"))
                 first = {
                     "compare": json.loads(kd(["compare", name, "--format", "json"], workdir, env).stdout),
                     "compare_md": kd(["compare", name, "--format", "md"], workdir, env).stdout,
                     "run_env": json.loads((run / "env.json").read_text(encoding="utf-8")),
+                    "data": {key: manifest.get(key) for key in ("rows_read", "duplicates_dropped", "counts")},
                 }
 
     summary = {

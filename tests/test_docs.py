@@ -106,3 +106,12 @@ def test_readme_wall_time_and_load_are_the_results_files(results):
 ])
 def test_the_comparison_bites(cell, value, key, ok):
     assert agrees(cell, value, key) is ok
+
+
+def test_readme_quickstart_data_sizes_are_the_results_files(results):
+    """The sentence counts the quickstart section states are those `kd prepare` recorded in that run."""
+    text = README.read_text(encoding="utf-8")
+    section = " ".join(text[text.index("## Quickstart") : text.index(START)].split())
+    total, test = sum(results["data"]["rows_read"].values()), results["data"]["counts"]["test"]
+    assert f"on {total} finance-news sentences" in section
+    assert f"The test split has {test} sentences, so one sentence is {100 / test:.1f} points" in section
