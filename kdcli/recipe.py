@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import tomllib
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 

@@ -304,7 +304,12 @@ def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list
 
 def collect_run(root: Path) -> RunTable:
     """The comparison table of one run directory, from its files alone."""
-    import tomllib
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
 
     recipe_path = root / "recipe.resolved.toml"
     if not recipe_path.is_file():

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import tomllib
+import sys
 from collections import Counter
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 from typer.testing import CliRunner

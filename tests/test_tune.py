@@ -7,8 +7,13 @@ score follows the sampled values, so pruning and interruption are deterministic 
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 import optuna
 import pytest
