@@ -1,11 +1,12 @@
 """What a top-k teacher cache keeps of the teacher's next-token distributions, and what it costs.
 
 The teacher is run teacher-forced on the gold answers of TriviaQA questions (the positions
-token-level KD trains on). For each k its distribution is stored as `kd cache-teachers` stores
-it (top-k log-probs in fp16, ids in uint16, tail implicit) and compared with the full one:
+token-level KD trains on). For each k and T, kd's own cache code (`build_cache`, what
+`kd cache-teachers` runs) writes a real cache of these answers (top-k log-probs in fp16, ids in
+uint16, tail implicit, per-row lengths), and its distribution is compared with the full one:
 
-  bytes_per_token        what the cache stores per answer token (k * (2 + 2) with uint16 ids)
-  file_bytes_per_token   the same measured on a safetensors file of these tokens (header, offsets)
+  bytes_per_token        the cache's safetensors shards on disk (headers and lengths included)
+                         divided by the answer tokens they hold
   tail_mass              the teacher's probability outside its top k (mean, p95)
   kl_reconstruction      KL(full || top-k with the tail spread evenly over the other ids), nats/token
   kl_collapsed           KL between the exact and the stored (k + 1)-bucket distributions: the
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
 
 from _common import finish  # noqa: E402
 from kdcli import losses  # noqa: E402
-from kdcli.cache import bytes_per_token, id_dtype  # noqa: E402
+from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
@@ -97,18 +98,26 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
 
 
-def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float) -> dict:
-    from safetensors.torch import save_file
+def cache_bytes_per_token(teacher, rows: list[dict], k: int, temperature: float, tokens: int) -> float:
+    """Build a real kd cache of ``rows`` (as `kd cache-teachers` does) and measure its shard files."""
+    live = LiveTeacher(teacher, [], "mean", 64, None, kd_level="token", top_k=k, temperature=temperature, answer_max_length=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = build_cache(Path(tmp) / "cache", live, {"train": rows}, {}, batch_size=16)
+        shards = list((Path(tmp) / "cache").glob("*.safetensors"))
+        file_bytes = sum(f.stat().st_size for f in shards)
+    if manifest["tokens"] != tokens:
+        raise SystemExit(f"the cache holds {manifest['tokens']} answer tokens, the benchmark scored {tokens}")
+    if abs(manifest["bytes_per_token"] - file_bytes / tokens) > 0.01:
+        raise SystemExit(f"the manifest says {manifest['bytes_per_token']} bytes/token, the files {file_bytes / tokens:.2f}")
+    return round(file_bytes / tokens, 2)
 
+
+def measure(teacher, rows: list[dict], teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int,
+            temperature: float) -> dict:
     vocab = teacher_logits.shape[-1]
     full = F.log_softmax(teacher_logits / temperature, dim=-1)
     values, ids = full.topk(min(k, vocab), dim=-1)
     stored = values.half()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "shard.safetensors"
-        offsets = torch.tensor([0, len(stored)], dtype=torch.long)
-        save_file({"logprobs": stored.contiguous(), "ids": ids.to(id_dtype(vocab)).contiguous(), "offsets": offsets}, path)
-        file_bytes = path.stat().st_size
     read = stored.float()
     tail = losses.topk_tail(read, vocab)
     exact_tail = (1 - values.exp().sum(-1)).clamp(min=0)
@@ -118,8 +127,8 @@ def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, 
     stored_buckets = torch.cat([read, tail.clamp(min=1e-30).log().unsqueeze(-1)], -1)
     kl_collapsed = kl(exact_buckets, stored_buckets)
 
-    result = {"k": k, "temperature": temperature, "bytes_per_token": bytes_per_token(k, vocab),
-              "file_bytes_per_token": round(file_bytes / len(stored), 2),
+    result = {"k": k, "temperature": temperature,
+              "bytes_per_token": cache_bytes_per_token(teacher, rows, k, temperature, len(stored)),
               "tail_mass_mean": float(exact_tail.mean()), "tail_mass_p95": float(exact_tail.quantile(0.95)),
               "kl_reconstruction_mean": float(kl_reconstruction.mean()),
               "kl_reconstruction_max": float(kl_reconstruction.max()),
@@ -203,7 +212,7 @@ def main() -> None:
     teacher_logits = answer_logits(teacher, rows)
     student_logits = answer_logits(student, rows)
     vocab = teacher_logits.shape[-1]
-    results = [measure(teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
+    results = [measure(teacher, rows, teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
     untrained = F.log_softmax(student_logits, dim=-1)
     before = {"k": "none (untrained)", "kl_to_teacher": float(kl(F.log_softmax(teacher_logits, dim=-1), untrained).mean()),
               "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())}
@@ -218,6 +227,7 @@ def main() -> None:
         "vocab_size": vocab,
         "dense_fp16_bytes_per_token": vocab * 2,
         "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
+        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), safetensors headers and row lengths included",
         "results": results,
         "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4, "loss": "top-k forward KL only, T = 1",
                           "train_questions": len(train_rows), "results": per_k},
@@ -225,10 +235,10 @@ def main() -> None:
         "env": describe(),
     }
     short = {"forward_kl": "fKL", "reverse_kl": "rKL", "skew_kl": "skew", "jsd": "JSD"}
-    print(f"{'T':>4} {'k':>4} {'B/token':>8} {'file B/tok':>10} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
+    print(f"{'T':>4} {'k':>4} {'B/token':>8} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
           + " ".join(f"{short[kind] + ' err':>9} {short[kind] + ' cos':>9}" for kind in losses.DIVERGENCES))
     for r in results:
-        print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
+        print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
               + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
     print(f"\nstudent distilled {kd_steps} steps x {args.kd_batch} questions per k, scored on the {len(rows)} held-out questions")
