@@ -301,7 +301,7 @@ def build_cache(
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    manifest = dict(identity, hidden_layers=teacher.layers, kd_version=__version__, splits={})
+    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__, splits={})
     if teacher.model.task == "generate":
         return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
     with atomic_dir(path) as tmp:
