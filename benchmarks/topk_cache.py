@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
 from _common import finish  # noqa: E402
 from kdcli import losses  # noqa: E402
@@ -100,7 +100,8 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 
 def cache_bytes_per_token(teacher, rows: list[dict], k: int, temperature: float, tokens: int) -> float:
     """Build a real kd cache of ``rows`` (as `kd cache-teachers` does) and measure its shard files."""
-    live = LiveTeacher(teacher, [], "mean", 64, None, kd_level="token", top_k=k, temperature=temperature, answer_max_length=32)
+    live = LiveTeacher(teacher, [], "mean", 64, None, kd_level="token", top_k=k, temperature=temperature,
+                       answer_max_length=32)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = build_cache(Path(tmp) / "cache", live, {"train": rows}, {}, batch_size=16)
         shards = list((Path(tmp) / "cache").glob("*.safetensors"))
@@ -108,7 +109,8 @@ def cache_bytes_per_token(teacher, rows: list[dict], k: int, temperature: float,
     if manifest["tokens"] != tokens:
         raise SystemExit(f"the cache holds {manifest['tokens']} answer tokens, the benchmark scored {tokens}")
     if abs(manifest["bytes_per_token"] - file_bytes / tokens) > 0.01:
-        raise SystemExit(f"the manifest says {manifest['bytes_per_token']} bytes/token, the files {file_bytes / tokens:.2f}")
+        raise SystemExit(f"the manifest says {manifest['bytes_per_token']} bytes/token, "
+                         f"the files {file_bytes / tokens:.2f}")
     return round(file_bytes / tokens, 2)
 
 
@@ -227,7 +229,7 @@ def main() -> None:
         "vocab_size": vocab,
         "dense_fp16_bytes_per_token": vocab * 2,
         "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
-        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), safetensors headers and row lengths included",
+        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), headers and row lengths included",
         "results": results,
         "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4, "loss": "top-k forward KL only, T = 1",
                           "train_questions": len(train_rows), "results": per_k},

@@ -180,7 +180,8 @@ class CachedTeacher:
             if self.manifest.get("task") == "generate":
                 # Shards keep their own row lengths; on load they become global starts and lengths per row.
                 logprobs, ids = zip(*(unpack_topk(p["logprobs"], p["ids"]) for p in parts)) if parts else ((), ())
-                lengths = torch.cat([p["lengths"].to(torch.long) for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+                lengths = (torch.cat([p["lengths"].to(torch.long) for p in parts]) if parts
+                           else torch.zeros(0, dtype=torch.long))
                 self.tensors[split] = {
                     "logprobs": torch.cat(logprobs) if parts else torch.zeros(0),
                     "ids": torch.cat(ids) if parts else torch.zeros(0),
@@ -301,7 +302,8 @@ def build_cache(
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__, splits={})
+    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__,
+                    splits={})
     if teacher.model.task == "generate":
         return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
     with atomic_dir(path) as tmp:
@@ -384,7 +386,8 @@ def unpack_topk(logprobs: "torch.Tensor", ids: "torch.Tensor") -> tuple["torch.T
     bits = _id_bits(ids)
     folded = k - ids.shape[1]
     if folded != k // bits:
-        raise CacheError(f"a cache shard holds {ids.shape[1]} ids for {k} log-probs", "run `kd cache-teachers RECIPE` to rebuild it")
+        raise CacheError(f"a cache shard holds {ids.shape[1]} ids for {k} log-probs",
+                         "run `kd cache-teachers RECIPE` to rebuild it")
     if not folded:
         return logprobs, ids
     raw = logprobs.view(torch.int16).to(torch.int32) & 0xFFFF
@@ -396,7 +399,7 @@ def unpack_topk(logprobs: "torch.Tensor", ids: "torch.Tensor") -> tuple["torch.T
 
 def shard_bytes_per_token(path: Path, manifest: dict[str, Any]) -> float:
     """What the cache's safetensors shards take on disk (headers and lengths included) per answer token."""
-    shards = [shard for info in manifest["splits"].values() for shard in info["shards"] if shard.endswith(".safetensors")]
+    shards = [name for info in manifest["splits"].values() for name in info["shards"] if name.endswith(".safetensors")]
     return round(sum((path / shard).stat().st_size for shard in shards) / max(manifest.get("tokens") or 0, 1), 2)
 
 

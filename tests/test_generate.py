@@ -189,7 +189,7 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, 
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
 
 
-def test_a_top32_cache_takes_at_most_128_bytes_a_token_on_disk_and_reads_back_what_the_live_teacher_gives(models, tmp_path):
+def test_a_top32_cache_takes_at_most_128_bytes_a_token_on_disk_and_reads_back_as_the_live_teacher(models, tmp_path):
     teacher = generate_model(models["llama"], seed=1)
     live = LiveTeacher(teacher, [], "mean", 32, None, top_k=32, temperature=2.0, answer_max_length=8)
     rows = qa_rows(120)  # short answers of 1-3 tokens plus EOS, as TriviaQA's are; two splits, two shards
@@ -363,7 +363,8 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     (run / "cache" / "main" / "big" / "manifest.json").write_text(json.dumps(dict(manifest, cache_format=1)))
     wide = runner.invoke(app, ["cache-teachers", str(recipe)], env={"COLUMNS": "200"})
     assert wide.exit_code == 0 and "bytes/token" in wide.output and f"{cached['bytes_per_token']} (k=8)" in wide.output
-    assert "rebuilding" in wide.output and read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == 2
+    assert "rebuilding" in wide.output
+    assert read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == 2
     assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
 
     result = json.loads(kd("eval", str(recipe), "--json").stdout)
