@@ -29,8 +29,9 @@ part k changes). Then, on the held-out questions above, per answer token:
 
     python benchmarks/topk_cache.py            # SmolLM2-135M-Instruct (GGUF) on TriviaQA answers
     python benchmarks/topk_cache.py --quick    # tiny Llama from tests/kit.py, seconds (CI)
+    python benchmarks/topk_cache.py --bytes-only   # only the caches' bytes/token per k (a few minutes)
 
-Writes benchmarks/results/topk_cache[-quick].json and prints it.
+Writes benchmarks/results/topk_cache[-quick].json (--bytes-only: topk_cache-bytes.json) and prints it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish  # noqa: E402
+from _common import RESULTS, finish  # noqa: E402
 from kdcli import losses  # noqa: E402
 from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
@@ -112,6 +113,24 @@ def cache_bytes_per_token(teacher, rows: list[dict], k: int, temperature: float,
         raise SystemExit(f"the manifest says {manifest['bytes_per_token']} bytes/token, "
                          f"the files {file_bytes / tokens:.2f}")
     return round(file_bytes / tokens, 2)
+
+
+def bytes_only(teacher, rows: list[dict], name: str, quick: bool, started: float, out: Path | None) -> None:
+    """Only what kd's real caches of ``rows`` take on disk per answer token, for each k (T = 1)."""
+    tokens = int(answer_logits(teacher, rows).shape[0])
+    results = [{"k": k, "bytes_per_token": cache_bytes_per_token(teacher, rows, k, 1.0, tokens)} for k in KS]
+    print(f"{'k':>4} {'B/token':>8}   ({tokens} answer tokens of {len(rows)} questions, kd's cache shards on disk)")
+    for r in results:
+        print(f"{r['k']:>4} {r['bytes_per_token']:>8}")
+    document = {
+        "benchmark": "topk_cache", "quick": quick, "mode": "bytes_only", "teacher": name,
+        "data": "tiny synthetic questions" if quick
+        else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
+        "answer_tokens": tokens, "temperature": 1.0,
+        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), headers and row lengths included",
+        "results": results, "seconds": round(time.perf_counter() - started, 1), "env": describe(),
+    }
+    finish(document, out or (None if quick else RESULTS / "topk_cache-bytes.json"))
 
 
 def measure(teacher, rows: list[dict], teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int,
@@ -202,6 +221,7 @@ def main() -> None:
     parser.add_argument("--kd-steps", type=int, default=None, help="distillation steps per k (default 60, quick 3)")
     parser.add_argument("--kd-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bytes-only", action="store_true", help="only the caches' bytes/token per k (no KL, no training)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -210,6 +230,8 @@ def main() -> None:
     started = time.perf_counter()
     teacher, layers, all_rows, name = setup(args.quick, limit + kd_steps * args.kd_batch)
     rows, train_rows = all_rows[:limit], all_rows[limit:]
+    if args.bytes_only:
+        return bytes_only(teacher, rows, name, args.quick, started, args.out)
     student = student_from_teacher(teacher, layers)
     teacher_logits = answer_logits(teacher, rows)
     student_logits = answer_logits(student, rows)
