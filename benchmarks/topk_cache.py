@@ -1,11 +1,12 @@
 """What a top-k teacher cache keeps of the teacher's next-token distributions, and what it costs.
 
 The teacher is run teacher-forced on the gold answers of TriviaQA questions (the positions
-token-level KD trains on). For each k its distribution is stored as `kd cache-teachers` stores
-it (top-k log-probs in fp16, ids in uint16, tail implicit) and compared with the full one:
+token-level KD trains on). For each k and T, kd's own cache code (`build_cache`, what
+`kd cache-teachers` runs) writes a real cache of these answers (top-k log-probs in fp16, ids in
+uint16, tail implicit, per-row lengths), and its distribution is compared with the full one:
 
-  bytes_per_token        what the cache stores per answer token (k * (2 + 2) with uint16 ids)
-  file_bytes_per_token   the same measured on a safetensors file of these tokens (header, offsets)
+  bytes_per_token        the cache's safetensors shards on disk (headers and lengths included)
+                         divided by the answer tokens they hold
   tail_mass              the teacher's probability outside its top k (mean, p95)
   kl_reconstruction      KL(full || top-k with the tail spread evenly over the other ids), nats/token
   kl_collapsed           KL between the exact and the stored (k + 1)-bucket distributions: the
@@ -28,8 +29,9 @@ part k changes). Then, on the held-out questions above, per answer token:
 
     python benchmarks/topk_cache.py            # SmolLM2-135M-Instruct (GGUF) on TriviaQA answers
     python benchmarks/topk_cache.py --quick    # tiny Llama from tests/kit.py, seconds (CI)
+    python benchmarks/topk_cache.py --bytes-only   # only the caches' bytes/token per k (a few minutes)
 
-Writes benchmarks/results/topk_cache[-quick].json and prints it.
+Writes benchmarks/results/topk_cache[-quick].json (--bytes-only: topk_cache-bytes.json) and prints it.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish  # noqa: E402
+from _common import RESULTS, finish  # noqa: E402
 from kdcli import losses  # noqa: E402
-from kdcli.cache import bytes_per_token, id_dtype  # noqa: E402
+from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
+from kdcli.job import TeacherSettings  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
@@ -100,18 +103,45 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
 
 
-def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float) -> dict:
-    from safetensors.torch import save_file
+def cache_bytes_per_token(teacher, rows: list[dict], k: int, temperature: float, tokens: int) -> float:
+    """Build a real kd cache of ``rows`` (as `kd cache-teachers` does) and measure its shard files."""
+    live = LiveTeacher(teacher, TeacherSettings(max_length=64, top_k=k, temperature=temperature, answer_max_length=32))
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = build_cache(Path(tmp) / "cache", live, {"train": rows}, {}, batch_size=16)
+        shards = list((Path(tmp) / "cache").glob("*.safetensors"))
+        file_bytes = sum(f.stat().st_size for f in shards)
+    if manifest["tokens"] != tokens:
+        raise SystemExit(f"the cache holds {manifest['tokens']} answer tokens, the benchmark scored {tokens}")
+    if abs(manifest["bytes_per_token"] - file_bytes / tokens) > 0.01:
+        raise SystemExit(f"the manifest says {manifest['bytes_per_token']} bytes/token, "
+                         f"the files {file_bytes / tokens:.2f}")
+    return round(file_bytes / tokens, 2)
 
+
+def bytes_only(teacher, rows: list[dict], name: str, quick: bool, started: float, out: Path | None) -> None:
+    """Only what kd's real caches of ``rows`` take on disk per answer token, for each k (T = 1)."""
+    tokens = int(answer_logits(teacher, rows).shape[0])
+    results = [{"k": k, "bytes_per_token": cache_bytes_per_token(teacher, rows, k, 1.0, tokens)} for k in KS]
+    print(f"{'k':>4} {'B/token':>8}   ({tokens} answer tokens of {len(rows)} questions, kd's cache shards on disk)")
+    for r in results:
+        print(f"{r['k']:>4} {r['bytes_per_token']:>8}")
+    document = {
+        "benchmark": "topk_cache", "quick": quick, "mode": "bytes_only", "teacher": name,
+        "data": "tiny synthetic questions" if quick
+        else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
+        "answer_tokens": tokens, "temperature": 1.0,
+        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), headers and row lengths included",
+        "results": results, "seconds": round(time.perf_counter() - started, 1), "env": describe(),
+    }
+    finish(document, out or (None if quick else RESULTS / "topk_cache-bytes.json"))
+
+
+def measure(teacher, rows: list[dict], teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int,
+            temperature: float) -> dict:
     vocab = teacher_logits.shape[-1]
     full = F.log_softmax(teacher_logits / temperature, dim=-1)
     values, ids = full.topk(min(k, vocab), dim=-1)
     stored = values.half()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "shard.safetensors"
-        offsets = torch.tensor([0, len(stored)], dtype=torch.long)
-        save_file({"logprobs": stored.contiguous(), "ids": ids.to(id_dtype(vocab)).contiguous(), "offsets": offsets}, path)
-        file_bytes = path.stat().st_size
     read = stored.float()
     tail = losses.topk_tail(read, vocab)
     exact_tail = (1 - values.exp().sum(-1)).clamp(min=0)
@@ -121,8 +151,8 @@ def measure(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, 
     stored_buckets = torch.cat([read, tail.clamp(min=1e-30).log().unsqueeze(-1)], -1)
     kl_collapsed = kl(exact_buckets, stored_buckets)
 
-    result = {"k": k, "temperature": temperature, "bytes_per_token": bytes_per_token(k, vocab),
-              "file_bytes_per_token": round(file_bytes / len(stored), 2),
+    result = {"k": k, "temperature": temperature,
+              "bytes_per_token": cache_bytes_per_token(teacher, rows, k, temperature, len(stored)),
               "tail_mass_mean": float(exact_tail.mean()), "tail_mass_p95": float(exact_tail.quantile(0.95)),
               "kl_reconstruction_mean": float(kl_reconstruction.mean()),
               "kl_reconstruction_max": float(kl_reconstruction.max()),
@@ -194,6 +224,7 @@ def main() -> None:
     parser.add_argument("--kd-steps", type=int, default=None, help="distillation steps per k (default 60, quick 3)")
     parser.add_argument("--kd-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bytes-only", action="store_true", help="only the caches' bytes/token per k (no KL, no training)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,11 +233,13 @@ def main() -> None:
     started = time.perf_counter()
     teacher, layers, all_rows, name = setup(args.quick, limit + kd_steps * args.kd_batch)
     rows, train_rows = all_rows[:limit], all_rows[limit:]
+    if args.bytes_only:
+        return bytes_only(teacher, rows, name, args.quick, started, args.out)
     student = student_from_teacher(teacher, layers)
     teacher_logits = answer_logits(teacher, rows)
     student_logits = answer_logits(student, rows)
     vocab = teacher_logits.shape[-1]
-    results = [measure(teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
+    results = [measure(teacher, rows, teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
     untrained = F.log_softmax(student_logits, dim=-1)
     before = {"k": "none (untrained)", "kl_to_teacher": float(kl(F.log_softmax(teacher_logits, dim=-1), untrained).mean()),
               "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())}
@@ -221,6 +254,7 @@ def main() -> None:
         "vocab_size": vocab,
         "dense_fp16_bytes_per_token": vocab * 2,
         "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
+        "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), headers and row lengths included",
         "results": results,
         "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4, "loss": "top-k forward KL only, T = 1",
                           "train_questions": len(train_rows), "results": per_k},
@@ -228,10 +262,10 @@ def main() -> None:
         "env": describe(),
     }
     short = {"forward_kl": "fKL", "reverse_kl": "rKL", "skew_kl": "skew", "jsd": "JSD"}
-    print(f"{'T':>4} {'k':>4} {'B/token':>8} {'file B/tok':>10} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
+    print(f"{'T':>4} {'k':>4} {'B/token':>8} {'tail mean':>10} {'KL recon':>9} {'KL stored':>10} "
           + " ".join(f"{short[kind] + ' err':>9} {short[kind] + ' cos':>9}" for kind in losses.DIVERGENCES))
     for r in results:
-        print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} {r['file_bytes_per_token']:>10} "
+        print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
               + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
     print(f"\nstudent distilled {kd_steps} steps x {args.kd_batch} questions per k, scored on the {len(rows)} held-out questions")

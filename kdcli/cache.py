@@ -14,13 +14,19 @@ cannot tell them apart: the loss is the same either way (a test holds them equal
 Generation (task ``generate``) stores, per answer token, the teacher's top-k
 log-probabilities at the loss temperature (``log_softmax(logits / T)``, fp16) and their
 token ids (uint16 when the vocabulary has at most 65,536 ids, else int32), flat
-``[total_tokens, k]`` with per-row ``offsets`` [rows + 1] into them. The probability mass
-outside the top k (the tail) is not stored: it is ``1 - sum(exp(top-k))``, computed when
-read (``losses.topk_tail``), so a token costs exactly ``k * (2 + 2)`` bytes with uint16
-ids: 128 bytes at k = 32. ``temperature`` and ``top_k`` are part of the cache's identity.
-A live teacher answers in the same form (fp16-rounded top k), so live and cached losses
-agree. With ``kd_level = "sequence"`` the cache holds the teacher's greedy answers instead
-(``SPLIT-answers.json``).
+``[total_tokens, k]``, with each row's answer-token count in ``lengths`` [rows] (uint16;
+int32 only in a shard with an answer of 65,536 tokens or more). The probability mass outside
+the top k (the tail) is not stored: it is ``1 - sum(exp(top-k))``, computed when read
+(``losses.topk_tail``). A log-prob is never positive, so the sign bit of each stored fp16
+value is free: the last ``k // 16`` ids of a token (``k // 32`` with int32 ids) ride in those
+sign bits (``pack_topk``/``unpack_topk``) and the ``ids`` tensor holds only the others. With
+uint16 ids a token then costs ``2k + 2(k - k // 16)`` bytes, 124 at k = 32, plus 2 bytes a row
+and one safetensors header (a few hundred bytes) a shard: under 128 bytes a token at k = 32 for
+any cache of more than a few hundred tokens (the manifest's ``bytes_per_token`` is measured on
+the shard files). ``temperature`` and ``top_k`` are part of
+the cache's identity. A live teacher answers in the same form (fp16-rounded top k), so live
+and cached losses agree. With ``kd_level = "sequence"`` the cache holds the teacher's greedy
+answers instead (``SPLIT-answers.json``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
     from kdcli.models import TaskModel
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: generate shards hold per-row lengths and ids folded into the log-probs' sign bits
 SHARD_ROWS = 65_536
 SPLITS = ("train", "validation")
 # Fields that must match for a cache to stand in for the live teacher.
@@ -93,6 +99,11 @@ class CachedTeacher:
 
         self.path = path
         self.manifest = read_json(path / "manifest.json")
+        if self.manifest.get("cache_format") != CACHE_FORMAT:  # check_cache refuses it first; never misread one
+            raise CacheError(
+                f"the cache at {path} has format {self.manifest.get('cache_format')!r}, this kd reads {CACHE_FORMAT}",
+                "run `kd cache-teachers RECIPE` to rebuild it",
+            )
         self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.answers: dict[str, list[str]] = {}
@@ -104,18 +115,15 @@ class CachedTeacher:
                 continue
             parts = [load_file(path / shard) for shard in info["shards"]]
             if self.manifest.get("task") == "generate":
-                # Shards keep their own offsets; on load they become global starts and lengths per row.
-                starts, lengths, base = [], [], 0
-                for part in parts:
-                    offsets = part["offsets"]
-                    starts.append(offsets[:-1] + base)
-                    lengths.append(offsets[1:] - offsets[:-1])
-                    base += int(offsets[-1])
+                # Shards keep their own row lengths; on load they become global starts and lengths per row.
+                logprobs, ids = zip(*(unpack_topk(p["logprobs"], p["ids"]) for p in parts)) if parts else ((), ())
+                lengths = (torch.cat([p["lengths"].to(torch.long) for p in parts]) if parts
+                           else torch.zeros(0, dtype=torch.long))
                 self.tensors[split] = {
-                    "logprobs": torch.cat([p["logprobs"] for p in parts]) if parts else torch.zeros(0),
-                    "ids": torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0),
-                    "starts": torch.cat(starts) if parts else torch.zeros(0, dtype=torch.long),
-                    "lengths": torch.cat(lengths) if parts else torch.zeros(0, dtype=torch.long),
+                    "logprobs": torch.cat(logprobs) if parts else torch.zeros(0),
+                    "ids": torch.cat(ids) if parts else torch.zeros(0),
+                    "starts": lengths.cumsum(0) - lengths,
+                    "lengths": lengths,
                 }
                 continue
             self.tensors[split] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
@@ -217,7 +225,8 @@ def build_cache(
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    manifest = dict(identity, hidden_layers=teacher.layers, kd_version=__version__, splits={})
+    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__,
+                    splits={})
     if teacher.model.task == "generate":
         return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
     with atomic_dir(path) as tmp:
@@ -264,9 +273,57 @@ def id_dtype(vocab_size: int) -> "torch.dtype":
     return torch.uint16 if vocab_size <= 65_536 else torch.int32
 
 
-def bytes_per_token(top_k: int, vocab_size: int) -> int:
-    """Stored bytes per answer token: k fp16 log-probs and k ids; the tail is implicit (0 bytes)."""
-    return top_k * (2 + (2 if vocab_size <= 65_536 else 4))
+def _id_bits(ids: "torch.Tensor") -> int:
+    return 8 * ids.element_size()  # 16 (uint16) or 32 (int32)
+
+
+def pack_topk(logprobs: "torch.Tensor", ids: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Fold the last ``k // bits`` ids of each row into the sign bits of its fp16 log-probs.
+
+    ``logprobs`` [N, k] fp16, all <= 0; ``ids`` [N, k] in the stored id dtype (``bits`` wide).
+    Returns the fp16 log-probs with their sign bits replaced by those ids' bits (low bit first,
+    sign bit set = 1) and the ids not folded, [N, k - k // bits]. ``unpack_topk`` undoes it exactly.
+    """
+    import torch
+
+    if bool((logprobs > 0).any()):
+        raise ValueError("a log-probability is positive; its sign bit cannot carry an id")
+    rows, k = logprobs.shape
+    bits = _id_bits(ids)
+    folded = k // bits
+    if not folded:
+        return logprobs, ids
+    magnitude = logprobs.view(torch.int16).to(torch.int32) & 0x7FFF
+    carried = ids[:, k - folded :].to(torch.int64) & ((1 << bits) - 1)  # int32 ids are >= 0: their top bit is 0
+    id_bits = ((carried.unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(rows, folded * bits).to(torch.int32)
+    magnitude[:, : folded * bits] |= id_bits << 15
+    raw = torch.where(magnitude >= 0x8000, magnitude - 0x10000, magnitude).to(torch.int16)
+    return raw.view(torch.float16), ids[:, : k - folded].contiguous()
+
+
+def unpack_topk(logprobs: "torch.Tensor", ids: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The inverse of ``pack_topk``: fp16 log-probs [N, k] (every sign negative again) and ids [N, k]."""
+    import torch
+
+    rows, k = logprobs.shape
+    bits = _id_bits(ids)
+    folded = k - ids.shape[1]
+    if folded != k // bits:
+        raise CacheError(f"a cache shard holds {ids.shape[1]} ids for {k} log-probs",
+                         "run `kd cache-teachers RECIPE` to rebuild it")
+    if not folded:
+        return logprobs, ids
+    raw = logprobs.view(torch.int16).to(torch.int32) & 0xFFFF
+    values = ((raw & 0x7FFF) - 0x8000).to(torch.int16).view(torch.float16)  # the sign bit set: -|x|
+    id_bits = (raw[:, : folded * bits] >> 15).to(torch.int64).reshape(rows, folded, bits)
+    carried = (id_bits << torch.arange(bits)).sum(-1)
+    return values, torch.cat([ids, carried.to(ids.dtype)], dim=1)
+
+
+def shard_bytes_per_token(path: Path, manifest: dict[str, Any]) -> float:
+    """What the cache's safetensors shards take on disk (headers and lengths included) per answer token."""
+    shards = [name for info in manifest["splits"].values() for name in info["shards"] if name.endswith(".safetensors")]
+    return round(sum((path / shard).stat().st_size for shard in shards) / max(manifest.get("tokens") or 0, 1), 2)
 
 
 def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, list[dict]], manifest: dict[str, Any],
@@ -283,7 +340,7 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
     k = min(teacher.settings.top_k or vocab, vocab)
     if not sequence:
         manifest.update(top_k_stored=k, id_dtype=str(id_dtype(vocab)).removeprefix("torch."),
-                        bytes_per_token=bytes_per_token(k, vocab), tail="implicit: 1 - sum(exp(top-k log-probs))")
+                        tail="implicit: 1 - sum(exp(top-k log-probs))")
     tokens_total = 0
     with atomic_dir(path) as tmp:
         for split, rows in splits.items():
@@ -321,12 +378,14 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
                 tokens_total += tokens
                 for shard_no, first in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
                     part = per_row[first : first + SHARD_ROWS]
-                    lengths = torch.tensor([0] + [len(r[0]) for r in part], dtype=torch.long)
-                    tensors = {
-                        "logprobs": torch.cat([r[0] for r in part]) if part else torch.zeros(0, k, dtype=torch.float16),
-                        "ids": torch.cat([r[1] for r in part]) if part else torch.zeros(0, k, dtype=id_dtype(vocab)),
-                        "offsets": lengths.cumsum(0),
-                    }
+                    counts = [len(r[0]) for r in part]
+                    logprobs, ids = pack_topk(
+                        torch.cat([r[0] for r in part]) if part else torch.zeros(0, k, dtype=torch.float16),
+                        torch.cat([r[1] for r in part]) if part else torch.zeros(0, k, dtype=id_dtype(vocab)),
+                    )
+                    wide = max(counts, default=0) >= 65_536  # answers that long: int32 lengths for this shard
+                    tensors = {"logprobs": logprobs, "ids": ids,
+                               "lengths": torch.tensor(counts, dtype=torch.int32 if wide else torch.uint16)}
                     name = f"{split}-{shard_no:05d}.safetensors"
                     save_file({key: value.contiguous() for key, value in tensors.items()}, tmp / name)
                     shards.append(name)
@@ -338,9 +397,7 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
         manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
         if not sequence:
             manifest["tokens"] = tokens_total
-            manifest["file_bytes_per_token"] = round(
-                sum(f.stat().st_size for f in tmp.iterdir() if f.suffix == ".safetensors") / max(tokens_total, 1), 2
-            )
+            manifest["bytes_per_token"] = shard_bytes_per_token(tmp, manifest)  # measured on the files
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
         write_json(tmp / "manifest.json", manifest)

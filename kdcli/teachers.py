@@ -228,8 +228,8 @@ def _report(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         "bytes": manifest.get("bytes"),
         "rows_per_second": manifest.get("rows_per_second"),
         "validation_accuracy": splits.get("validation", {}).get("accuracy"),
-        **({"bytes_per_token": manifest["bytes_per_token"], "file_bytes_per_token": manifest.get("file_bytes_per_token"),
-            "tokens": manifest.get("tokens"), "top_k": manifest.get("top_k_stored")}
+        **({"bytes_per_token": manifest["bytes_per_token"], "tokens": manifest.get("tokens"),
+            "top_k": manifest.get("top_k_stored")}
            if "bytes_per_token" in manifest else {}),
     }
 

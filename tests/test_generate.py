@@ -179,8 +179,9 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, 
     job = generate_job(models, family, tmp_path, batch_size=8, grad_accum=1, kd_level=kd_level)
     live = job.teachers["t"]
     manifest = build_cache(tmp_path / "cache", live, {"train": job.rows["train"]}, {"kd_level": kd_level}, batch_size=5)
-    if kd_level == "token":
-        assert manifest["bytes_per_token"] == 16 * (2 + 2)  # uint16 ids
+    if kd_level == "token":  # the manifest's bytes/token is what the shard files take on disk
+        on_disk = sum(f.stat().st_size for f in (tmp_path / "cache").glob("*.safetensors"))
+        assert manifest["bytes_per_token"] == pytest.approx(on_disk / manifest["tokens"], abs=0.01)
     batch = job.rows["train"][8:16]
     live_total, live_parts, _ = train.compute_loss(job, batch, "train", None)
     job.teachers = {"t": CachedTeacher(tmp_path / "cache")}
@@ -189,6 +190,62 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, 
     for name in live_parts:
         assert float(live_parts[name].detach()) == pytest.approx(float(cached_parts[name].detach()), abs=1e-5), name
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
+
+
+def test_a_top32_cache_takes_at_most_128_bytes_a_token_on_disk_and_reads_back_as_the_live_teacher(models, tmp_path):
+    teacher = generate_model(models["llama"], seed=1)
+    live = LiveTeacher(teacher, TeacherSettings(max_length=32, top_k=32, temperature=2.0, answer_max_length=8))
+    rows = qa_rows(120)  # short answers of 1-3 tokens plus EOS, as TriviaQA's are; two splits, two shards
+    splits = {"train": rows[:90], "validation": [dict(r, idx=i) for i, r in enumerate(rows[90:])]}
+    manifest = build_cache(tmp_path / "cache", live, splits, {}, batch_size=1)  # one row a batch: no padding
+    assert manifest["id_dtype"] == "uint16" and manifest["top_k_stored"] == 32
+    tokens = int((GENERATE.encode(teacher, rows, 32, None, 8)["labels"] != -100).sum())
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "cache").glob("*.safetensors"))
+    assert manifest["tokens"] == tokens and on_disk / tokens <= 128, on_disk / tokens
+    cached = CachedTeacher(tmp_path / "cache")
+    for split, part in splits.items():
+        for row in part:
+            mine, theirs = cached([row], split), live([row], split)
+            assert mine.lengths == theirs.lengths
+            assert torch.equal(mine.token_ids, theirs.token_ids)
+            assert torch.equal(mine.token_logprobs, theirs.token_logprobs)
+    # A batch reads each row's own span, in the batch's order.
+    picked = [splits["validation"][i] for i in (7, 0, 29, 3)]
+    together = cached(picked, "validation")
+    assert torch.equal(together.token_ids, torch.cat([cached([row], "validation").token_ids for row in picked]))
+
+
+def test_the_packed_topk_form_round_trips_exactly_at_the_edges():
+    from kdcli.cache import pack_topk, unpack_topk
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype, top in ((torch.uint16, 65_535), (torch.int32, 2**31 - 1)):
+        for k in (8, 16, 31, 32, 64):
+            values = (-torch.rand(6, k, generator=generator) * 20).half()
+            values[0, 0], values[1, 0], values[2, -1], values[3, 0] = 0.0, -6e-8, float("-inf"), -65504.0
+            ids = torch.randint(0, top, (6, k), generator=generator)
+            ids[4], ids[5] = top, 0
+            packed_values, packed_ids = pack_topk(values, ids.to(dtype))
+            assert packed_ids.shape == (6, k - k // (8 * packed_ids.element_size()))
+            read_values, read_ids = unpack_topk(packed_values, packed_ids)
+            assert torch.equal(read_ids.to(torch.long), ids) and torch.equal(read_values.float(), values.float())
+    with pytest.raises(ValueError, match="positive"):
+        pack_topk(torch.full((1, 16), 0.5).half(), torch.zeros(1, 16, dtype=torch.uint16))
+
+
+def test_a_cache_of_the_old_format_is_refused_not_misread(models, tmp_path):
+    from kdcli.cache import check_cache
+    from kdcli.errors import CacheError
+    from kdcli.rundir import write_json
+
+    teacher = generate_model(models["llama"])
+    live = LiveTeacher(teacher, TeacherSettings(max_length=32, top_k=8, answer_max_length=8))
+    manifest = build_cache(tmp_path / "cache", live, {"train": qa_rows(4)}, {}, batch_size=2)
+    write_json(tmp_path / "cache" / "manifest.json", dict(manifest, cache_format=1))
+    with pytest.raises(CacheError, match="cache_format = 1"):
+        check_cache(tmp_path / "cache", dict(manifest), "t")
+    with pytest.raises(CacheError, match="format 1"):
+        CachedTeacher(tmp_path / "cache")
 
 
 def test_two_teachers_are_mixed_as_full_distributions(models, tmp_path):
@@ -301,11 +358,16 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert "val_token_f1" in next(x for x in lines if x["kind"] == "eval")
 
     cached = json.loads(kd("cache-teachers", str(recipe), "--json").stdout)[0]
-    assert cached["bytes_per_token"] == 8 * 4 and cached["top_k"] == 8 and cached["tokens"] > 0
+    on_disk = sum(f.stat().st_size for f in (run / "cache" / "main" / "big").glob("*.safetensors"))
+    assert cached["bytes_per_token"] == pytest.approx(on_disk / cached["tokens"], abs=0.01) and cached["top_k"] == 8
     manifest = read_json(run / "cache" / "main" / "big" / "manifest.json")
     assert manifest["top_k"] == 8 and manifest["vocab_size"] > 0 and manifest["id_dtype"] == "uint16"
-    wide = runner.invoke(app, ["cache-teachers", str(recipe), "--force"], env={"COLUMNS": "200"})
-    assert wide.exit_code == 0 and "bytes/token" in wide.output and "32 (k=8)" in wide.output
+    # A cache of the old format is rebuilt, not read.
+    (run / "cache" / "main" / "big" / "manifest.json").write_text(json.dumps(dict(manifest, cache_format=1)))
+    wide = runner.invoke(app, ["cache-teachers", str(recipe)], env={"COLUMNS": "200"})
+    assert wide.exit_code == 0 and "bytes/token" in wide.output and f"{cached['bytes_per_token']} (k=8)" in wide.output
+    assert "rebuilding" in wide.output
+    assert read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == 2
     assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
 
     result = json.loads(kd("eval", str(recipe), "--json").stdout)
