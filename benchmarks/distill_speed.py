@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model kit
 
 from _common import finish  # noqa: E402
+
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache  # noqa: E402
+from kdcli.job import Job, TeacherSettings  # noqa: E402
 from kdcli.models import load_task_model, student_from_teacher  # noqa: E402
 from kdcli.recipe import DataConfig, LossConfig, TeacherConfig, TrainConfig  # noqa: E402
 from kdcli.runtime import describe, make_accelerator  # noqa: E402
-from kdcli.job import Job, TeacherSettings  # noqa: E402
 from kdcli.train import run_job  # noqa: E402
 
 FPB = ROOT.parent / "shared" / "data" / "fpb" / "Sentences_AllAgree.txt"
@@ -83,13 +84,15 @@ def make_job(mode: str, teacher, layers, rows, args, out: Path, cache: Path) -> 
     if mode == "cached":
         teachers = {"t": CachedTeacher(cache)}
     elif mode == "live":
-        teachers = {"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(hidden_layers), max_length=args.max_length))}
+        teachers = {"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(hidden_layers),
+                                                              max_length=args.max_length))}
     loss = LossConfig(alpha=1.0) if mode == "plain" else LossConfig(alpha=0.5, temperature=2.0, beta=1.0)
     return Job(
         name=mode, student=student, rows={"train": rows, "validation": rows[:16]}, loss=loss,
         train=TrainConfig(max_steps=args.steps, batch_size=args.batch_size, eval_every=10**9, checkpoint_every=10**9,
                           log_every=10**9, eval_batch_size=16),
-        seed=0, max_length=args.max_length, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",
+        seed=0, max_length=args.max_length, template=None, checkpoint_dir=out / "checkpoints",
+        output_dir=out / "student",
         metrics_path=out / "metrics.jsonl", teachers=teachers, teacher_weights={"t": 1.0},
         hidden_pairs={} if mode == "plain" else {"t": pairs}, teacher_widths={"t": teacher.hidden_size},
         pooling={"t": "mean"}, label_prior=None,
@@ -106,7 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--tokenizers-parallelism", choices=["true", "false"], default=None,
                         help="the tokenizers library's thread pool (default: kd's, false)")
-    parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/distill_speed[-quick].json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default benchmarks/results/distill_speed[-quick].json)")
     args = parser.parse_args()
     if args.tokenizers_parallelism:  # read by the tokenizers library at every call
         os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
@@ -121,7 +125,9 @@ def main() -> None:
         teacher, layers, rows = setup(args.quick, workdir)
         teacher.model.eval()
         started = time.perf_counter()
-        build_cache(workdir / "cache", LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(sorted(set(layers))), max_length=args.max_length)),
+        build_cache(workdir / "cache",
+                    LiveTeacher(teacher, TeacherSettings(hidden_layers=tuple(sorted(set(layers))),
+                                                         max_length=args.max_length)),
                     {"train": rows, "validation": rows[:16]}, {}, batch_size=64)
         cache_seconds = time.perf_counter() - started
 

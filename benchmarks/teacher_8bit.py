@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
 from _common import finish  # noqa: E402
+
 from kdcli.models import load_task_model  # noqa: E402
 from kdcli.recipe import TeacherConfig  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
@@ -43,7 +44,8 @@ def logits_of(model, rows: list[dict], batch_size: int = 32) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            out.append(CLASSIFY.forward(model, CLASSIFY.encode(model, rows[start : start + batch_size], 64)).logits.float())
+            out.append(CLASSIFY.forward(model, CLASSIFY.encode(model, rows[start : start + batch_size], 64))
+                       .logits.float())
     return torch.cat(out)
 
 
@@ -104,7 +106,8 @@ def main() -> None:
     print(f"\n{'teacher':<8} {'weights MB':>11} {'RSS growth MB':>14} {'accuracy':>9}")
     for name in ("fp32", "int8"):
         r = results[name]
-        print(f"{name:<8} {r['weights_bytes'] / 2**20:>11.1f} {r['rss_growth_bytes'] / 2**20:>14.1f} {r['accuracy']:>9.4f}")
+        print(f"{name:<8} {r['weights_bytes'] / 2**20:>11.1f} {r['rss_growth_bytes'] / 2**20:>14.1f} "
+              f"{r['accuracy']:>9.4f}")
     print(f"KL(fp32 || int8) = {kl:.2e}, argmax agreement {summary['argmax_agreement']:.4f}")
     finish(summary)
 

@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
 from _common import RESULTS, finish  # noqa: E402
+
 from kdcli import losses  # noqa: E402
 from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
 from kdcli.job import TeacherSettings  # noqa: E402
@@ -167,7 +168,8 @@ def measure(teacher, rows: list[dict], teacher_logits: torch.Tensor, student_log
         cosine = F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0)
         result[f"{kind}_dense"] = float(dense_loss.detach())
         result[f"{kind}_topk"] = float(sparse_loss.detach())
-        result[f"{kind}_rel_error"] = abs(float(sparse_loss.detach()) - float(dense_loss.detach())) / max(float(dense_loss.detach()), 1e-12)
+        result[f"{kind}_rel_error"] = (abs(float(sparse_loss.detach()) - float(dense_loss.detach()))
+                                       / max(float(dense_loss.detach()), 1e-12))
         result[f"{kind}_grad_cosine"] = float(cosine)
     return result
 
@@ -177,7 +179,8 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
     """Distil a fresh student per k for ``steps`` steps of ``batch_size`` rows; score it on ``eval_rows``."""
     vocab = eval_teacher.shape[-1]
     teacher_full = F.log_softmax(answer_logits(teacher, train_rows), dim=-1)  # [N, V], T = 1
-    counts = [int((GENERATE.encode(teacher, [row], 64, None, 32)["labels"] != -100).sum()) for row in train_rows]  # to slice rows of teacher_full
+    # to slice rows of teacher_full
+    counts = [int((GENERATE.encode(teacher, [row], 64, None, 32)["labels"] != -100).sum()) for row in train_rows]
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     eval_teacher_log = F.log_softmax(eval_teacher, dim=-1)
     results = []
@@ -205,7 +208,8 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
         gold = []
         with torch.no_grad():
             for start in range(0, len(eval_rows), 16):
-                output = GENERATE.forward(student, GENERATE.encode(student, eval_rows[start : start + 16], 64, None, 32))
+                output = GENERATE.forward(student,
+                                          GENERATE.encode(student, eval_rows[start : start + 16], 64, None, 32))
                 gold.append(losses.cross_entropy(output.logits, output.labels) * int(output.token_mask.sum()))
         results.append({
             "k": "dense" if k >= vocab else k,
@@ -220,11 +224,13 @@ def distil_per_k(teacher, layers: list[int], train_rows: list[dict], eval_rows: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama from tests/kit.py; seconds")
-    parser.add_argument("--questions", type=int, default=None, help="questions whose answers are scored (default 120, quick 16)")
+    parser.add_argument("--questions", type=int, default=None,
+                        help="questions whose answers are scored (default 120, quick 16)")
     parser.add_argument("--kd-steps", type=int, default=None, help="distillation steps per k (default 60, quick 3)")
     parser.add_argument("--kd-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bytes-only", action="store_true", help="only the caches' bytes/token per k (no KL, no training)")
+    parser.add_argument("--bytes-only", action="store_true",
+                        help="only the caches' bytes/token per k (no KL, no training)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,23 +247,26 @@ def main() -> None:
     vocab = teacher_logits.shape[-1]
     results = [measure(teacher, rows, teacher_logits, student_logits, k, t) for t in TEMPERATURES for k in KS]
     untrained = F.log_softmax(student_logits, dim=-1)
-    before = {"k": "none (untrained)", "kl_to_teacher": float(kl(F.log_softmax(teacher_logits, dim=-1), untrained).mean()),
+    before = {"k": "none (untrained)",
+              "kl_to_teacher": float(kl(F.log_softmax(teacher_logits, dim=-1), untrained).mean()),
               "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())}
-    per_k = [before, *distil_per_k(teacher, layers, train_rows, rows, teacher_logits, list(KS), kd_steps, args.kd_batch, 2e-4)]
+    per_k = [before, *distil_per_k(teacher, layers, train_rows, rows, teacher_logits, list(KS), kd_steps,
+                                   args.kd_batch, 2e-4)]
     document = {
         "benchmark": "topk_cache",
         "quick": args.quick,
         "teacher": name,
         "student": f"teacher layers {layers} (from_teacher, untrained)",
-        "data": "tiny synthetic questions" if args.quick else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
+        "data": "tiny synthetic questions" if args.quick
+                else f"TriviaQA subset ({TRIVIA.name}), first {len(rows)} questions, gold answers",
         "answer_tokens": int(teacher_logits.shape[0]),
         "vocab_size": vocab,
         "dense_fp16_bytes_per_token": vocab * 2,
         "tail_storage": "implicit: 1 - sum(exp(top-k log-probs)), computed when read (0 bytes)",
         "bytes_per_token_measured_on": "kd's cache shards (kdcli.cache.build_cache), headers and row lengths included",
         "results": results,
-        "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4, "loss": "top-k forward KL only, T = 1",
-                          "train_questions": len(train_rows), "results": per_k},
+        "student_per_k": {"steps": kd_steps, "batch_size": args.kd_batch, "lr": 2e-4,
+                          "loss": "top-k forward KL only, T = 1", "train_questions": len(train_rows), "results": per_k},
         "seconds": round(time.perf_counter() - started, 1),
         "env": describe(),
     }
@@ -267,8 +276,10 @@ def main() -> None:
     for r in results:
         print(f"{r['temperature']:>4g} {r['k']:>4} {r['bytes_per_token']:>8} "
               f"{r['tail_mass_mean']:>10.4f} {r['kl_reconstruction_mean']:>9.4f} {r['kl_collapsed_mean']:>10.2e} "
-              + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}" for kind in losses.DIVERGENCES))
-    print(f"\nstudent distilled {kd_steps} steps x {args.kd_batch} questions per k, scored on the {len(rows)} held-out questions")
+              + " ".join(f"{r[kind + '_rel_error']:>9.4f} {r[kind + '_grad_cosine']:>9.4f}"
+                         for kind in losses.DIVERGENCES))
+    print(f"\nstudent distilled {kd_steps} steps x {args.kd_batch} questions per k, "
+          f"scored on the {len(rows)} held-out questions")
     print(f"{'k':>17} {'KL to teacher':>14} {'top-1 agree':>12} {'gold CE':>8}")
     for r in per_k:
         gold = f"{r['gold_ce']:>8.3f}" if "gold_ce" in r else f"{'':>8}"

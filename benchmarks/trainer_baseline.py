@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
-from _common import finish  # noqa: E402
 import distill_speed  # noqa: E402  (shared setup: models, rows, jobs)
+from _common import finish  # noqa: E402
+
 from kdcli import losses  # noqa: E402
 from kdcli.cache import LiveTeacher, build_cache  # noqa: E402
 from kdcli.job import TeacherSettings  # noqa: E402
@@ -114,8 +115,10 @@ def main() -> None:
                     {"train": rows, "validation": rows[:16]}, {}, batch_size=64)
         for repeat in range(args.repeats + 1):
             trainer = trainer_samples_per_second(teacher, layers, rows, args, workdir / f"trainer-{repeat}")
-            live = kd_samples_per_second("live", teacher, layers, rows, args, workdir / f"live-{repeat}", workdir / "cache")
-            cached = kd_samples_per_second("cached", teacher, layers, rows, args, workdir / f"cached-{repeat}", workdir / "cache")
+            live = kd_samples_per_second("live", teacher, layers, rows, args, workdir / f"live-{repeat}",
+                                         workdir / "cache")
+            cached = kd_samples_per_second("cached", teacher, layers, rows, args, workdir / f"cached-{repeat}",
+                                           workdir / "cache")
             if repeat:  # the first round is the warm-up
                 for name, value in zip(names, (trainer, *live, *cached)):
                     runs[name].append(value)

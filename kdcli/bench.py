@@ -162,7 +162,8 @@ def size_on_disk(path: Path | None) -> int | None:
     """Bytes of the weight files in a model directory (safetensors when present, else any weight format)."""
     if path is None or not path.is_dir():
         return None
-    files = sorted(path.rglob("*.safetensors")) or sorted(p for p in path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
+    files = (sorted(path.rglob("*.safetensors"))
+             or sorted(p for p in path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES)))
     return sum(f.stat().st_size for f in files) if files else None
 
 
@@ -175,7 +176,8 @@ def bench_role(recipe: Recipe, role: Role, console: "Console | None" = None) -> 
     """Benchmark one role on the last stage's test split; save and return ``runs/NAME/bench/ROLE.json``."""
     from rich.console import Console
 
-    from kdcli.runtime import busy_cores, describe as environment
+    from kdcli.runtime import busy_cores
+    from kdcli.runtime import describe as environment
 
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)

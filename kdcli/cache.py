@@ -145,7 +145,8 @@ class CachedTeacher:
         if self.manifest.get("task") == "generate":
             stored = self.tensors[split]
             spans = [(int(stored["starts"][ex["idx"]]), int(stored["lengths"][ex["idx"]])) for ex in examples]
-            index = torch.cat([torch.arange(start, start + n) for start, n in spans]) if spans else torch.zeros(0, dtype=torch.long)
+            index = (torch.cat([torch.arange(start, start + n) for start, n in spans]) if spans
+                     else torch.zeros(0, dtype=torch.long))
             return TeacherBatch(
                 token_logprobs=stored["logprobs"][index].float().to(self.device),
                 token_ids=stored["ids"][index].to(torch.long).to(self.device),
@@ -198,7 +199,8 @@ def check_cache(path: Path, expected: dict[str, Any], teacher_name: str) -> None
     try:
         manifest = read_json(manifest_path)
     except ValueError:
-        raise CacheError(f"the cache manifest {manifest_path} is not valid JSON", "run `kd cache-teachers RECIPE` to rebuild it") from None
+        raise CacheError(f"the cache manifest {manifest_path} is not valid JSON",
+                         "run `kd cache-teachers RECIPE` to rebuild it") from None
     for key in IDENTITY_FIELDS:
         if manifest.get(key) != expected.get(key):
             raise CacheError(
@@ -209,7 +211,8 @@ def check_cache(path: Path, expected: dict[str, Any], teacher_name: str) -> None
     for split in SPLITS:
         for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
             if not (path / shard).is_file():
-                raise CacheError(f"the cache for teacher '{teacher_name}' is missing {shard}", "run `kd cache-teachers RECIPE` to rebuild it")
+                raise CacheError(f"the cache for teacher '{teacher_name}' is missing {shard}",
+                                 "run `kd cache-teachers RECIPE` to rebuild it")
 
 
 def build_cache(
@@ -355,7 +358,8 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
                 if sequence:
                     for i, text in zip(index, answer.texts):
                         per_row[i] = text
-                    hits += sum(exact_match(text, ex["answers"]) for text, ex in zip(answer.texts, chunk) if ex["answers"])
+                    hits += sum(exact_match(text, ex["answers"])
+                                for text, ex in zip(answer.texts, chunk) if ex["answers"])
                     count += sum(1 for ex in chunk if ex["answers"])
                 else:
                     at = 0

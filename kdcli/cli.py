@@ -31,7 +31,9 @@ app = typer.Typer(
 RecipeArg = Annotated[Path, typer.Argument(help="The TOML recipe.", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: --set train.lr=3e-5 (repeatable; values are TOML).", show_default=False),
+    typer.Option(
+        "--set", help="Override a recipe key: --set train.lr=3e-5 (repeatable; values are TOML).", show_default=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
@@ -135,8 +137,10 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
             loss += f" beta={stage.loss.beta:g}"
         if stage.loss.gamma:
             loss += f" gamma={stage.loss.gamma:g}"
-        schedule = f"{stage.train.epochs:g} ep, bs {stage.train.batch_size}x{stage.train.grad_accum}, lr {stage.train.lr:g}"
-        table.add_row(stage.name, f"{stage.data.format}: {source}", ", ".join(stage.teachers or []) or "(labels only)", loss, schedule)
+        schedule = (f"{stage.train.epochs:g} ep, bs {stage.train.batch_size}x{stage.train.grad_accum}, "
+                    f"lr {stage.train.lr:g}")
+        table.add_row(stage.name, f"{stage.data.format}: {source}", ", ".join(stage.teachers or []) or "(labels only)",
+                      loss, schedule)
     console.print(table)
     student = recipe.student.ref or f"from teacher '{recipe.student.from_teacher}' layers {recipe.student.layers}"
     console.print(f"student: {student}")
@@ -206,7 +210,11 @@ def distill(
     ] = None,
     params: Annotated[
         Optional[list[Path]],
-        typer.Option("--params", help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).", show_default=False),
+        typer.Option(
+            "--params",
+            help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).",
+            show_default=False,
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -224,7 +232,8 @@ def distill(
     role = DATASET if no_teachers else solo_role(teacher) if teacher else STUDENT
     # With --json, stdout carries one JSON document; everything said along the way goes to stderr.
     with _locked(recipe):
-        results = run_stages(recipe, resume=resume, role=role, show_progress=not as_json, console=Console(stderr=as_json))
+        results = run_stages(recipe, resume=resume, role=role, show_progress=not as_json,
+                             console=Console(stderr=as_json))
     if as_json:
         from dataclasses import asdict
 
@@ -238,7 +247,9 @@ def distill(
 def eval_(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.")] = "student",
+    model: Annotated[
+        str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.")
+    ] = "student",
     split: Annotated[Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -259,9 +270,14 @@ def eval_(
 @app.command()
 @_error_boundary
 def bench(
-    recipe_path: Annotated[Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)] = None,
+    recipe_path: Annotated[
+        Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)
+    ] = None,
     overrides: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path.")] = "student",
+    model: Annotated[
+        str,
+        typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path."),
+    ] = "student",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency, throughput, size and memory of a model on real inputs."""
@@ -284,7 +300,8 @@ def bench(
             except ModelError as exc:  # e.g. a teacher not fine-tuned yet: bench the others
                 skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
         if not results:
-            raise ModelError("no model of this recipe could be benchmarked", "; ".join(f"{r}: {w}" for r, w in skipped.items()))
+            raise ModelError("no model of this recipe could be benchmarked",
+                             "; ".join(f"{r}: {w}" for r, w in skipped.items()))
     else:
         results.append(bench_role(recipe, Role.parse(model)))
     _record(recipe)
@@ -297,17 +314,32 @@ def bench(
 @app.command()
 @_error_boundary
 def compare(
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or recipes (default: every run in ./runs).", show_default=False)] = None,
+    runs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Run directories or recipes (default: every run in ./runs).", show_default=False),
+    ] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Write the table as md, csv or json.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.")
+    ] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.")] = False,
     mean: Annotated[
-        bool, typer.Option("--mean", help="One table: the runs (one recipe under several seeds) averaged role by role, ± std.")
+        bool,
+        typer.Option(
+            "--mean", help="One table: the runs (one recipe under several seeds) averaged role by role, ± std."
+        ),
     ] = False,
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
-    from kdcli.report import (collect_run, mean_table, plot_losses, plot_quality_speed, print_compare, render_compare,
-                              run_roots)
+    from kdcli.report import (
+        collect_run,
+        mean_table,
+        plot_losses,
+        plot_quality_speed,
+        print_compare,
+        render_compare,
+        run_roots,
+    )
     from kdcli.rundir import write_text_atomic
 
     if fmt not in (None, "md", "csv", "json"):
@@ -337,7 +369,11 @@ def run(
     overrides: SetOpt = None,
     params: Annotated[
         Optional[list[Path]],
-        typer.Option("--params", help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).", show_default=False),
+        typer.Option(
+            "--params",
+            help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Every step in order: prepare, cache-teachers, distill (with and without teachers), eval, bench, compare."""
@@ -354,7 +390,9 @@ def run(
 def tune(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    trials: Annotated[int, typer.Option("--trials", help="Trials the study should have; a rerun runs only the missing ones.")] = 25,
+    trials: Annotated[
+        int, typer.Option("--trials", help="Trials the study should have; a rerun runs only the missing ones.")
+    ] = 25,
     fraction: Annotated[float, typer.Option("--fraction", help="Share of each train split a trial trains on.")] = 0.05,
     sampler: Annotated[str, typer.Option("--sampler", help="random (as the study did) or tpe.")] = "random",
     storage: Annotated[

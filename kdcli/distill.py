@@ -103,7 +103,8 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             name=job_name, student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template, checkpoint_dir=out.checkpoints(job_name),
             output_dir=output, metrics_path=out.metrics, label_prior=data.label_prior,
-            extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []), "teachers": sources},
+            extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []),
+                            "teachers": sources},
             answer_max_length=stage.data.answer_max_length, **taught,
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)

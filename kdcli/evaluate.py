@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console: "Console | None" = None) -> dict[str, Any]:
+def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
+                  console: "Console | None" = None) -> dict[str, Any]:
     """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
     from kdcli.roles import check
     from kdcli.runtime import describe as environment
@@ -49,7 +50,8 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console:
                       "pick one with --split, or add it to data.split")
     rows = task.scored_rows(data.rows[split])
     if not rows:
-        raise KdError(f"the {split} split of stage '{stage.name}' has nothing to score (no labels or reference answers)",
+        raise KdError(f"the {split} split of stage '{stage.name}' has nothing to score "
+                      "(no labels or reference answers)",
                       "score another split with --split")
     cfg = recipe.eval
 

@@ -265,10 +265,12 @@ def sparse_divergence(
     keep = valid.unsqueeze(-1)
     device = student_logits.device
     logits = torch.where(keep, student_logits.float(), torch.zeros((), device=device))
-    ids = torch.where(keep, teacher_ids.to(device=device, dtype=torch.long), torch.zeros((), dtype=torch.long, device=device))
+    ids = torch.where(keep, teacher_ids.to(device=device, dtype=torch.long),
+                      torch.zeros((), dtype=torch.long, device=device))
     k = ids.shape[-1]
     # Masked rows: a uniform teacher over the k ids (no tail), harmless finite values.
-    log_p_k = torch.where(keep, teacher_logprobs.detach().float().to(device), torch.full((), -math.log(k), device=device))
+    log_p_k = torch.where(keep, teacher_logprobs.detach().float().to(device),
+                          torch.full((), -math.log(k), device=device))
     p_k = log_p_k.exp()
     if k >= vocab:  # the whole distribution: renormalised, so rounded (fp16) log-probs still sum to 1
         p_k = p_k / p_k.sum(-1, keepdim=True)
@@ -425,15 +427,17 @@ def layer_pairs(
     raise ValueError(f"unknown layer map {map!r}; expected 'skip', 'last' or 'pairs'")
 
 
-def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+def diversity_penalty(student_logits: Tensor, prior: Tensor, mask: Tensor | None = None,
+                      temperature: float = 1.0) -> Tensor:
     """KL(prior || mean prediction): how far the batch's average prediction drifts from the label prior.
 
     student_logits [N, C], prior [C] (label frequencies: counts or probabilities, normalised
     here), mask [N] or None -> scalar. Rows are softmaxed at ``temperature`` and averaged over
     valid rows. At temperature 1 a student can satisfy the penalty by hedging every answer at
     the prior while still answering the majority class everywhere; below 1 the average comes
-    close to the histogram of the answers themselves, so only answering differently helps. A student that answers the majority class for everything scores high even when
-    each answer is confident, which per-example losses do not catch. 0 when fully masked.
+    close to the histogram of the answers themselves, so only answering differently helps. A
+    student that answers the majority class for everything scores high even when each answer
+    is confident, which per-example losses do not catch. 0 when fully masked.
     """
     if student_logits.dim() != 2 or prior.shape != student_logits.shape[-1:]:
         raise ValueError(

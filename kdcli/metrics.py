@@ -42,7 +42,8 @@ def classification_metrics(gold: Sequence[int], pred: Sequence[int], label_names
         precision = true_positive / predicted if predicted else 0.0
         recall = true_positive / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support,
+                           "predicted": predicted}
         if support or predicted:
             present.append(per_class[name])
 

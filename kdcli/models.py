@@ -40,15 +40,15 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import Tensor, nn
+
+from kdcli.errors import ModelError
+from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
 
 # kd reports what matters itself (a missing head is an error, progress is one rich bar): the
 # libraries' own load reports and per-file progress bars would bury it.
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-from torch import Tensor, nn
-
-from kdcli.errors import ModelError
-from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
 
 HEAD_CLASSES = {
     "sequence-classification": transformers.AutoModelForSequenceClassification,
@@ -116,7 +116,8 @@ def _check_model_dir(path: Path, ref: str, needed: str) -> None:
 @dataclass
 class TaskOutput:
     logits: Tensor  # [B, C] over classes or options; generate: [B, T, V] next-token logits
-    hidden_states: tuple[Tensor, ...] | None  # per layer [B', L, D], embeddings at index 0; B' = B*C for multiple-choice
+    hidden_states: tuple[Tensor, ...] | None  # per layer [B', L, D], embeddings at index 0;
+                                              # B' = B*C for multiple-choice
     attention_mask: Tensor  # [B', L], for pooling hidden states
     labels: Tensor | None = None  # generate: [B, T] target token of each logits position, -100 = not an answer token
     token_mask: Tensor | None = None  # generate: [B, T], True at answer tokens (labels != -100)
@@ -157,7 +158,8 @@ class TaskModel:
 
     # ----------------------------------------------------------------- inputs
 
-    def encode_prompts(self, examples: list[dict], max_length: int | None = None, template: str | None = None) -> dict[str, Tensor]:
+    def encode_prompts(self, examples: list[dict], max_length: int | None = None,
+                       template: str | None = None) -> dict[str, Tensor]:
         """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one)."""
         prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
         side = self.tokenizer.padding_side
@@ -426,7 +428,8 @@ def load_tokenizer(spec: ModelSpec, path_override: str | None = None) -> transfo
     """The spec's tokenizer (its own `tokenizer` ref, else the model's), always with a pad token."""
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.tokenizer:  # a tokenizer of its own: the model's gguf_file does not apply to it
-        tokenizer = _load(transformers.AutoTokenizer.from_pretrained, resolve_ref(spec.tokenizer, tokenizer=True), spec.tokenizer, **common)
+        tokenizer = _load(transformers.AutoTokenizer.from_pretrained, resolve_ref(spec.tokenizer, tokenizer=True),
+                          spec.tokenizer, **common)
     else:
         ref = path_override or spec.ref
         if spec.gguf_file:
@@ -518,7 +521,8 @@ def option_token_ids(tokenizer, kind: str, n: int) -> tuple[list[int], str]:
     for k, tokens in enumerate(continuations, start=1):
         if len(tokens) != 1:
             raise ModelError(
-                f"option number {k} is not a single token for this tokenizer ({tokenizer.convert_ids_to_tokens(tokens)})",
+                f"option number {k} is not a single token for this tokenizer "
+                f"({tokenizer.convert_ids_to_tokens(tokens)})",
                 hint="use a multiple-choice encoder for this dataset, or a model whose tokenizer keeps digits whole",
             )
     return [tokens[0] for tokens in continuations], suffix
@@ -588,7 +592,8 @@ def _block_lists(model: nn.Module, n: int) -> list[str]:
 # --------------------------------------------------------------------------- checks
 
 
-def check_compatible(student: TaskModel, teachers: dict[str, TaskModel], hidden_maps: dict[str, list[tuple[int, int]]]) -> None:
+def check_compatible(student: TaskModel, teachers: dict[str, TaskModel],
+                     hidden_maps: dict[str, list[tuple[int, int]]]) -> None:
     """Refuse, before training, a student and teachers that cannot be distilled into each other.
 
     ``hidden_maps[name]`` lists (student_layer, teacher_layer) pairs, block indices as in ``num_layers``.
@@ -604,9 +609,11 @@ def check_compatible(student: TaskModel, teachers: dict[str, TaskModel], hidden_
             )
         for s, t in hidden_maps.get(name, []):
             if not 0 <= s < student.num_layers:
-                problems.append(f"teacher {name}: hidden map student layer {s} does not exist (0..{student.num_layers - 1})")
+                problems.append(f"teacher {name}: hidden map student layer {s} does not exist "
+                                f"(0..{student.num_layers - 1})")
             if not 0 <= t < teacher.num_layers:
-                problems.append(f"teacher {name}: hidden map teacher layer {t} does not exist (0..{teacher.num_layers - 1})")
+                problems.append(f"teacher {name}: hidden map teacher layer {t} does not exist "
+                                f"(0..{teacher.num_layers - 1})")
     if problems:
         raise ModelError("; ".join(problems), hint="fix the teachers' hidden maps or the models in the recipe")
 

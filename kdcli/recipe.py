@@ -169,7 +169,8 @@ class DataConfig(Section):
         try:  # what parse() does not look into: placeholders nested in a format spec, bad specs
             value.format(text="text", options="1. option")
         except (KeyError, IndexError, ValueError, AttributeError) as exc:
-            raise ValueError(f"cannot be filled in ({type(exc).__name__}: {exc}); a template may use {{text}} and {{options}}") from None
+            raise ValueError(f"cannot be filled in ({type(exc).__name__}: {exc}); "
+                             "a template may use {text} and {options}") from None
         return value
 
     @model_validator(mode="after")
@@ -212,9 +213,12 @@ class ModelSpec(Section):
         "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPUs that support it."
     )
     load_in_8bit: bool = Field(
-        False, description="Load linear layers in 8-bit (bitsandbytes): about 4x less memory than fp32, a little accuracy."
+        False,
+        description="Load linear layers in 8-bit (bitsandbytes): about 4x less memory than fp32, a little accuracy.",
     )
-    load_in_4bit: bool = Field(False, description="Load linear layers in 4-bit NF4 (bitsandbytes): about 8x less memory.")
+    load_in_4bit: bool = Field(
+        False, description="Load linear layers in 4-bit NF4 (bitsandbytes): about 8x less memory."
+    )
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off unless you trust its author."
     )
@@ -301,7 +305,9 @@ class StudentConfig(ModelSpec):
 class LossConfig(Section):
     """loss = alpha*CE + (1-alpha)*T^2*D(teacher||student) + beta*hidden MSE + gamma*diversity."""
 
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of cross-entropy on gold labels; 1 - alpha goes to the teacher term.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of cross-entropy on gold labels; 1 - alpha goes to the teacher term."
+    )
     temperature: float = Field(2.0, gt=0, description="Softens both distributions; the KD term is scaled by T^2.")
     divergence: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
         "forward_kl",
@@ -333,14 +339,18 @@ class LossConfig(Section):
         description="generate: token-level KD on the teacher's next-token distribution, or sequence-level "
         "(the teacher's greedy answers become the targets).",
     )
-    top_k: int = Field(32, gt=0, description="generate: teacher log-probs kept per token in the cache (plus one tail bucket).")
+    top_k: int = Field(
+        32, gt=0, description="generate: teacher log-probs kept per token in the cache (plus one tail bucket)."
+    )
 
 
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the train split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, gt=0, description="Examples per forward pass on each process.")
-    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step; effective batch = batch_size * grad_accum * processes.")
+    grad_accum: int = Field(
+        1, gt=0, description="Forward passes per optimizer step; effective batch = batch_size * grad_accum * processes."
+    )
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up.")
@@ -362,7 +372,8 @@ class TrainConfig(Section):
         None, gt=0, description="Stop after this many evaluations without improvement; unset = never stop early."
     )
     metric: Literal["accuracy", "f1", "exact_match", "token_f1", "loss"] = Field(
-        "accuracy", description="Validation metric that picks the best checkpoint (loss is minimised, the rest maximised)."
+        "accuracy",
+        description="Validation metric that picks the best checkpoint (loss is minimised, the rest maximised).",
     )
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk besides the best one.")
     eval_batch_size: int = Field(64, gt=0, description="Batch size for validation and teacher caching.")
@@ -403,7 +414,9 @@ class SearchDistribution(Section):
 
     uniform: Bounds | None = Field(None, description="Uniform float in [low, high].")
     log_uniform: Bounds | None = Field(None, description="Log-uniform float in [low, high], low > 0.")
-    int_uniform: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(None, description="Uniform integer in [low, high].")
+    int_uniform: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Uniform integer in [low, high]."
+    )
     choice: list[Union[int, float, str, bool]] | None = Field(None, description="One of these values.")
 
     @model_validator(mode="after")
@@ -436,7 +449,8 @@ class Recipe(Section):
     single_teacher_students: list[str] = Field(
         default_factory=list,
         description="Teachers that each also teach a student alone (role `student:NAME`), to show what each adds; "
-        "`kd run` trains, evaluates and benchmarks them. The hidden MSE applies only if that teacher has a `hidden` map.",
+        "`kd run` trains, evaluates and benchmarks them. "
+        "The hidden MSE applies only if that teacher has a `hidden` map.",
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="The loss (the default for every stage).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The schedule (the default for every stage).")
@@ -543,7 +557,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError([f"--set {text}: {'.'.join(parts[: i + 1])} is not a stage index"], source="--set")
+                    raise RecipeError([f"--set {text}: {'.'.join(parts[: i + 1])} is not a stage index"],
+                                      source="--set")
                 node = node[int(part)]
             else:
                 node = node.setdefault(part, {})
@@ -659,7 +674,8 @@ def _read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the file as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError([f"invalid TOML: {exc}"], source=str(path), hint="check the TOML syntax at that line") from None
+        raise RecipeError([f"invalid TOML: {exc}"], source=str(path),
+                          hint="check the TOML syntax at that line") from None
 
 
 def _overlay(base: Any, over: dict[str, Any], source: str, where: tuple[str, ...] = ()) -> Any:
@@ -671,7 +687,8 @@ def _overlay(base: Any, over: dict[str, Any], source: str, where: tuple[str, ...
     if isinstance(base, list):
         merged_list = list(base)
         for key, value in over.items():
-            if not (key.isdigit() and int(key) < len(base) and isinstance(value, dict) and isinstance(base[int(key)], dict)):
+            if not (key.isdigit() and int(key) < len(base) and isinstance(value, dict)
+                    and isinstance(base[int(key)], dict)):
                 path = ".".join((*where, key))
                 raise RecipeError([f"{path}: not a stage index (the recipe has {len(base)} stages)"], source=source)
             merged_list[int(key)] = _overlay(base[int(key)], value, source, (*where, key))
@@ -685,14 +702,16 @@ def _overlay(base: Any, over: dict[str, Any], source: str, where: tuple[str, ...
     return merged
 
 
-def load_raw(path: str | Path, overrides: list[str] | None = None, params: list[str | Path] | None = None) -> dict[str, Any]:
+def load_raw(path: str | Path, overrides: list[str] | None = None,
+             params: list[str | Path] | None = None) -> dict[str, Any]:
     """The recipe as a plain dict, before validation: the TOML file, each ``params`` file
     (e.g. `kd tune`'s best.toml) deep-merged over it in order, then the ``--set`` overrides."""
     path = Path(path)
     raw = _read_toml(path, "recipe", "check the path; recipes/ has examples")
     for overlay in params or []:
         overlay = Path(overlay)
-        raw = _overlay(raw, _read_toml(overlay, "params", "check the path; `kd tune` writes runs/NAME/tune/best.toml"), str(overlay))
+        raw = _overlay(raw, _read_toml(overlay, "params", "check the path; `kd tune` writes runs/NAME/tune/best.toml"),
+                       str(overlay))
     return apply_overrides(raw, overrides or [])
 
 
@@ -743,7 +762,8 @@ def reference_markdown() -> str:
         out.append(f"#### {title}\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
-            if title == "top level" and name in {"data", "student", "teachers", "loss", "train", "stages", "eval", "bench", "search"}:
+            if title == "top level" and name in {"data", "student", "teachers", "loss", "train", "stages", "eval",
+                                                 "bench", "search"}:
                 continue
             default = "required" if field.is_required() else _show_default(field)
             out.append(f"| `{name}` | {_show_type(field.annotation)} | {default} | {field.description or ''} |")

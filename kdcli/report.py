@@ -50,9 +50,11 @@ def print_cache_summary(reports: list[dict], console: Console | None = None) -> 
     console = console or Console()
     table = Table(title="teacher caches")
     tokens = any("bytes_per_token" in r for r in reports)  # generate: top-k token caches
-    columns = ["stage", "teacher", "rows", "size", *(["bytes/token"] if tokens else []), "rows/s", "val accuracy", "status"]
+    columns = ["stage", "teacher", "rows", "size", *(["bytes/token"] if tokens else []), "rows/s", "val accuracy",
+               "status"]
     for column in columns:
-        table.add_column(column, justify="right" if column in {"rows", "size", "bytes/token", "rows/s", "val accuracy"} else "left")
+        table.add_column(column, justify="right" if column in {"rows", "size", "bytes/token", "rows/s", "val accuracy"}
+                         else "left")
     for r in reports:
         accuracy = r.get("validation_accuracy")
         per_token = [f"{r['bytes_per_token']} (k={r.get('top_k')})" if "bytes_per_token" in r else ""] if tokens else []
@@ -106,8 +108,9 @@ def print_eval(result: dict, console: Console | None = None) -> None:
     for column in ("model", "parameters", "accuracy", "F1", "precision", "recall", "examples/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     table.add_row(
-        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['accuracy']:.4f}", f"{metrics['f1']:.4f}",
-        f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}", f"{result['examples_per_second']:,.1f}",
+        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['accuracy']:.4f}",
+        f"{metrics['f1']:.4f}", f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}",
+        f"{result['examples_per_second']:,.1f}",
     )
     console.print(table)
 
@@ -148,8 +151,9 @@ def _print_generate_eval(result: dict, console: Console) -> None:
     for column in ("model", "parameters", "exact match", "F1", "precision", "recall", "questions/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     table.add_row(
-        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['exact_match']:.4f}", f"{metrics['f1']:.4f}",
-        f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}", f"{result['examples_per_second']:,.1f}",
+        escape(result["model"]), _human_count(result["parameters"]), f"{metrics['exact_match']:.4f}",
+        f"{metrics['f1']:.4f}", f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}",
+        f"{result['examples_per_second']:,.1f}",
     )
     console.print(table)
     for teacher, rate in result.get("agreement", {}).items():
@@ -180,8 +184,10 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
     console = console or Console(highlight=False)
     if results:
         first = results[0]
-        table = Table(title=f"bench on {first['device']} ({first['threads']} threads; model forward, tokenisation excluded)")
-        for column in ("role", "parameters", "size", "batch", "p50 ms/ex", "p95 ms/ex", "mean ms/ex", "ex/s", "peak memory"):
+        table = Table(title=f"bench on {first['device']} "
+                            f"({first['threads']} threads; model forward, tokenisation excluded)")
+        for column in ("role", "parameters", "size", "batch", "p50 ms/ex", "p95 ms/ex", "mean ms/ex", "ex/s",
+                       "peak memory"):
             table.add_column(column, justify="left" if column == "role" else "right")
         for r in results:
             for i, b in enumerate(r["batches"].values()):
@@ -360,7 +366,8 @@ def collect_run(root: Path) -> RunTable:
         row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
 
-    columns = [_COLUMNS[k] for k in ["role", "model", "parameters", *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
+    columns = [_COLUMNS[k]
+               for k in ["role", "model", "parameters", *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
     sizes = {r["batched_size"] for r in rows if r["batched_size"] is not None}
     if "ms_per_example" in kind.compare_columns and sizes:  # batch throughput, beside the interactive latency
         title = f"ms/example (batch {sizes.pop()})" if len(sizes) == 1 else "ms/example (largest batch)"
@@ -406,7 +413,8 @@ def mean_table(tables: list[RunTable]) -> RunTable:
             row[f"{column.key}_std"] = statistics.stdev(values) if complete and len(values) > 1 else None
         rows.append(row)
     name = f"mean of {len(tables)} runs ({', '.join(t.name for t in tables)})"
-    return RunTable(name, first.task, first.root, first.columns, rows, _best_row(rows, task_kind(first.task).primary), hints)
+    return RunTable(name, first.task, first.root, first.columns, rows, _best_row(rows, task_kind(first.task).primary),
+                    hints)
 
 
 def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
@@ -462,7 +470,8 @@ def compare_csv(tables: list[RunTable]) -> str:
     writer.writerow(["run", "task", *keys, "best"])
     for table in tables:
         for i, row in enumerate(table.rows):
-            writer.writerow([table.name, table.task, *("" if row.get(k) is None else row[k] for k in keys), i == table.best])
+            writer.writerow([table.name, table.task, *("" if row.get(k) is None else row[k] for k in keys),
+                             i == table.best])
     return out.getvalue()
 
 
@@ -546,7 +555,8 @@ def plot_losses(table: RunTable) -> list[Path]:
                 # The total mixes in teacher terms; its CE part is what the validation loss measures.
                 axes.plot(samples, [r.get("ce") for r in train], "--", label="training CE (gold labels)")
         if evals:
-            axes.plot([r["samples"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss (CE on gold)")
+            axes.plot([r["samples"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                      label="validation loss (CE on gold)")
             kept = [r for r in evals if r.get("best")]
             if kept:  # the last improvement is the checkpoint that was kept
                 axes.plot(kept[-1]["samples"], kept[-1]["val_loss"], "*", markersize=16, color="crimson",
@@ -584,7 +594,8 @@ def plot_quality_speed(tables: list[RunTable]) -> list[Path]:
             axes.scatter(row["ms_per_example"], row[primary], marker="s" if by_teacher else "o",
                          color="tab:blue" if by_teacher else "tab:orange")
             label = row["role"] if len(peers) == 1 else f"{t.name}/{row['role']}"
-            axes.annotate(label, (row["ms_per_example"], row[primary]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            axes.annotate(label, (row["ms_per_example"], row[primary]), textcoords="offset points", xytext=(5, 5),
+                          fontsize=8)
         axes.set_xscale("log")
         axes.set_xlabel("inference time, ms/example at batch 1 (log scale)")
         axes.set_ylabel("token F1" if primary == "f1" else "accuracy")

@@ -85,7 +85,8 @@ def teacher_role(name: str) -> Role:
 
 def require_teacher(recipe: Recipe, name: str) -> None:
     if name not in recipe.teachers:
-        raise ModelError(f"no teacher named '{name}' in the recipe", f"use one of: {', '.join(recipe.teachers) or '(none)'}")
+        raise ModelError(f"no teacher named '{name}' in the recipe",
+                         f"use one of: {', '.join(recipe.teachers) or '(none)'}")
 
 
 def teacher_spec(recipe: Recipe, run: RunDir, name: str) -> ModelSpec:
@@ -112,7 +113,8 @@ def load_teacher(recipe: Recipe, run: RunDir, name: str, num_classes: int) -> "T
 
 
 def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Path | None) -> "TaskModel":
-    """Stage 1 starts from the recipe's student (pretrained or cut from a teacher); later stages from the previous best."""
+    """Stage 1 starts from the recipe's student (pretrained or cut from a teacher); later stages from the
+    previous best."""
     from kdcli.models import load_task_model, student_from_teacher
     from kdcli.runtime import seed_everything
 
@@ -177,7 +179,8 @@ def describe(recipe: dict[str, Any], role: Role) -> str:
         return f"{ref} (fine-tuned)" if spec.get("finetune") else ref
     if role.kind == "model":
         return role.name
-    base = _short_ref(student["ref"]) if student.get("ref") else f"{student.get('from_teacher')} layers {student.get('layers')}"
+    base = (_short_ref(student["ref"]) if student.get("ref")
+            else f"{student.get('from_teacher')} layers {student.get('layers')}")
     if role.kind == "solo":
         return f"{base}, distilled from {role.name} alone"
     return base + {"baseline": "", "student": ", distilled", "dataset": ", labels only"}[role.kind]

@@ -55,7 +55,8 @@ class RunDir:
         return self.root / "checkpoints" / job
 
     def stage_output(self, stage: str, role: object) -> Path:
-        """A stage's best model for a trained role (`student`, `dataset`, `student:NAME`); the next stage starts from it."""
+        """A stage's best model for a trained role (`student`, `dataset`, `student:NAME`); the next stage starts
+        from it."""
         return self.root / "stages" / stage / role_filename(role)
 
     def final(self, role: object) -> Path:
@@ -164,7 +165,8 @@ def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
         if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
             return True
         if error is not None and any(
-            text in str(error) for text in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+            text in str(error)
+            for text in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
         ):
             return True
     if where is not None and isinstance(exc, (OSError, RuntimeError)):

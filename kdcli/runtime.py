@@ -48,7 +48,8 @@ def busy_cores() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def describe(accelerator=None, dtype: str | None = None, why: str = "", requested_precision: str | None = None) -> dict[str, Any]:
+def describe(accelerator=None, dtype: str | None = None, why: str = "",
+             requested_precision: str | None = None) -> dict[str, Any]:
     """What ran where: recorded in env.json and in every eval/bench result."""
     import torch
     import transformers
@@ -72,7 +73,8 @@ def describe(accelerator=None, dtype: str | None = None, why: str = "", requeste
         info["mixed_precision"] = accelerator.mixed_precision
         if requested_precision and requested_precision != accelerator.mixed_precision:
             info["mixed_precision_note"] = (
-                f"the recipe asked for {requested_precision}; fp16 with loss scaling needs a GPU, so this CPU run used full precision"
+                f"the recipe asked for {requested_precision}; fp16 with loss scaling needs a GPU, "
+                "so this CPU run used full precision"
             )
     if dtype:
         info["dtype"] = dtype

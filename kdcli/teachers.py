@@ -33,7 +33,8 @@ def _finetune_fingerprint(recipe: Recipe, name: str, data: StageData) -> str:
     return fingerprint({"teacher": spec.model_dump(mode="json"), "data": data.fingerprint, "seed": recipe.seed})
 
 
-def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console, names: list[str] | None = None) -> None:
+def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console,
+                      names: list[str] | None = None) -> None:
     """Fine-tune every teacher with a `finetune` table (labels only); reuse a matching earlier result."""
     from kdcli.models import load_task_model
     from kdcli.runtime import seed_everything
@@ -101,7 +102,8 @@ def settings(recipe: Recipe, stage: Stage, name: str, hidden_layers: list[int]) 
     )
 
 
-def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: StageData) -> tuple[dict[str, Any], TeacherSettings]:
+def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str,
+                   data: StageData) -> tuple[dict[str, Any], TeacherSettings]:
     """Everything a teacher's cached outputs depend on, computed without loading the teacher, and
     the settings a live teacher answers with to match it."""
     from kdcli.cache import expected_manifest
@@ -120,7 +122,8 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str, data: S
         layers = [t for _, t in pairs]
     asked = settings(recipe, stage, name, layers)
     identity = expected_manifest(
-        teacher_ref=spec.ref, revision=spec.revision, weights=weights, tokenizer=tokenizer_fingerprint(loaded_tokenizer),
+        teacher_ref=spec.ref, revision=spec.revision, weights=weights,
+        tokenizer=tokenizer_fingerprint(loaded_tokenizer),
         data_fingerprint=data.fingerprint, task=recipe.task, num_classes=data.num_classes,
         quantisation="8bit" if spec.load_in_8bit else "4bit" if spec.load_in_4bit else "none", dtype=spec.dtype,
         settings=asked, vocab_size=len(loaded_tokenizer),
@@ -168,7 +171,8 @@ def preflight(recipe: Recipe, run: RunDir) -> None:
                 hidden_pairs(recipe, name, layers, configs[name].num_hidden_layers)
 
 
-def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | None = None,
+                   quiet: bool = False) -> list[dict[str, Any]]:
     """`kd cache-teachers`: build the cache of every teacher of every stage (fine-tuning first where
     asked). Returns one report per cache."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -203,7 +207,8 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             live = LiveTeacher(model, asked)
             splits = {split: data.rows[split] for split in ("train", "validation") if split in data.rows}
             progress = None if quiet else Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=console,
             )
             if progress:
                 progress.start()
@@ -262,7 +267,8 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
             teachers[name] = LiveTeacher(model, asked)
             sources[name] = "live"
         if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None:
-            config = live_models[name].model.config if name in live_models else load_config(teacher_spec(recipe, run, name))
+            config = (live_models[name].model.config if name in live_models
+                      else load_config(teacher_spec(recipe, run, name)))
             pairs[name] = hidden_pairs(recipe, name, student.num_layers, config.num_hidden_layers)
             widths[name] = config.hidden_size
     check_compatible(student, live_models, {n: p for n, p in pairs.items() if n in live_models})

@@ -112,7 +112,8 @@ def compute_loss(job: Job, examples: list[dict], split: str, projections,
     return task_kind(job.student.task).loss(job, examples, answers, projections)
 
 
-def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any]], accelerator) -> list[dict[str, float]]:
+def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any]],
+                 accelerator) -> list[dict[str, float]]:
     """Per micro-batch and loss term, the weight that turns the micro-batch's mean into its part of
     the step's mean: its units over the step's units of that term (all processes), times the number
     of processes, which DDP's gradient average divides out again."""
@@ -124,7 +125,8 @@ def _step_shares(job: Job, chunks: list[list[dict]], answers: list[dict[str, Any
     terms = list(units[0])
     totals = {term: float(sum(u[term] for u in units)) for term in terms}
     if world > 1:
-        summed = accelerator.reduce(torch.tensor([totals[t] for t in terms], device=accelerator.device), reduction="sum")
+        summed = accelerator.reduce(torch.tensor([totals[t] for t in terms], device=accelerator.device),
+                                    reduction="sum")
         totals = {term: float(value) for term, value in zip(terms, summed)}
     return [{term: u[term] * world / max(totals[term], 1e-12) for term in terms} for u in units]
 
@@ -177,7 +179,8 @@ def _read_state(path: Path) -> _State:
     expected = {"step": int, "best": (int, float, type(None)), "best_step": (int, type(None)), "bad_evals": int,
                 "stopped_early": bool}
     if not isinstance(raw, dict) or raw.keys() != expected.keys() or any(
-        not isinstance(raw[key], kinds) or (kinds is int and isinstance(raw[key], bool)) for key, kinds in expected.items()
+        not isinstance(raw[key], kinds) or (kinds is int and isinstance(raw[key], bool))
+        for key, kinds in expected.items()
     ):
         raise ValueError(f"{path.name} does not hold a training state")
     return _State(**raw)
@@ -214,7 +217,8 @@ def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
             rng = torch.load(rng_file, weights_only=True)
             loaded = True
         except Exception as exc:  # a truncated or corrupted file: say so and try the previous one
-            console.print(f"[yellow]checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one[/]")
+            console.print(f"[yellow]checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {exc}); "
+                          "trying an older one[/]")
             loaded = False
         if not _all_processes_agree(accelerator, loaded):
             continue
@@ -312,11 +316,13 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             if accelerator.is_main_process:
                 with atomic_dir(job.output_dir) as tmp:
                     student.save(tmp, label_names=job.extra_metadata.get("label_names") or None)
-                    write_json(tmp / "training.json", {"stage": job.name, "step": state.step, cfg.metric: value, **job.extra_metadata})
+                    write_json(tmp / "training.json",
+                               {"stage": job.name, "step": state.step, cfg.metric: value, **job.extra_metadata})
             accelerator.wait_for_everyone()
         else:
             state.bad_evals += 1
-        log({"kind": "eval", "step": state.step, "samples": state.step * per_step, **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
+        log({"kind": "eval", "step": state.step, "samples": state.step * per_step,
+             **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
         return scores
 
     progress = None
@@ -376,10 +382,12 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 if on_eval is not None:
                     on_eval(samples, last_scores)
                 if progress:
-                    progress.update(bar, description=f"{job.name} val {cfg.metric} {last_scores.get(cfg.metric, last_scores['loss']):.4f}")
+                    progress.update(bar, description=f"{job.name} val {cfg.metric} "
+                                                     f"{last_scores.get(cfg.metric, last_scores['loss']):.4f}")
                 if cfg.patience and state.bad_evals >= cfg.patience:
                     state.stopped_early = True
-                    console.print(f"{job.name}: no improvement in {cfg.patience} evaluations, stopping early at step {state.step}")
+                    console.print(f"{job.name}: no improvement in {cfg.patience} evaluations, "
+                                  f"stopping early at step {state.step}")
             if crossed(cfg.checkpoint_every) or final or state.stopped_early:
                 _save_checkpoint(job, accelerator, model, projections, optimizer, scheduler, state)
             if progress:

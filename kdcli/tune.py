@@ -125,7 +125,8 @@ def open_study(recipe: Recipe, *, storage: str | None, sampler: str, fraction: f
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # A shared storage is written by several machines: a trial whose machine stops sending
             # heartbeats is failed by the others, so it neither blocks the count nor stays RUNNING.
-            rdb = optuna.storages.RDBStorage(url) if local else optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            rdb = (optuna.storages.RDBStorage(url) if local
+                   else optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180))
             study = optuna.create_study(storage=rdb, study_name=recipe.name, load_if_exists=True,
                                         direction="maximize" if metric in MAXIMISED else "minimize")
     except Exception as exc:  # sqlalchemy, a missing database driver, a bad URL: all mean "cannot open"
@@ -141,7 +142,8 @@ def open_study(recipe: Recipe, *, storage: str | None, sampler: str, fraction: f
     elif recorded.get("metric") != metric or recorded.get("fraction") != fraction:
         raise KdError(
             f"the study '{recipe.name}' in {_shown(url)} was run with metric {recorded.get('metric')} on "
-            f"--fraction {recorded.get('fraction')}, not {metric} on --fraction {fraction:g}: its scores would not compare",
+            f"--fraction {recorded.get('fraction')}, not {metric} on --fraction {fraction:g}: "
+            "its scores would not compare",
             f"rerun with --fraction {recorded.get('fraction')} and the same train.metric, or start a new study "
             + ("by deleting that tune.db" if local else "under another storage"),
         )
@@ -187,7 +189,8 @@ def run_trials(study: "optuna.Study", recipe: Recipe, raw: dict[str, Any], *, tr
     cache_teachers(recipe, console=console, quiet=quiet)
     run = RunDir.for_recipe(recipe)
     metric = _metric(recipe)
-    console.print(f"running {trials - done} of {trials} trials on {fraction:.0%} of the train split ({done} done before)")
+    console.print(f"running {trials - done} of {trials} trials on {fraction:.0%} of the train split "
+                  f"({done} done before)")
 
     def objective(trial: optuna.Trial) -> float:
         values = {key: _suggest(trial, key, space) for key, space in recipe.search.items()}
@@ -403,7 +406,8 @@ def print_result(result: TuneResult, recipe_path: Path, console: Console) -> Non
     console.print(table)
     for row in result.trials:
         if row["error"]:
-            console.print(f"trial {row['number']} {_STATE_WORDS[row['state']]}: {row['error']}", markup=False, highlight=False)
+            console.print(f"trial {row['number']} {_STATE_WORDS[row['state']]}: {row['error']}",
+                          markup=False, highlight=False)
     if result.importance:
         console.print("parameter importance (fANOVA): "
                       + ", ".join(f"{key} {value:.2f}" for key, value in result.importance.items()))
@@ -413,7 +417,8 @@ def print_result(result: TuneResult, recipe_path: Path, console: Console) -> Non
         console.print("no trial has completed yet, so there is no best.toml")
         return
     shown = _relative(Path(result.best_params_file))
-    console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['score']:.4f} -> {shown}", markup=False)
+    console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['score']:.4f} -> {shown}",
+                  markup=False)
     console.print(f"apply it: kd distill {recipe_path} --params {shown}", markup=False, highlight=False)
 
 

@@ -35,4 +35,5 @@ from kdcli.data.files import resolve_path, source_files
 from kdcli.data.prepare import PrepareResult, load_prepared, prepare_recipe
 from kdcli.data.read import read_examples
 
-__all__ = ["Example", "PrepareResult", "load_prepared", "prepare_recipe", "read_examples", "resolve_path", "source_files"]
+__all__ = ["Example", "PrepareResult", "load_prepared", "prepare_recipe", "read_examples", "resolve_path",
+           "source_files"]

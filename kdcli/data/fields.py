@@ -1,4 +1,5 @@
-"""One normalised example (``Example``), and turning a source row's fields into its parts, with errors that name the line."""
+"""One normalised example (``Example``), and turning a source row's fields into its parts,
+with errors that name the line."""
 
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> lis
                     f"{row.where}: context should be 'Question: ...\\nAnswer:', got {excerpt(context)}", TRIVIAQA_HINT
                 )
             question = context[len(TRIVIA_PREFIX) : -len(TRIVIA_SUFFIX)].strip()
-            answers = unique([string_field(row, "answer", TRIVIAQA_HINT), *string_list_field(row, "aliases", TRIVIAQA_HINT)])
+            answers = unique([string_field(row, "answer", TRIVIAQA_HINT),
+                              *string_list_field(row, "aliases", TRIVIAQA_HINT)])
             qid = row.default_id
         elif isinstance(row.data.get("answer"), dict):  # the Hub trivia_qa schema
             question = string_field(row, "question", TRIVIAQA_HINT).strip()

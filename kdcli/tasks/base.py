@@ -71,7 +71,8 @@ class TaskKind(ABC):
         """Tensors for a batch of normalised examples, always with ``labels``."""
 
     @abstractmethod
-    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"], output_hidden_states: bool = False) -> "TaskOutput":
+    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"],
+                output_hidden_states: bool = False) -> "TaskOutput":
         """The model's output for an ``encode`` batch, as the loss and metrics read it."""
 
     # ----------------------------------------------------------------- training
@@ -116,7 +117,8 @@ class TaskKind(ABC):
         """One example where a model and a teacher differ, as `kd eval` shows it."""
 
     @abstractmethod
-    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict[str, "torch.Tensor"]:
+    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int,
+                     template: str | None) -> dict[str, "torch.Tensor"]:
         """An encoded batch of what `kd bench` times, on the model's device."""
 
     @abstractmethod

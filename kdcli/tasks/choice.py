@@ -37,7 +37,8 @@ class Choice(Classify):
 
         for ex in examples:
             if len(ex["options"]) != model.num_classes:
-                raise DataError(f"example {ex['id']}: {len(ex['options'])} options, but the model scores {model.num_classes}")
+                raise DataError(f"example {ex['id']}: {len(ex['options'])} options, "
+                                f"but the model scores {model.num_classes}")
         if model.kind == "multiple-choice":
             return model.encode_pairs(examples, max_length)
         prompts = [render_prompt(ex, template) + model.prompt_suffix for ex in examples]

@@ -46,7 +46,8 @@ class Classify(TaskKind):
     def _inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict:
         return model.tokenize([ex["text"] for ex in examples], max_length=max_length)
 
-    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"], output_hidden_states: bool = False) -> "TaskOutput":
+    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"],
+                output_hidden_states: bool = False) -> "TaskOutput":
         """Logits over classes or options [B, C], whatever the head (see ``TaskModel.class_logits``)."""
         return model.class_logits(batch, output_hidden_states)
 
@@ -93,7 +94,8 @@ class Classify(TaskKind):
                 parts["hidden"] = sum(terms) / len(terms)
         if cfg.gamma > 0 and job.label_prior is not None:
             prior = torch.tensor(job.label_prior, device=output.logits.device)
-            parts["diversity"] = losses.diversity_penalty(output.logits, prior, labels != -100, cfg.diversity_temperature)
+            parts["diversity"] = losses.diversity_penalty(output.logits, prior, labels != -100,
+                                                          cfg.diversity_temperature)
         return losses.weighted_sum(parts, part_weights(cfg)), parts, output
 
     def validate(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
@@ -123,7 +125,8 @@ class Classify(TaskKind):
         if not count:
             return {"loss": float("nan"), "accuracy": float("nan"), "f1": float("nan")}
         accuracy = sum(p == g for p, g in zip(predictions, gold)) / count
-        return {"loss": loss_sum / count, "accuracy": accuracy, "f1": float(f1_score(gold, predictions, average="macro"))}
+        return {"loss": loss_sum / count, "accuracy": accuracy,
+                "f1": float(f1_score(gold, predictions, average="macro"))}
 
     # ----------------------------------------------------------------- teachers
 
@@ -156,7 +159,8 @@ class Classify(TaskKind):
 
         gold = [row["label"] for row in rows]
         names = self.answer_names(manifest)
-        return {"metrics": classification_metrics(gold, answers, names), "shortcut": shortcut_warning(gold, answers, names)}
+        return {"metrics": classification_metrics(gold, answers, names),
+                "shortcut": shortcut_warning(gold, answers, names)}
 
     def same_answer(self, mine: int, theirs: int) -> bool:
         return mine == theirs
@@ -170,7 +174,8 @@ class Classify(TaskKind):
     def _show(self, row: dict, answer: int, names: list[str]) -> str:
         return names[answer]
 
-    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict[str, "torch.Tensor"]:
+    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int,
+                     template: str | None) -> dict[str, "torch.Tensor"]:
         encoded = self.encode(model, examples, max_length, template)
         return {k: v.to(model.device) for k, v in encoded.items() if k != "labels"}
 

@@ -82,7 +82,8 @@ class Generate(TaskKind):
         mask = pad_rows([[1] * len(x) for x in sequences], 0)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, -100)}
 
-    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"], output_hidden_states: bool = False) -> "TaskOutput":
+    def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"],
+                output_hidden_states: bool = False) -> "TaskOutput":
         """Next-token logits at the answer positions' predecessors, trimmed to the shared vocabulary."""
         from kdcli.models import TaskOutput
 
@@ -125,7 +126,8 @@ class Generate(TaskKind):
 
         cfg = job.loss
         student = job.student
-        output = self.forward(student, self.encode(student, examples, job.max_length, job.template, job.answer_max_length))
+        output = self.forward(student, self.encode(student, examples, job.max_length, job.template,
+                                                   job.answer_max_length))
         parts: dict[str, torch.Tensor] = {}
         if cfg.alpha > 0:
             parts["ce"] = losses.cross_entropy(output.logits, output.labels)
@@ -145,7 +147,8 @@ class Generate(TaskKind):
         weighted_sum, weighted_count = 0.0, 0.0
         for name, weight in zip(job.teachers, weights):
             targets = _teacher_targets(examples, answers[name])
-            theirs = self.forward(student, self.encode(student, targets, job.max_length, job.template, job.answer_max_length))
+            theirs = self.forward(student, self.encode(student, targets, job.max_length, job.template,
+                                                       job.answer_max_length))
             tokens = int((theirs.labels != -100).sum())
             if tokens:
                 weighted_sum = weighted_sum + weight * tokens * losses.cross_entropy(theirs.logits, theirs.labels)
@@ -175,7 +178,8 @@ class Generate(TaskKind):
                 cfg.divergence, skew=cfg.skew, jsd_beta=cfg.jsd_beta,
             )
         vocab = flat.shape[-1]
-        dense = [losses.topk_to_dense(a.token_logprobs.to(device), a.token_ids.to(device), vocab) for a in answers.values()]
+        dense = [losses.topk_to_dense(a.token_logprobs.to(device), a.token_ids.to(device), vocab)
+                 for a in answers.values()]
         # Already softened: mixed at temperature 1 (log-probabilities are valid logits).
         probs = losses.teacher_probs(
             [d.clamp(min=losses.PROB_FLOOR).log() for d in dense], 1.0, weights=weights,
@@ -255,7 +259,8 @@ class Generate(TaskKind):
         return {"id": row["id"], "input": row["text"], "options": [], "gold": row["answers"][0],
                 "teacher_answer": teacher, "model_answer": model}
 
-    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict[str, "torch.Tensor"]:
+    def bench_inputs(self, model: "TaskModel", examples: list[dict], max_length: int,
+                     template: str | None) -> dict[str, "torch.Tensor"]:
         """The prompts alone: the answer is what gets timed."""
         encoded = model.encode_prompts(examples, max_length, template)
         return {k: v.to(model.device) for k, v in encoded.items()}
@@ -271,7 +276,8 @@ def _teacher_targets(examples: list[dict], answer: TeacherBatch) -> list[dict]:
     return [dict(ex, target=text) for ex, text in zip(examples, answer.texts)]
 
 
-def _answer_ids(model: "TaskModel", prompt_ids: list[int] | None, prompt: str | None, answer: str, limit: int) -> list[int]:
+def _answer_ids(model: "TaskModel", prompt_ids: list[int] | None, prompt: str | None, answer: str,
+                limit: int) -> list[int]:
     """The answer's tokens as they follow the prompt, cut to ``limit - 1``, then EOS.
 
     A causal model sees ``prompt + " " + answer``; the answer's tokens are what that adds to the
