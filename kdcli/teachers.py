@@ -18,6 +18,7 @@ from kdcli.job import Job, TeacherSettings
 from kdcli.recipe import LossConfig, Recipe, Stage, fingerprint
 from kdcli.roles import load_teacher, teacher_spec
 from kdcli.rundir import RunDir, read_json, record_recipe, write_json
+from kdcli.tasks import task_kind
 
 if TYPE_CHECKING:
     from kdcli.models import TaskModel
@@ -117,7 +118,7 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str,
                else f"hub:{spec.ref}@{spec.revision or 'main'}")
     loaded_tokenizer = load_tokenizer(spec)
     layers = []
-    if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None and recipe.task != "generate":
+    if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None and task_kind(recipe.task).hidden_states:
         pairs = hidden_pairs(recipe, name, student_layers(recipe), load_config(spec).num_hidden_layers)
         layers = [t for _, t in pairs]
     asked = settings(recipe, stage, name, layers)
@@ -132,11 +133,13 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str,
 
 
 def check_vocabularies(recipe: Recipe) -> None:
-    """generate, token-level KD: every teacher must share the student's vocabulary (checked on
-    the tokenizers alone, before any model is loaded); a mismatch suggests sequence-level KD."""
+    """Token-level KD on next-token distributions (generate): every teacher must share the student's
+    vocabulary (checked on the tokenizers alone, before any model is loaded); a mismatch suggests
+    sequence-level KD."""
     from kdcli.models import check_shared_vocabulary, load_tokenizer
 
-    names = sorted({n for s in recipe.resolved_stages() if recipe.task == "generate" and s.loss.kd_level == "token"
+    token_level = task_kind(recipe.task).token_distributions
+    names = sorted({n for s in recipe.resolved_stages() if token_level and s.loss.kd_level == "token"
                     for n in s.teachers or []})
     if not names:
         return
@@ -246,9 +249,9 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
     from kdcli.cache import CachedTeacher, LiveTeacher, check_cache
     from kdcli.models import check_compatible, load_config
 
-    if recipe.task == "generate" and stage.loss.beta > 0:
-        raise ModelError(f"stage {stage.name}: the hidden-state MSE (loss.beta) is not available for task generate",
-                         "set loss.beta = 0")
+    if not task_kind(recipe.task).hidden_states and stage.loss.beta > 0:
+        raise ModelError(f"stage {stage.name}: the hidden-state MSE (loss.beta) is not available for task "
+                         f"{recipe.task}", "set loss.beta = 0")
     teachers, pairs, widths, pooling, live_models, sources = {}, {}, {}, {}, {}, {}
     for name in stage.teachers or []:
         identity, asked = cache_identity(recipe, run, stage, name, data)

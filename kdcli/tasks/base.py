@@ -52,6 +52,8 @@ class TaskKind(ABC):
     name: str
     primary: str  # the quality a student "keeps", and that picks the best row in `kd compare`
     compare_columns: tuple[str, ...]  # the study's table for this kind (keys of report's columns)
+    hidden_states: bool  # teachers can teach pooled hidden states (the hidden-state MSE)
+    token_distributions: bool  # token-level KD compares next-token distributions: a shared vocabulary is needed
 
     # ----------------------------------------------------------------- data
 

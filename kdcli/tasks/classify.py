@@ -23,6 +23,8 @@ class Classify(TaskKind):
     name = "classify"
     primary = "accuracy"
     compare_columns = ("accuracy", "f1", "ms_per_example")
+    hidden_states = True
+    token_distributions = False
 
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return len(manifest["label_names"])

@@ -35,6 +35,8 @@ class Generate(TaskKind):
     name = "generate"
     primary = "f1"
     compare_columns = ("f1", "precision", "recall", "questions_per_s")
+    hidden_states = False
+    token_distributions = True
 
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return 0  # answers are text: no classes, no label prior
