@@ -10,12 +10,10 @@ import torch
 
 import jobs
 import kit
-from clirun import kd, runner
+from clirun import kd
 from kdcli.cache import check_cache
-from kdcli.cli import app
 from kdcli.errors import CacheError
 from kdcli.rundir import read_json
-
 
 
 @pytest.fixture(scope="module")
@@ -38,38 +36,19 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def classify_recipe(models: dict[str, Path], top: str = "", roberta: bool = True) -> Path:
-    """Two teachers (bert fine-tuned first, with a hidden map; roberta as it is); `top` adds top-level keys."""
-    roberta_table = f"[teachers.roberta]\nref = \"{models['roberta']}\"" if roberta else ""
-    text = f"""
-name = "cls"
-task = "classify"
-{top}
-[data]
-format = "jsonl"
-path = "sentences.jsonl"
-label_names = ["negative", "neutral", "positive"]
-[student]
-from_teacher = "bert"
-layers = [0, 2]
-[teachers.bert]
-ref = "{models['bert']}"
-finetune = {{epochs = 2, batch_size = 8, lr = 1e-3}}
-hidden = {{map = "skip"}}
-{roberta_table}
-[loss]
-alpha = 0.5
-beta = 0.5
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-3
-eval_every = 16
-checkpoint_every = 32
-log_every = 8
-"""
-    Path("classify.toml").write_text(text)
-    return Path("classify.toml")
+def classify_recipe(models: dict[str, Path], roberta: bool = True, **top) -> Path:
+    """Two teachers (bert fine-tuned first, with a hidden map; roberta as it is); ``top``: more top-level keys."""
+    teachers = {"bert": {"ref": str(models["bert"]), "finetune": {"epochs": 2, "batch_size": 8, "lr": 1e-3}, "hidden": {"map": "skip"}}}
+    if roberta:
+        teachers["roberta"] = {"ref": str(models["roberta"])}
+    return jobs.write_recipe("classify.toml", {
+        "name": "cls", "task": "classify",
+        "data": {"format": "jsonl", "path": "sentences.jsonl", "label_names": jobs.LABELS},
+        "student": {"from_teacher": "bert", "layers": [0, 2]},
+        "teachers": teachers,
+        "loss": {"alpha": 0.5, "beta": 0.5},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "eval_every": 16, "checkpoint_every": 32, "log_every": 8},
+    } | top)
 
 
 def test_classify_with_two_teachers_one_fine_tuned_first(models, workdir):
@@ -124,7 +103,7 @@ def test_a_student_taught_by_one_teacher_alone_equals_one_from_a_recipe_with_onl
     assert not (run / "student").exists() and not (run / "teachers" / "roberta").exists()
     assert "up to date" in kd("distill", str(recipe), "--teacher", "bert").output
 
-    alone = classify_recipe(models, top='output_dir = "other"', roberta=False)
+    alone = classify_recipe(models, roberta=False, output_dir="other")
     kd("distill", str(alone))
     from safetensors.torch import load_file
 
@@ -149,8 +128,8 @@ def test_a_teacher_without_a_layer_map_teaches_alone_by_logits_only(models, work
 ])
 def test_a_wrong_single_teacher_is_refused_before_work(models, workdir, args, message):
     recipe = classify_recipe(models)
-    result = runner.invoke(app, ["distill", str(recipe), *args])
-    assert result.exit_code == 1 and message in result.output
+    result = kd("distill", str(recipe), *args, code=1)
+    assert message in result.output
     assert not (workdir / "runs" / "cls" / "teachers").exists()
 
 
@@ -181,55 +160,49 @@ def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
 
 
 def test_two_stage_choice_with_a_seq2seq_student(models, workdir):
-    Path("choice.toml").write_text(f"""
-name = "mc"
-task = "choice"
-[data]
-format = "jsonl"
-path = "questions.jsonl"
-columns = {{text = "text", label = "label", options = ["a", "b", "c"]}}
-[student]
-ref = "{models['t5']}"
-[teachers.big]
-ref = "{models['t5']}"
-[train]
-epochs = 1
-batch_size = 8
-lr = 1e-3
-eval_every = 24
-[[stages]]
-name = "labels"
-teachers = []
-loss = {{alpha = 1.0}}
-[[stages]]
-name = "distil"
-loss = {{alpha = 0.5, divergence = "jsd"}}
-""")
+    jobs.write_recipe("choice.toml", {
+        "name": "mc", "task": "choice",
+        "data": {"format": "jsonl", "path": "questions.jsonl", "columns": {"text": "text", "label": "label", "options": ["a", "b", "c"]}},
+        "student": {"ref": str(models["t5"])},
+        "teachers": {"big": {"ref": str(models["t5"])}},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 24},
+        "stages": [{"name": "labels", "teachers": [], "loss": {"alpha": 1.0}},
+                   {"name": "distil", "loss": {"alpha": 0.5, "divergence": "jsd"}}],
+    })
     result = kd("distill", "choice.toml")
     run = workdir / "runs" / "mc"
     assert (run / "stages" / "labels" / "student" / "done.json").is_file()
     assert (run / "stages" / "distil" / "student" / "done.json").is_file()
     assert read_json(run / "student" / "training.json")["stage"] == "distil"
     assert "big (live)" in result.output
-    # Stage 2 started from stage 1's best student, not from the pretrained one.
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {x["stage"] for x in lines} == {"labels", "distil"}
     assert "up to date" in kd("distill", "choice.toml").output
+
+    # Stage 2 starts from stage 1's best student, not from the pretrained one: with a learning rate
+    # too small to move a float32 weight, stage 2 ends with stage 1's weights, which training changed.
+    from safetensors.torch import load_file
+
+    first = load_file(run / "stages" / "labels" / "student" / "model.safetensors")
+    pretrained = load_file(models["t5"] / "model.safetensors")
+    assert any(not torch.equal(first[k], pretrained[k]) for k in first if k in pretrained)
+    jobs.write_recipe("still.toml", {"stages": {"1": {"train": {"lr": 1e-30, "warmup_ratio": 0.0}}}})
+    kd("distill", "choice.toml", "--params", "still.toml")
+    second = load_file(run / "stages" / "distil" / "student" / "model.safetensors")
+    assert second.keys() == first.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_mismatched_label_count_is_refused_before_training(models, workdir, tmp_path):
     recipe = classify_recipe(models)
     two = kit.make_model_dir(tmp_path / "two", "roberta", "sequence-classification", num_labels=2, layers=2)
-    result = runner.invoke(app, ["distill", str(recipe), "--set", f'teachers.roberta.ref="{two}"'])
-    assert result.exit_code == 1
+    result = kd("distill", str(recipe), "--set", f'teachers.roberta.ref="{two}"', code=1)
     assert "error:" in result.output and "2 labels" in result.output
     assert not (workdir / "runs" / "cls" / "checkpoints").exists()  # not even the teacher was fine-tuned
 
 
 def test_a_layer_map_out_of_range_is_refused_before_training(models, workdir):
     recipe = classify_recipe(models)
-    result = runner.invoke(app, ["distill", str(recipe), "--set", 'teachers.bert.hidden={map = "pairs", pairs = [[0, 9]]}'])
-    assert result.exit_code == 1
+    result = kd("distill", str(recipe), "--set", 'teachers.bert.hidden={map = "pairs", pairs = [[0, 9]]}', code=1)
     assert "teacher layer 9 is out of range" in result.output
     assert not (workdir / "runs" / "cls" / "checkpoints").exists()
 
@@ -254,9 +227,8 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
 
 
 def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
-    recipe = classify_recipe(models, top='single_teacher_students = ["roberta"]')
-    with open(recipe, "a") as handle:
-        handle.write("[bench]\nbatch_sizes = [1, 4]\niters = 3\nwarmup = 1\nthreads = 1\n")
+    recipe = classify_recipe(models, single_teacher_students=["roberta"],
+                             bench={"batch_sizes": [1, 4], "iters": 3, "warmup": 1, "threads": 1})
     first = kd("run", str(recipe))
     run = workdir / "runs" / "cls"
     assert "student taught by roberta alone" in first.output
