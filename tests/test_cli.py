@@ -20,14 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 COMMANDS = ["check", "prepare", "cache-teachers", "distill", "eval", "bench", "compare", "run", "tune"]
 
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Run every command in an empty directory, without KD_DEBUG from the caller's shell."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KD_DEBUG", raising=False)
-
+pytestmark = pytest.mark.usefixtures("here")  # every command in an empty directory, without KD_DEBUG
 
 RECIPE = {
     "name": "cli", "task": "classify",

@@ -24,7 +24,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jobs
-import kit
 from kdcli.train import step_examples
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -128,8 +127,8 @@ def kill_all(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("dist-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 def _watch_writers(proc: subprocess.Popen, folders: dict[str, Path]) -> dict[str, set[str]]:

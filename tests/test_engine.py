@@ -27,13 +27,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    jobs.write_sentences(Path("sentences.jsonl"), 60)
+def workdir(here) -> Path:
+    jobs.write_sentences(here / "sentences.jsonl", 60)
     with open("questions.jsonl", "w") as handle:
         for i in range(60):
             handle.write(json.dumps({"text": f"which one is right {i}?", "a": f"red {i}", "b": f"blue {i}", "c": f"green {i}", "label": i % 3}) + "\n")
-    return tmp_path
+    return here
 
 
 def classify_recipe(models: dict[str, Path], roberta: bool = True, **top) -> Path:

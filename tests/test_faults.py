@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load_file
 
 import jobs
-import kit
 from clirun import kd
 from kdcli.errors import KdError
 from kdcli.rundir import RunDir, atomic_dir, clean_leftovers, leftovers, read_json, write_json
@@ -36,8 +35,8 @@ STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("fault-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:

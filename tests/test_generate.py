@@ -255,13 +255,12 @@ def test_a_padded_teacher_vocabulary_is_trimmed_and_a_real_mismatch_is_refused(m
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
+def workdir(here) -> Path:
     with open("trivia.jsonl", "w") as handle:
         for row in qa_rows(40):
             handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
                                      "aliases": row["answers"]}) + "\n")
-    return tmp_path
+    return here
 
 
 def generate_recipe(models, family: str, **teachers: dict) -> Path:

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import jobs
-import kit
 from clirun import kd
 from kdcli.errors import KdError
 from kdcli.recipe import validate
@@ -28,16 +27,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdcli"
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("sec-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 @pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KD_DEBUG", raising=False)
-    jobs.write_sentences(Path("s.jsonl"), 40, seed=4)
-    return tmp_path
+def here(here: Path) -> Path:
+    """conftest's empty working directory, with 40 sentences in s.jsonl."""
+    jobs.write_sentences(here / "s.jsonl", 40, seed=4)
+    return here
 
 
 class Payload:

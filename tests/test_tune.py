@@ -16,7 +16,6 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import jobs
-import kit
 from clirun import kd
 from kdcli import engine, recipe as recipe_mod, tune
 from kdcli.errors import RecipeError
@@ -24,15 +23,14 @@ from kdcli.train import JobResult
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def teacher(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    jobs.write_sentences(Path("sentences.jsonl"), 60)
-    return tmp_path
+def workdir(here) -> Path:
+    jobs.write_sentences(here / "sentences.jsonl", 60)
+    return here
 
 
 SEARCH = {
