@@ -350,7 +350,8 @@ def check_clean_failure(result, expect: str) -> None:
 
 
 def _params(cases: list[Case]) -> list:
-    return [pytest.param(c, id=c.id) for c in cases]
+    """Model cases load models and run `kd prepare` first: about a second each, so marked slow."""
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c in MODEL_CASES else []) for c in cases]
 
 
 @pytest.mark.parametrize("case", _params(CASES))

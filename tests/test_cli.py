@@ -65,6 +65,7 @@ def test_check_json_is_the_validated_recipe(path, tmp_path):
     assert recipe_mod.validate(document["recipe"]) == recipe_mod.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_prepare_reads_each_shipped_recipes_data(path, tmp_path, monkeypatch):
     """The shipped recipes' data is local (../shared/data), so `kd prepare` works without network."""
@@ -113,6 +114,7 @@ def test_kd_debug_raises_the_error(bad_recipe):
     assert "train.lrr" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_imports_no_torch():
     """`kd --help` must answer at once: heavy libraries are imported inside the commands only."""
     script = (

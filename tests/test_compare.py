@@ -172,6 +172,7 @@ def test_read_metrics_keeps_the_latest_attempt(tmp_path):
     assert [(r["step"], r["loss"]) for r in jobs["t"]] == [(1, 3.0)]
 
 
+@pytest.mark.slow
 def test_plots_are_written_as_png(run):
     records = []
     for step in range(1, 7):
@@ -201,6 +202,7 @@ def write_tiny_recipe(teacher: Path) -> Path:
     })
 
 
+@pytest.mark.slow
 def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     words = {"positive": "profit rose strongly", "negative": "losses widened again", "neutral": "shares were unchanged"}

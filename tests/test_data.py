@@ -311,6 +311,7 @@ def test_real_winogrande_train_m(here):
     assert Counter(r.label for r in parts["all"]) == {0: 1279, 1: 1279}
 
 
+@pytest.mark.slow
 def test_real_socialiqa_train(here):
     path = needs("socialiqa", "train.jsonl")
     parts, _ = read_examples(cfg("choice", format="socialiqa", path=str(path)), "choice")

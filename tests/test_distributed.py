@@ -65,6 +65,7 @@ def teacher_dir(tiny) -> Path:
     return tiny("bert", "sequence-classification", num_labels=3, layers=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, accum", [(2, 2), (3, 1)])
 def test_every_row_of_an_epoch_is_read_once_by_exactly_one_process(teacher_dir, tmp_path, monkeypatch, world, accum):
     """run_job in each of ``world`` processes (one after another): the teacher sees which rows each

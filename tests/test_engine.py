@@ -50,6 +50,7 @@ def classify_recipe(models: dict[str, Path], roberta: bool = True, **top) -> Pat
     } | top)
 
 
+@pytest.mark.slow
 def test_classify_with_two_teachers_one_fine_tuned_first(models, workdir):
     recipe = classify_recipe(models)
     first = kd("distill", str(recipe))
@@ -84,6 +85,7 @@ def test_classify_with_two_teachers_one_fine_tuned_first(models, workdir):
     assert "bert (cache), roberta (cache)" in rerun.output
 
 
+@pytest.mark.slow
 def test_dataset_role_trains_the_student_on_labels_only(models, workdir):
     recipe = classify_recipe(models)
     result = kd("distill", str(recipe), "--no-teachers", "--json")
@@ -93,6 +95,7 @@ def test_dataset_role_trains_the_student_on_labels_only(models, workdir):
     assert not (workdir / "runs" / "cls" / "teachers" / "roberta").exists()  # not fine-tuned, not needed
 
 
+@pytest.mark.slow
 def test_a_student_taught_by_one_teacher_alone_equals_one_from_a_recipe_with_only_that_teacher(models, workdir):
     recipe = classify_recipe(models)
     solo = kd("distill", str(recipe), "--teacher", "bert")
@@ -112,6 +115,7 @@ def test_a_student_taught_by_one_teacher_alone_equals_one_from_a_recipe_with_onl
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_a_teacher_without_a_layer_map_teaches_alone_by_logits_only(models, workdir):
     recipe = classify_recipe(models)
     result = kd("distill", str(recipe), "--teacher", "roberta", "--json")
@@ -132,6 +136,7 @@ def test_a_wrong_single_teacher_is_refused_before_work(models, workdir, args, me
     assert not (workdir / "runs" / "cls" / "teachers").exists()
 
 
+@pytest.mark.slow
 def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, workdir):
     recipe = classify_recipe(models)
     kd("cache-teachers", str(recipe))
@@ -149,6 +154,7 @@ def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, wor
     assert "using the live teacher" in result.output
 
 
+@pytest.mark.slow
 def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
     recipe = classify_recipe(models)
     kd("cache-teachers", str(recipe))
@@ -158,6 +164,7 @@ def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
     assert "missing train-00000.safetensors" in result.output and "roberta (live)" in result.output
 
 
+@pytest.mark.slow
 def test_two_stage_choice_with_a_seq2seq_student(models, workdir):
     jobs.write_recipe("choice.toml", {
         "name": "mc", "task": "choice",
@@ -206,6 +213,7 @@ def test_a_layer_map_out_of_range_is_refused_before_training(models, workdir):
     assert not (workdir / "runs" / "cls" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minilm_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     from kdcli.cache import LiveTeacher, build_cache
@@ -225,6 +233,7 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
     assert (caches["fp32"].argmax(-1) == caches["int8"].argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
     recipe = classify_recipe(models, single_teacher_students=["roberta"],
                              bench={"batch_sizes": [1, 4], "iters": 3, "warmup": 1, "threads": 1})

@@ -165,6 +165,7 @@ def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, 
     assert json.loads((run / "student" / "done.json").read_text())["steps"] == STEPS
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(bert, tmp_path):
     root = tmp_path / "work"
     write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
@@ -191,6 +192,7 @@ def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(be
 # --------------------------------------------------------------------------- kill -9 during prepare and cache-teachers
 
 
+@pytest.mark.slow
 def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds(bert, tmp_path, monkeypatch):
     root = tmp_path / "work"
     write_run(root, bert)
@@ -217,6 +219,7 @@ def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds
     assert not tmp_entries(run.root / "data")
 
 
+@pytest.mark.slow
 def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebuilds(bert, tmp_path, monkeypatch):
     from kdcli import engine
     from kdcli.cache import check_cache
@@ -317,6 +320,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "state.json with a string step": lambda d: (d / "state.json").write_text('{"step": "6", "best": null, "best_step": null, "bad_evals": 0, "stopped_early": false}'),
     "projections.safetensors garbage": lambda d: (d / "projections.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]),
 }
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_past_a_damaged_checkpoint_falls_back_and_says_which(damage, trained, tmp_path, monkeypatch):
     checkpoints = _copy(trained, tmp_path, monkeypatch)
@@ -353,6 +357,7 @@ def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_
 # --------------------------------------------------------------------------- NaN, through the CLI
 
 
+@pytest.mark.slow
 def test_a_nan_in_a_loss_term_stops_naming_step_and_term_and_the_last_checkpoint_resumes(bert, tmp_path, monkeypatch):
     from kdcli import losses
 
@@ -383,6 +388,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkpoint_resumes(bert, tmp_path, monkeypatch):
     root = tmp_path / "work"
     write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)

@@ -215,6 +215,7 @@ def test_two_teachers_are_mixed_as_full_distributions_by_their_weights(models, t
     assert one_three < 0.25 * alone["a"] + 0.75 * alone["b"] - 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd_level", ["token", "sequence"])
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path, kd_level):
     # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ; and
@@ -278,6 +279,7 @@ def generate_recipe(models, family: str, **teachers: dict) -> Path:
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, workdir, family):
     recipe = generate_recipe(models, family)
@@ -306,6 +308,7 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert "greedy generation" in bench["timed"] and bench["batches"]["1"]["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_vocabulary_is_refused_before_work_unless_sequence_level(models, workdir):
     recipe = generate_recipe(models, "llama", t5={"ref": str(models["t5"])})
     result = kd("distill", str(recipe), code=1)

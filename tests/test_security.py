@@ -116,6 +116,7 @@ def test_a_pickled_model_file_is_not_run(bert, here, tmp_path):
     assert "\nhint: " in result.stderr and "weights_only" in result.stderr
 
 
+@pytest.mark.slow
 def test_everything_kd_writes_is_data_not_code(bert, here):
     """Caches are safetensors; the only pickles are kd's own checkpoint files, which load with weights_only."""
     path = recipe(bert, teachers={"t": {"ref": str(bert)}}, loss={"alpha": 0.5})

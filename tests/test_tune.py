@@ -58,6 +58,7 @@ def study_trials(name: str = "tun") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{Path('runs', name, 'tune.db').resolve()}").trials
 
 
+@pytest.mark.slow
 def test_a_study_runs_resumes_and_writes_an_overlay_that_distill_applies(teacher, workdir):
     recipe = write_recipe(teacher)
     first = kd("tune", recipe, "--trials", "4", "--fraction", "0.5")
@@ -111,6 +112,7 @@ class FakeDistill:
         return [JobResult("main", workdir.root, 4, 16, recipe.loss.alpha, 4, False, 0.1, 160.0)]
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
     monkeypatch.setattr(engine, "distill", FakeDistill(interrupt_on=3))
@@ -130,6 +132,7 @@ def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, work
     assert "interrupted (not counted" in resumed.output
 
 
+@pytest.mark.slow
 def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
     fake = FakeDistill()
@@ -166,6 +169,7 @@ def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, wor
     assert trial.reported == [(4, 0.1), (8, 0.2), (16, 0.4), (24, 0.5)]
 
 
+@pytest.mark.slow
 def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir, monkeypatch):
     # Labels only: alpha below 1 is not a valid recipe, so every trial that samples 0.5 fails.
     path = write_recipe(teacher, search={"loss.alpha": {"choice": [0.5, 1.0]}, "train.lr": {"uniform": [1e-4, 1e-3]}},
