@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import jobs
 from kdcli.bench import bench_model, latest_run, size_on_disk
 from kdcli.errors import KdError
 from kdcli.models import load_task_model
@@ -98,7 +99,7 @@ def test_latest_run_is_the_most_recently_changed(tmp_path, monkeypatch):
     for age, name in ((100, "new"), (1000, "old")):
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
-        (run / "recipe.resolved.toml").write_text(f'name = "{name}"\n')
+        jobs.write_recipe(run / "recipe.resolved.toml", {"name": name})
         then = 1_700_000_000 - age
         for path in (run / "recipe.resolved.toml", run):
             os.utime(path, (then, then))
