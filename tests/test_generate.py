@@ -169,6 +169,7 @@ def test_top_k_divergences_on_padded_token_sequences(kind, seed):
 # --------------------------------------------------------------------------- loop invariants
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 @pytest.mark.parametrize("kd_level", ["token", "sequence"])
 def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, kd_level, tmp_path):

@@ -74,6 +74,7 @@ def test_the_payload_is_live(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_pickle_planted_in_a_checkpoint_is_not_run_and_kd_says_so(bert, here):
     marker = here / "PWNED"
     kd("distill", str(recipe(bert)))
