@@ -1,4 +1,5 @@
-"""Training jobs on tiny models, shared by the invariance tests and the 2-process script.
+"""Training jobs on tiny models, shared by the invariance tests and the 2-process script, and the
+one writer of recipe files for every test (``write_recipe``).
 
 Kept free of pytest so that ``tests/distributed_job.py`` can build the very same job
 under torchrun.
