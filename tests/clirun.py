@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typer.testing import CliRunner, Result
 
 from kdcli.cli import app
@@ -9,8 +11,13 @@ from kdcli.cli import app
 runner = CliRunner()
 
 
-def kd(*args: str, env: dict[str, str] | None = None) -> Result:
-    """Run ``kd ARGS`` and return its result; the test fails unless it exits 0."""
-    result = runner.invoke(app, list(args), env=env)
-    assert result.exit_code == 0, result.output
+def kd(*args: str | os.PathLike, env: dict[str, str] | None = None, code: int | None = 0) -> Result:
+    """Run ``kd ARGS`` and return its result.
+
+    The test fails unless kd exits with ``code`` (0 by default); ``code=None`` checks nothing, for
+    tests that look at the result themselves.
+    """
+    result = runner.invoke(app, [str(a) for a in args], env=env)
+    if code is not None:
+        assert result.exit_code == code, f"exit {result.exit_code} (expected {code})\n{result.output}"
     return result

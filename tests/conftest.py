@@ -23,6 +23,15 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def here(tmp_path, monkeypatch) -> Path:
+    """Run the test in its own empty directory (run directories live under the current one),
+    without KD_DEBUG from the caller's shell."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KD_DEBUG", raising=False)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Factory for saved tiny model directories: ``tiny("bert", "sequence-classification", num_labels=3)``.

@@ -1,4 +1,5 @@
-"""Training jobs on tiny models, shared by the invariance tests and the 2-process script.
+"""Training jobs on tiny models, shared by the invariance tests and the 2-process script, and the
+one writer of recipe files for every test (``write_recipe``).
 
 Kept free of pytest so that ``tests/distributed_job.py`` can build the very same job
 under torchrun.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
+import tomli_w
 import torch
 
 import kit
@@ -41,23 +44,38 @@ def write_sentences(path: Path, n: int, seed: int = 3) -> Path:
     return path
 
 
+def write_recipe(path: Path | str, recipe: dict[str, Any]) -> Path:
+    """Write ``recipe`` (the tables of a recipe file, as dicts and lists) as TOML at ``path``.
+
+    Every test that needs a recipe file writes it here; ``None`` values are left out (TOML has no null).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(_without_none(recipe)), encoding="utf-8")
+    return path
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def write_classify_run(root: Path, model: Path, *, name: str, rows: int, loss: dict, train: dict) -> Path:
     """``root/recipe.toml``: ``model`` distilled into a copy of itself (a live teacher) on ``rows``
     sentences written beside it; the CLI-level tests run kd on it in subprocesses."""
-    import tomli_w
-
     root.mkdir(parents=True, exist_ok=True)
     write_sentences(root / "s.jsonl", rows)
-    recipe = {
+    return write_recipe(root / "recipe.toml", {
         "name": name, "task": "classify",
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": LABELS},
         "student": {"ref": str(model)},
         "teachers": {"t": {"ref": str(model)}},
         "loss": loss,
         "train": train,
-    }
-    (root / "recipe.toml").write_text(tomli_w.dumps(recipe))
-    return root / "recipe.toml"
+    })
 
 
 def without_dropout(model: torch.nn.Module) -> None:

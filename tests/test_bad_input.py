@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import tomli_w
 import torch
-from typer.testing import CliRunner
 
 import jobs
-from kdcli.cli import app
+from clirun import kd
 
-runner = CliRunner()
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -321,14 +318,14 @@ def write_case(case: Case, models: dict[str, str], root: Path) -> None:
     (root / "s.jsonl").write_text(_sentences(), encoding="utf-8")
     for name, content in case.files.items():
         (root / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    if isinstance(case.recipe, (str, bytes)):
+    if isinstance(case.recipe, (str, bytes)):  # a broken file, written as it is
         raw = case.recipe if isinstance(case.recipe, bytes) else case.recipe.encode("utf-8")
+        (root / "recipe.toml").write_bytes(raw)
     else:
         recipe = copy.deepcopy(BASE)
         if case.recipe is not None:
             recipe = case.recipe(recipe)
-        raw = tomli_w.dumps(_fill(recipe, models)).encode("utf-8")
-    (root / "recipe.toml").write_bytes(raw)
+        jobs.write_recipe(root / "recipe.toml", _fill(recipe, models))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -353,7 +350,8 @@ def check_clean_failure(result, expect: str) -> None:
 
 
 def _params(cases: list[Case]) -> list:
-    return [pytest.param(c, id=c.id) for c in cases]
+    """Model cases load models and run `kd prepare` first: about a second each, so marked slow."""
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c in MODEL_CASES else []) for c in cases]
 
 
 @pytest.mark.parametrize("case", _params(CASES))
@@ -362,11 +360,10 @@ def test_bad_input_is_a_clean_error_that_writes_nothing(case, models, here):
     command = case.command
     if command in ("distill", "eval"):
         # Model cases: the data is prepared first (it is fine); the failing command must not change the run.
-        prepared = runner.invoke(app, ["prepare", "recipe.toml"])
-        assert prepared.exit_code == 0, prepared.output
+        kd("prepare", "recipe.toml")
     before = snapshot(here)
     args = list(case.args) if case.args and case.args[0].endswith(".toml") else ["recipe.toml", *case.args]
-    result = runner.invoke(app, [command, *args])
+    result = kd(command, *args, code=None)
     # One line per case (pytest -s): the source of the table in docs/reliability.md.
     print(f"CASE|{case.id}|kd {command}|" + "|".join(line for line in result.stderr.splitlines() if line.startswith(("error:", "hint:"))))
     check_clean_failure(result, case.expect)
@@ -385,23 +382,23 @@ def test_a_failed_distill_in_an_empty_directory_leaves_no_run_directory(models, 
     """The run lock and the resolved recipe are written before the models are looked at; a command
     that fails there takes both back."""
     write_case(Case("x", "", _set("teachers.t.ref", "./nope")), models, here)
-    result = runner.invoke(app, ["distill", "recipe.toml"])
+    result = kd("distill", "recipe.toml", code=None)
     check_clean_failure(result, "is not a directory")
     assert not (here / "runs").exists()
 
 
 def test_a_failed_distill_does_not_rewrite_the_recipe_an_existing_run_was_made_with(models, here):
     write_case(Case("x", ""), models, here)
-    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
+    kd("prepare", "recipe.toml")
     resolved = here / "runs" / "bad" / "recipe.resolved.toml"
     before = resolved.read_text()
-    result = runner.invoke(app, ["distill", "recipe.toml", "--set", 'teachers.t.ref="./nope"'])
+    result = kd("distill", "recipe.toml", "--set", 'teachers.t.ref="./nope"', code=None)
     check_clean_failure(result, "is not a directory")
     assert resolved.read_text() == before
 
 
 def test_eval_before_distill_writes_nothing(models, here):
     write_case(Case("x", ""), models, here)
-    result = runner.invoke(app, ["eval", "recipe.toml"])
+    result = kd("eval", "recipe.toml", code=None)
     check_clean_failure(result, "there is no trained student model")
     assert not (here / "runs").exists()

@@ -1,22 +1,143 @@
-"""Every benchmark script runs in its --quick mode (tiny models), so none of them can rot."""
+"""Every benchmark script runs in its --quick mode (tiny models), so none of them can rot, and what it
+reports is sane: the fields a reader of its result file relies on are there, finite, and in range."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))  # _common.py is shared code
 
 
+def numbers(value: Any, where: str = "") -> list[tuple[str, float]]:
+    """Every number in a JSON document, with its path."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(where, value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    return [found for key, item in items for found in numbers(item, f"{where}.{key}" if where else str(key))]
+
+
+def positive(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def share(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def rates(summary: dict, runs_key: str = "all_runs") -> None:
+    """samples/s: positive, one per timed repeat, and the reported one the median of them."""
+    for name, rate in summary["samples_per_second"].items():
+        runs = summary[runs_key][name]
+        assert len(runs) == summary["repeats"] and positive(rate, *runs), (name, rate, runs)
+        assert rate == pytest.approx(statistics.median(runs), abs=0.011), name
+
+
+def ratio(summary: dict, key: str, top: float, bottom: float) -> None:
+    assert summary[key] == pytest.approx(top / bottom, rel=0.01, abs=0.002), key
+
+
+def check_cache_payoff(s: dict) -> None:
+    speed, epoch = s["samples_per_second"], s["epoch_seconds"]
+    assert set(speed) == set(epoch) == {"cached", "live"} and positive(s["cache_seconds"], *speed.values())
+    for kind in speed:
+        assert epoch[kind] == pytest.approx(s["train_rows"] / speed[kind], rel=0.02, abs=0.01), kind
+    assert list(s["total_seconds"]) == ["1", "3", "10"]
+    for n, total in s["total_seconds"].items():
+        assert total["live"] == pytest.approx(int(n) * epoch["live"], rel=0.02, abs=0.1)
+        assert total["cached"] == pytest.approx(s["cache_seconds"] + int(n) * epoch["cached"], rel=0.02, abs=0.1)
+    if s["break_even_epochs"] is not None:  # None when the cache does not pay off at all
+        assert positive(s["break_even_epochs"]) and epoch["live"] > epoch["cached"]
+
+
+def check_distill_speed(s: dict) -> None:
+    assert set(s["samples_per_second"]) == {"plain", "cached", "live"} and s["rows"] > 0 and s["steps"] > 0
+    rates(s)
+    speed = s["samples_per_second"]
+    ratio(s, "cached_vs_plain", speed["cached"], speed["plain"])
+    ratio(s, "live_vs_plain", speed["live"], speed["plain"])
+    ratio(s, "cached_vs_live", speed["cached"], speed["live"])
+    assert positive(s["cache_build_seconds"])
+
+
+def check_teacher_8bit(s: dict) -> None:
+    fp32, int8 = s["fp32"], s["int8"]
+    assert positive(fp32["weights_bytes"], int8["weights_bytes"]) and int8["weights_bytes"] < fp32["weights_bytes"]
+    assert 0 < s["weights_ratio"] < 1 and s["weights_ratio"] == pytest.approx(int8["weights_bytes"] / fp32["weights_bytes"], abs=0.001)
+    assert share(fp32["accuracy"]) and share(int8["accuracy"])
+    assert s["accuracy_change"] == pytest.approx(int8["accuracy"] - fp32["accuracy"], abs=1e-4)
+    assert -1e-6 <= s["kl_fp32_to_int8"] < 0.1 and 0.5 <= s["argmax_agreement"] <= 1  # 8 bits barely move the logits
+
+
+def check_topk_cache(s: dict) -> None:
+    assert s["vocab_size"] > 0 and s["answer_tokens"] > 0 and s["dense_fp16_bytes_per_token"] == 2 * s["vocab_size"]
+    assert s["results"]
+    for r in s["results"]:
+        assert 0 < r["k"] <= s["vocab_size"] and positive(r["temperature"])
+        stored = [v for k, v in r.items() if k.endswith("bytes_per_token")]
+        assert stored and positive(*stored) and max(stored) < s["dense_fp16_bytes_per_token"], r  # top-k is smaller than dense
+        assert share(r["tail_mass_mean"]) and share(r["tail_mass_p95"]), r
+        assert r["kl_reconstruction_mean"] >= 0 and r["kl_collapsed_mean"] >= -1e-6, r
+        for key, value in r.items():
+            if key.endswith("_grad_cosine"):
+                assert -1 - 1e-6 <= value <= 1 + 1e-6, (key, value)
+            elif key.endswith(("_dense", "_topk")) or key.endswith("_rel_error"):
+                assert value >= -1e-6, (key, value)  # divergences and their errors are not negative
+    per_k = s["student_per_k"]["results"]
+    assert per_k[0]["k"] == "none (untrained)" and len(per_k) > 1
+    for r in per_k:
+        assert r["kl_to_teacher"] >= 0 and share(r["top1_agreement"]), r
+
+
+def check_trainer_baseline(s: dict) -> None:
+    assert set(s["samples_per_second"]) == {"trainer_live", "kd_live_steps", "kd_live_wall", "kd_cached_steps", "kd_cached_wall"}
+    rates(s)
+    speed = s["samples_per_second"]
+    ratio(s, "kd_live_vs_trainer", speed["kd_live_wall"], speed["trainer_live"])
+    ratio(s, "kd_cached_vs_trainer", speed["kd_cached_wall"], speed["trainer_live"])
+    # Wall-clock rates include validation and checkpoints: never above the optimizer steps' own rate.
+    assert speed["kd_live_wall"] <= speed["kd_live_steps"] * 1.01 and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01
+
+
+CHECKS: dict[str, Callable[[dict], None]] = {
+    "cache_payoff.py": check_cache_payoff,
+    "distill_speed.py": check_distill_speed,
+    "teacher_8bit.py": check_teacher_8bit,
+    "topk_cache.py": check_topk_cache,
+    "trainer_baseline.py": check_trainer_baseline,
+}
+
+
+def test_every_benchmark_has_a_check():
+    assert sorted(CHECKS) == SCRIPTS
+
+
+@pytest.mark.slow  # each script loads models and trains or times them: tens of seconds
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_runs_in_quick_mode_and_ends_with_one_json_line(script):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True,
-                          timeout=600, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+def test_benchmark_runs_in_quick_mode_and_reports_sane_numbers(script, tmp_path):
+    out = tmp_path / "result.json"
+    # PYTHONPATH: the scripts import the kdcli of this checkout, not whichever one is installed.
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    args = ["--out", str(out)] if "--out" in (BENCHMARKS / script).read_text() else []
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["quick"] is True and summary["benchmark"]
+    written = out if args else BENCHMARKS / "results" / f"{summary['benchmark']}-quick.json"
+    assert json.loads(written.read_text()) == summary  # the file says what the output's last line says
+    assert summary["quick"] is True and summary["benchmark"] == script.removesuffix(".py")
+    assert summary["env"]["cpu_count"] > 0 and summary["env"]["torch"]
+    bad = [(where, value) for where, value in numbers(summary) if not math.isfinite(value)]
+    assert not bad, bad
+    CHECKS[script](summary)

@@ -9,83 +9,63 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+import jobs
+from clirun import kd
 from kdcli import __version__
 from kdcli import recipe as recipe_mod
-from kdcli.cli import app
 from kdcli.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 COMMANDS = ["check", "prepare", "cache-teachers", "distill", "eval", "bench", "compare", "run", "tune"]
 
-runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("here")  # every command in an empty directory, without KD_DEBUG
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Run every command in an empty directory, without KD_DEBUG from the caller's shell."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KD_DEBUG", raising=False)
+RECIPE = {
+    "name": "cli", "task": "classify",
+    "data": {"format": "fpb", "path": "sentences.txt"},
+    "student": {"ref": "student-model"},
+}
 
 
 @pytest.fixture
 def valid_recipe(tmp_path) -> Path:
-    path = tmp_path / "valid.toml"
-    path.write_text(
-        'name = "cli"\ntask = "classify"\n'
-        '[data]\nformat = "fpb"\npath = "sentences.txt"\n'
-        '[student]\nref = "student-model"\n'
-        '[teachers.big]\nref = "teacher-model"\n',
-        encoding="utf-8",
-    )
-    return path
+    return jobs.write_recipe(tmp_path / "valid.toml", RECIPE | {"teachers": {"big": {"ref": "teacher-model"}}})
 
 
 @pytest.fixture
 def bad_recipe(tmp_path) -> Path:
-    path = tmp_path / "bad.toml"
-    path.write_text(
-        'name = "cli"\ntask = "classify"\n'
-        '[data]\nformat = "fpb"\npath = "sentences.txt"\n'
-        '[student]\nref = "student-model"\n'
-        '[train]\nlrr = 1e-4\nbatch_size = "16"\n',
-        encoding="utf-8",
-    )
-    return path
+    return jobs.write_recipe(tmp_path / "bad.toml", RECIPE | {"train": {"lrr": 1e-4, "batch_size": "16"}})
 
 
 def test_help_lists_every_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
+    result = kd("--help")
     for command in COMMANDS:
         assert f" {command} " in result.output, command
 
 
 def test_version():
-    result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0
+    result = kd("--version")
     assert result.stdout.strip() == f"kd {__version__}"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_check_accepts_each_shipped_recipe(path):
-    result = runner.invoke(app, ["check", str(path)])
-    assert result.exit_code == 0, result.output
+    result = kd("check", str(path))
     assert "valid" in result.stdout
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_check_json_is_the_validated_recipe(path, tmp_path):
-    result = runner.invoke(app, ["check", str(path), "--json"])
-    assert result.exit_code == 0, result.output
+    result = kd("check", str(path), "--json")
     document = json.loads(result.stdout)
     assert document["ok"] is True
     assert Path(document["run_dir"]) == tmp_path / "runs" / path.stem
     assert recipe_mod.validate(document["recipe"]) == recipe_mod.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_prepare_reads_each_shipped_recipes_data(path, tmp_path, monkeypatch):
     """The shipped recipes' data is local (../shared/data), so `kd prepare` works without network."""
@@ -95,8 +75,7 @@ def test_prepare_reads_each_shipped_recipes_data(path, tmp_path, monkeypatch):
     (tmp_path / "shared").symlink_to(shared)
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
-    result = runner.invoke(app, ["prepare", str(path), "--json"])
-    assert result.exit_code == 0, result.output
+    result = kd("prepare", str(path), "--json")
     stages = json.loads(result.stdout)
     assert [s["stage"] for s in stages] == [s.name for s in recipe_mod.load(path).resolved_stages()]
     for stage in stages:
@@ -104,15 +83,13 @@ def test_prepare_reads_each_shipped_recipes_data(path, tmp_path, monkeypatch):
 
 
 def test_check_applies_overrides(valid_recipe):
-    result = runner.invoke(app, ["check", str(valid_recipe), "--set", "train.lr=1e-5", "--set", "loss.alpha=0.9", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kd("check", str(valid_recipe), "--set", "train.lr=1e-5", "--set", "loss.alpha=0.9", "--json")
     document = json.loads(result.stdout)["recipe"]
     assert (document["train"]["lr"], document["loss"]["alpha"]) == (1e-5, 0.9)
 
 
 def test_bad_recipe_prints_error_and_hint_without_traceback(bad_recipe):
-    result = runner.invoke(app, ["check", str(bad_recipe)])
-    assert result.exit_code == 1
+    result = kd("check", str(bad_recipe), code=1)
     assert result.stderr.startswith(f"error: {bad_recipe}: 2 problems")
     assert "train.lrr: unknown key (did you mean 'lr'?)" in result.stderr
     assert "train.batch_size: expected an integer" in result.stderr
@@ -122,23 +99,22 @@ def test_bad_recipe_prints_error_and_hint_without_traceback(bad_recipe):
 
 
 def test_bad_override_is_reported_like_a_bad_recipe(valid_recipe):
-    result = runner.invoke(app, ["check", str(valid_recipe), "--set", "loss.alpha=2"])
-    assert result.exit_code == 1
+    result = kd("check", str(valid_recipe), "--set", "loss.alpha=2", code=1)
     assert "loss.alpha:" in result.stderr and "hint:" in result.stderr
 
 
 def test_missing_recipe_file(tmp_path):
-    result = runner.invoke(app, ["check", str(tmp_path / "nope.toml")])
-    assert result.exit_code == 1
+    result = kd("check", str(tmp_path / "nope.toml"), code=1)
     assert "no recipe file at" in result.stderr
 
 
 def test_kd_debug_raises_the_error(bad_recipe):
-    result = runner.invoke(app, ["check", str(bad_recipe)], env={"KD_DEBUG": "1"})
+    result = kd("check", str(bad_recipe), env={"KD_DEBUG": "1"}, code=None)
     assert isinstance(result.exception, RecipeError)
     assert "train.lrr" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_imports_no_torch():
     """`kd --help` must answer at once: heavy libraries are imported inside the commands only."""
     script = (

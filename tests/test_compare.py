@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import clirun
-from kdcli.cli import app
+import jobs
+from clirun import kd
 from kdcli.report import (
     collect_run,
     compare_csv,
@@ -24,18 +24,16 @@ from kdcli.report import (
 )
 from kdcli.rundir import write_json
 
-runner = clirun.runner
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root: Path, evals: dict[str, float], benches: dict[str, tuple[int, float]], task: str = "classify") -> Path:
     """A run directory as eval/bench would leave it: {role: accuracy}, {role: (parameters, ms/example)}."""
     root.mkdir(parents=True)
-    (root / "recipe.resolved.toml").write_text(
-        f'name = "{root.name}"\ntask = "{task}"\n'
-        '[student]\nfrom_teacher = "big"\nlayers = [0, 2]\n'
-        '[teachers.big]\nref = "bert-base-uncased"\n[teachers.small]\nref = "/models/tiny-bert"\n'
-    )
+    jobs.write_recipe(root / "recipe.resolved.toml", {
+        "name": root.name, "task": task, "student": {"from_teacher": "big", "layers": [0, 2]},
+        "teachers": {"big": {"ref": "bert-base-uncased"}, "small": {"ref": "/models/tiny-bert"}},
+    })
     for role, accuracy in evals.items():
         metrics = {"accuracy": accuracy, "f1": accuracy - 0.1, "precision": accuracy - 0.05, "recall": accuracy - 0.15}
         write_json(root / "eval" / f"{role.replace(':', '-')}.json",
@@ -122,8 +120,7 @@ def test_mean_of_runs_averages_role_by_role_with_the_spread(tmp_path, monkeypatc
         write_run(tmp_path / "runs" / f"fin-s{seed}", evals=evals, benches=dict(benches, dataset=(66_000_000, 20.0)))
         write_json(tmp_path / "runs" / f"fin-s{seed}" / "eval" / "dataset.json",
                    {"role": "dataset", "model": "m", "parameters": 66_000_000, "metrics": {"accuracy": dataset, "f1": 0.5}})
-    result = runner.invoke(app, ["compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "json"])
-    assert result.exit_code == 0, result.output
+    result = kd("compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "json")
     [table] = json.loads(result.stdout)
     assert table["run"] == "mean of 2 runs (fin-s1, fin-s2)"
     rows = {r["role"]: r for r in table["rows"]}
@@ -133,7 +130,7 @@ def test_mean_of_runs_averages_role_by_role_with_the_spread(tmp_path, monkeypatc
     assert rows["student"]["kept_pct"] == pytest.approx((100 * 0.88 / 0.90 + 100) / 2)  # each run's ratio, averaged
     assert rows["student"]["speedup"] == pytest.approx(2.0) and rows["student"]["speedup_std"] == 0.0
     assert table["best"] == "dataset"  # 0.845 on average beats the student's 0.84
-    markdown = runner.invoke(app, ["compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "md"]).stdout
+    markdown = kd("compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "md").stdout
     assert "| 0.8400 ± 0.0566 |" in markdown and "| 2.00x |" in markdown  # no spread shown where there is none
     assert "batch 32" not in markdown  # only batch 1 was measured
 
@@ -154,8 +151,8 @@ def test_mean_refuses_runs_of_different_tasks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "runs" / "a", evals={"student": 0.8}, benches={})
     write_run(tmp_path / "runs" / "b", evals={"student": 0.8}, benches={}, task="choice")
-    result = runner.invoke(app, ["compare", "runs/a", "runs/b", "--mean"])
-    assert result.exit_code == 1 and "one task" in result.output
+    result = kd("compare", "runs/a", "runs/b", "--mean", code=1)
+    assert "one task" in result.output
 
 
 def test_read_metrics_keeps_the_latest_attempt(tmp_path):
@@ -175,6 +172,7 @@ def test_read_metrics_keeps_the_latest_attempt(tmp_path):
     assert [(r["step"], r["loss"]) for r in jobs["t"]] == [(1, 3.0)]
 
 
+@pytest.mark.slow
 def test_plots_are_written_as_png(run):
     records = []
     for step in range(1, 7):
@@ -192,37 +190,19 @@ def test_plots_are_written_as_png(run):
 
 # --------------------------------------------------------------------------- end to end
 
-RECIPE = """
-name = "tiny"
-task = "classify"
-[data]
-format = "jsonl"
-path = "data.jsonl"
-label_names = ["positive", "negative", "neutral"]
-max_length = 32
-[teachers.t]
-ref = "{teacher}"
-finetune = {{epochs = 1, batch_size = 8}}
-[student]
-from_teacher = "t"
-layers = [0, 2]
-[train]
-epochs = 1
-batch_size = 8
-eval_every = 16
-log_every = 8
-eval_batch_size = 16
-[eval]
-examples = 2
-[bench]
-batch_sizes = [1, 4]
-warmup = 1
-iters = 3
-threads = 1
-max_examples = 8
-"""
+def write_tiny_recipe(teacher: Path) -> Path:
+    return jobs.write_recipe("tiny.toml", {
+        "name": "tiny", "task": "classify",
+        "data": {"format": "jsonl", "path": "data.jsonl", "label_names": ["positive", "negative", "neutral"], "max_length": 32},
+        "teachers": {"t": {"ref": str(teacher), "finetune": {"epochs": 1, "batch_size": 8}}},
+        "student": {"from_teacher": "t", "layers": [0, 2]},
+        "train": {"epochs": 1, "batch_size": 8, "eval_every": 16, "log_every": 8, "eval_batch_size": 16},
+        "eval": {"examples": 2},
+        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iters": 3, "threads": 1, "max_examples": 8},
+    })
 
 
+@pytest.mark.slow
 def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     words = {"positive": "profit rose strongly", "negative": "losses widened again", "neutral": "shares were unchanged"}
@@ -230,10 +210,8 @@ def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
         for i in range(40):
             label = list(words)[i % 3]
             handle.write(json.dumps({"text": f"Report {i}: {words[label]} in quarter {i % 4}", "label": label}) + "\n")
-    Path("tiny.toml").write_text(RECIPE.format(teacher=tiny("bert", "sequence-classification", num_labels=3)))
-
-    def kd(*args: str):
-        return clirun.kd(*args, env={"COLUMNS": "200"})
+    write_tiny_recipe(tiny("bert", "sequence-classification", num_labels=3))
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps nothing the asserts read
 
     kd("distill", "tiny.toml")
     student = json.loads(kd("eval", "tiny.toml", "--model", "student", "--json").stdout)
@@ -263,7 +241,7 @@ def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "Role" not in line]
     assert [row.split("|")[1].strip(" *") for row in rows] == ["teacher:t", "baseline", "student"]
     assert "no eval" not in table and "no bench" not in table
-    plots = [Path(line.removeprefix("plot: ")) for line in runner.invoke(app, ["compare", "--plots"]).stdout.splitlines()
+    plots = [Path(line.removeprefix("plot: ")) for line in kd("compare", "--plots").stdout.splitlines()
              if line.startswith("plot: ")]
     assert {p.name for p in plots} == {"loss-teacher.t.png", "loss-main.png", "accuracy-latency.png"}
     assert all(p.read_bytes()[:8] == PNG for p in plots)

@@ -24,13 +24,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    """Run in tmp_path: run directories must live under the current directory."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def make_recipe(task: str, seed: int = 42, name: str = "t", **data):
     return validate(
         {"name": name, "task": task, "seed": seed, "data": data, "student": {"ref": "student"}, "loss": {"alpha": 1.0}}
@@ -318,6 +311,7 @@ def test_real_winogrande_train_m(here):
     assert Counter(r.label for r in parts["all"]) == {0: 1279, 1: 1279}
 
 
+@pytest.mark.slow
 def test_real_socialiqa_train(here):
     path = needs("socialiqa", "train.jsonl")
     parts, _ = read_examples(cfg("choice", format="socialiqa", path=str(path)), "choice")

@@ -20,48 +20,83 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import jobs
-import kit
-from kdcli.train import step_examples
+from kdcli.runtime import make_accelerator
+from kdcli.train import run_job, step_examples
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside the interpreter")
 
 
-# --------------------------------------------------------------------------- the slicing arithmetic
+# --------------------------------------------------------------------------- which rows each process reads
 
 
-def rank_examples(indices: list[int], micro: int, rank: int, world: int, batch: int) -> list[int]:
-    """The rows one rank takes for one micro-batch: the expression in train.run_job's loop."""
-    chunk = micro * world + rank
-    return indices[chunk * batch : (chunk + 1) * batch]
+class AsProcess:
+    """The real single-process accelerator, saying it is process ``rank`` of ``world``: run_job then
+    takes that process's share of every step, as it would under torchrun."""
+
+    def __init__(self, world: int, rank: int) -> None:
+        self._real = make_accelerator("no")
+        self.num_processes, self.process_index = world, rank
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
 
 
-@settings(max_examples=80, deadline=None)
-@given(n_rows=st.integers(1, 300), seed=st.integers(0, 10), world=st.integers(1, 4), batch=st.integers(1, 8), accum=st.integers(1, 4))
-def test_every_example_of_an_epoch_is_read_once_by_exactly_one_rank(n_rows, seed, world, batch, accum):
+class Recording:
+    """A teacher that notes the row ids of every train micro-batch it is asked about, then answers."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher, self.asked = teacher, []
+
+    def __call__(self, examples: list[dict], split: str):
+        if split == "train":
+            self.asked.append([int(e["id"]) for e in examples])
+        return self.teacher(examples, split)
+
+    def __getattr__(self, name: str):
+        return getattr(self.teacher, name)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, accum", [(2, 2), (3, 1)])
+def test_every_row_of_an_epoch_is_read_once_by_exactly_one_process(teacher_dir, tmp_path, monkeypatch, world, accum):
+    """run_job in each of ``world`` processes (one after another): the teacher sees which rows each
+    process's micro-batches hold."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: objects * world)  # the checkpoint's RNG states
+    batch, rows = 2, 48  # jobs.classify_job: 48 train rows, ids 0..47
     per_step = batch * world * accum
-    steps_per_epoch = n_rows // per_step
-    if steps_per_epoch == 0:
-        return  # run_job refuses this with a KdError (fewer rows than one step)
-    for epoch in range(2):
-        seen: list[int] = []
-        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-            indices = step_examples(n_rows, seed, step, steps_per_epoch, per_step)
-            assert len(indices) == per_step
-            shares = [rank_examples(indices, m, r, world, batch) for m in range(accum) for r in range(world)]
-            assert all(len(s) == batch for s in shares)  # every rank does the same work: no DDP stalls
-            flat = [i for s in shares for i in s]
-            assert sorted(flat) == sorted(indices)  # together the ranks read the whole step, each row once
-            seen += flat
-        assert len(seen) == len(set(seen)) == steps_per_epoch * per_step  # disjoint across the epoch's steps
-        assert set(seen) <= set(range(n_rows))
-        # An incomplete last step is dropped: fewer than one step's rows are left out per epoch.
-        assert n_rows - len(seen) < per_step
+    steps_per_epoch = rows // per_step
+    steps = steps_per_epoch + 2  # into the second epoch
+    asked = []
+    for rank in range(world):
+        job = jobs.classify_job(teacher_dir, tmp_path / f"rank-{rank}", batch_size=batch, grad_accum=accum, max_steps=steps)
+        recording = Recording(job.teachers["t"])
+        job.teachers = {"t": recording}
+        run_job(job, AsProcess(world, rank), show_progress=False)
+        assert len(recording.asked) == steps * accum  # one question per micro-batch
+        asked.append(recording.asked)
+    epochs: dict[int, list[int]] = {}
+    for step in range(steps):
+        shares = [micro for mine in asked for micro in mine[step * accum : (step + 1) * accum]]
+        assert all(len(share) == batch for share in shares)  # every process does the same work: no DDP stalls
+        read = [i for share in shares for i in share]
+        # Together the processes read the step's rows (a slice of the epoch's seeded order), each once.
+        assert sorted(read) == sorted(step_examples(rows, 0, step, steps_per_epoch, per_step))
+        epochs.setdefault(step // steps_per_epoch, []).extend(read)
+    first = epochs[0]
+    assert len(first) == len(set(first)) == steps_per_epoch * per_step  # no row twice in an epoch
+    assert rows - len(first) < per_step  # only an incomplete last step is left out
+    assert epochs[1] != first[: len(epochs[1])]  # a new order in the next epoch
 
 
 def test_the_same_step_is_the_same_rows_in_every_process_and_after_a_resume():
@@ -128,8 +163,8 @@ def kill_all(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("dist-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 def _watch_writers(proc: subprocess.Popen, folders: dict[str, Path]) -> dict[str, set[str]]:

@@ -24,22 +24,19 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import jobs
-import kit
-from kdcli.cli import app
+from clirun import kd
 from kdcli.errors import KdError
 from kdcli.rundir import RunDir, atomic_dir, clean_leftovers, leftovers, read_json, write_json
 
-runner = CliRunner()
 ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("fault-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
@@ -63,7 +60,8 @@ def output(proc: subprocess.Popen) -> str:
     return Path(proc.stdout.name).read_text() if proc.stdout else ""  # type: ignore[union-attr]
 
 
-def kd(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def kd_process(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`kd ARGS` in a subprocess in ``root`` (the in-process form is clirun.kd)."""
     return subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -116,7 +114,7 @@ def reference(tmp_path_factory, bert) -> Path:
     """The same distillation, never interrupted."""
     root = tmp_path_factory.mktemp("uninterrupted")
     write_run(root, bert)
-    done = kd(root, "distill", "recipe.toml")
+    done = kd_process(root, "distill", "recipe.toml")
     assert done.returncode == 0, done.stdout + done.stderr
     return root / "runs" / "f"
 
@@ -155,7 +153,7 @@ def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, 
     killed_at = train_lines(run)
     leftover = [p.name for p in no_partial_outputs(run)]
     complete = _complete_checkpoints(run)
-    resumed = kd(root, "distill", "recipe.toml", "--resume")
+    resumed = kd_process(root, "distill", "recipe.toml", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     print(f"\nKILLED {point}: attempt {attempt + 1}, after {killed_at} logged steps, checkpoints {complete}, partial {leftover}")
     if complete:
@@ -167,6 +165,7 @@ def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, 
     assert json.loads((run / "student" / "done.json").read_text())["steps"] == STEPS
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(bert, tmp_path):
     root = tmp_path / "work"
     write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
@@ -178,7 +177,7 @@ def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(be
             time.sleep(0.05)
         assert first.poll() is None, output(first)
         for command in ("distill", "prepare", "cache-teachers"):
-            second = kd(root, command, "recipe.toml")
+            second = kd_process(root, command, "recipe.toml")
             assert second.returncode == 1, second.stdout + second.stderr
             assert f"error: another kd process is working on {run}" in second.stderr
             assert "hint:" in second.stderr and "Traceback" not in second.stderr
@@ -186,18 +185,19 @@ def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(be
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel released the dead process's lock: the next command runs.
-    after = kd(root, "prepare", "recipe.toml")
+    after = kd_process(root, "prepare", "recipe.toml")
     assert after.returncode == 0, after.stdout + after.stderr
 
 
 # --------------------------------------------------------------------------- kill -9 during prepare and cache-teachers
 
 
+@pytest.mark.slow
 def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds(bert, tmp_path, monkeypatch):
     root = tmp_path / "work"
     write_run(root, bert)
     monkeypatch.chdir(root)
-    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
+    kd("prepare", "recipe.toml")
     run = RunDir(root / "runs" / "f")
     old_fingerprint = read_json(run.data("main") / "manifest.json")["fingerprint"]
     with open(root / "s.jsonl", "w") as handle:  # a new, larger source: the next prepare rewrites the data
@@ -211,8 +211,7 @@ def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds
     splits, manifest = load_prepared(run, "main")
     assert manifest["fingerprint"] == old_fingerprint and len(splits["train"]) == manifest["counts"]["train"]
 
-    again = runner.invoke(app, ["prepare", "recipe.toml", "--json"])
-    assert again.exit_code == 0, again.output
+    again = kd("prepare", "recipe.toml", "--json")
     (result,) = json.loads(again.stdout)
     assert "changed: the source files" in result["reason"] and "interrupted" in result["reason"]
     assert "partial output of an interrupted kd process" in again.stderr
@@ -220,6 +219,7 @@ def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds
     assert not tmp_entries(run.root / "data")
 
 
+@pytest.mark.slow
 def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebuilds(bert, tmp_path, monkeypatch):
     from kdcli import teachers
     from kdcli.data.stage import stage_data
@@ -229,7 +229,7 @@ def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebu
     root = tmp_path / "work"
     recipe_path = write_run(root, bert, rows=3000)
     monkeypatch.chdir(root)
-    assert runner.invoke(app, ["cache-teachers", "recipe.toml"]).exit_code == 0
+    kd("cache-teachers", "recipe.toml")
     run = RunDir(root / "runs" / "f")
     cache = run.cache("main", "t")
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
@@ -246,8 +246,7 @@ def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebu
     shutil.rmtree(cache)
     assert kill_when(start(root, "cache-teachers", "recipe.toml"), lambda: bool(tmp_entries(cache.parent, "t")))
     assert not cache.exists()
-    rebuilt = runner.invoke(app, ["cache-teachers", "recipe.toml"])
-    assert rebuilt.exit_code == 0, rebuilt.output
+    rebuilt = kd("cache-teachers", "recipe.toml")
     assert "partial output of an interrupted kd process" in rebuilt.output and "built" in rebuilt.output
     check_cache(cache, identity, "t")
     assert not tmp_entries(cache.parent)
@@ -296,10 +295,9 @@ def trained(tmp_path_factory, bert) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        result = runner.invoke(app, ["distill", "recipe.toml"])
+        kd("distill", "recipe.toml")
     finally:
         os.chdir(cwd)
-    assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (root / "runs/f/checkpoints/main").iterdir()) == ["step-00000004", "step-00000006"]
     return root
 
@@ -323,12 +321,12 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "state.json with a string step": lambda d: (d / "state.json").write_text('{"step": "6", "best": null, "best_step": null, "bad_evals": 0, "stopped_early": false}'),
     "projections.safetensors garbage": lambda d: (d / "projections.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]),
 }
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_past_a_damaged_checkpoint_falls_back_and_says_which(damage, trained, tmp_path, monkeypatch):
     checkpoints = _copy(trained, tmp_path, monkeypatch)
     DAMAGE[damage](checkpoints / "step-00000006")
-    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
-    assert result.exit_code == 0, result.output
+    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8")
     assert "checkpoint step-00000006 cannot be loaded" in result.output
     assert "resuming main from step-00000004 (4 steps done)" in result.output
     assert json.loads((checkpoints.parent.parent / "student" / "done.json").read_text())["steps"] == 8
@@ -338,8 +336,8 @@ def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(trained, 
     checkpoints = _copy(trained, tmp_path, monkeypatch)
     DAMAGE["optimizer.pt truncated"](checkpoints / "step-00000006")
     DAMAGE["state.json truncated"](checkpoints / "step-00000004")
-    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8", code=1)
+    assert isinstance(result.exception, SystemExit), result.output
     assert f"error: no checkpoint in {checkpoints.resolve()} could be loaded" in result.stderr
     assert "hint:" in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]  # nothing deleted
@@ -352,8 +350,7 @@ def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_
     (checkpoints / "step-00000007" / "state.json").unlink()
     partial = checkpoints / f".step-00000008.tmp-{_dead_pid()}.{leftovers.__globals__['_HOST']}-zz"
     shutil.copytree(checkpoints / "step-00000006", partial)
-    result = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=8"])
-    assert result.exit_code == 0, result.output
+    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8")
     assert "resuming main from step-00000006 (6 steps done)" in result.output
     assert not partial.exists()  # cleaned up by the next checkpoint save
 
@@ -361,6 +358,7 @@ def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_
 # --------------------------------------------------------------------------- NaN, through the CLI
 
 
+@pytest.mark.slow
 def test_a_nan_in_a_loss_term_stops_naming_step_and_term_and_the_last_checkpoint_resumes(bert, tmp_path, monkeypatch):
     from kdcli import losses
 
@@ -375,13 +373,12 @@ def test_a_nan_in_a_loss_term_stops_naming_step_and_term_and_the_last_checkpoint
         return value * float("nan") if calls["n"] == 5 else value  # step 5's KD term
 
     monkeypatch.setattr(losses, "kd_term", poisoned)
-    failed = runner.invoke(app, ["distill", "recipe.toml"])
-    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit), failed.output
+    failed = kd("distill", "recipe.toml", code=1)
+    assert isinstance(failed.exception, SystemExit), failed.output
     assert "step 5" in failed.stderr and "kd" in failed.stderr.split("\n")[0]
     assert "step-00000004" in failed.stderr  # the hint names the last good checkpoint
     monkeypatch.setattr(losses, "kd_term", real)
-    resumed = runner.invoke(app, ["distill", "recipe.toml", "--resume"])
-    assert resumed.exit_code == 0, resumed.output
+    resumed = kd("distill", "recipe.toml", "--resume")
     assert "resuming main from step-00000004" in resumed.output
 
 
@@ -392,6 +389,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkpoint_resumes(bert, tmp_path, monkeypatch):
     root = tmp_path / "work"
     write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
@@ -404,15 +402,14 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkp
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    failed = runner.invoke(app, ["distill", "recipe.toml"])
-    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit), failed.output
+    failed = kd("distill", "recipe.toml", code=1)
+    assert isinstance(failed.exception, SystemExit), failed.output
     checkpoints = root / "runs" / "f" / "checkpoints" / "main"
     assert failed.stderr.startswith(f"error: no space left on the device writing {checkpoints.resolve()}/step-00000008")
     assert "hint:" in failed.stderr and "--resume" in failed.stderr
     assert sorted(os.listdir(checkpoints)) == ["step-00000004", "step-00000006"]  # no half checkpoint beside them
     monkeypatch.setattr(torch, "save", real_save)
-    resumed = runner.invoke(app, ["distill", "recipe.toml", "--resume"])
-    assert resumed.exit_code == 0, resumed.output
+    resumed = kd("distill", "recipe.toml", "--resume")
     assert "resuming main from step-00000006" in resumed.output
 
 
@@ -422,12 +419,12 @@ def test_a_full_disk_while_preparing_keeps_the_previous_data(bert, tmp_path, mon
     root = tmp_path / "work"
     write_run(root, bert)
     monkeypatch.chdir(root)
-    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
+    kd("prepare", "recipe.toml")
     data = root / "runs" / "f" / "data" / "main"
     before = {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", _enospc)
-    result = runner.invoke(app, ["prepare", "recipe.toml", "--force"])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    result = kd("prepare", "recipe.toml", "--force", code=1)
+    assert isinstance(result.exception, SystemExit), result.output
     assert result.stderr.startswith(f"error: no space left on the device writing {data.resolve()}")
     assert {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
     assert not tmp_entries(data.parent)
@@ -478,6 +475,6 @@ def test_a_full_disk_while_logging_metrics_is_a_clear_error(bert, tmp_path, monk
         return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(train, "open", full_open, raising=False)
-    result = runner.invoke(app, ["distill", "recipe.toml"])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    result = kd("distill", "recipe.toml", code=1)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "no space left on the device" in result.stderr

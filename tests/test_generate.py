@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 import jobs
 import kit
-from clirun import kd, runner
+from clirun import kd
 from kdcli import losses, train
 from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
 from kdcli.job import Job, TeacherSettings
-from kdcli.cli import app
 from kdcli.models import load_task_model, student_from_teacher
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
 from kdcli.rundir import read_json
@@ -173,6 +172,7 @@ def test_top_k_divergences_on_padded_token_sequences(kind, seed):
 # --------------------------------------------------------------------------- loop invariants
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 @pytest.mark.parametrize("kd_level", ["token", "sequence"])
 def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, kd_level, tmp_path):
@@ -248,17 +248,35 @@ def test_a_cache_of_the_old_format_is_refused_not_misread(models, tmp_path):
         CachedTeacher(tmp_path / "cache")
 
 
-def test_two_teachers_are_mixed_as_full_distributions(models, tmp_path):
-    # With k = V the top-k form is exact, so two copies of one teacher mix to that teacher.
+def test_two_teachers_are_mixed_as_full_distributions_by_their_weights(models, tmp_path):
+    # With k = V the top-k form is exact. Two different teachers (other weights, one tokenizer).
     job = generate_job(models, "llama", tmp_path, batch_size=8, grad_accum=1, top_k=10_000)
     batch = job.rows["train"][:8]
-    _, single, _ = train.compute_loss(job, batch, "train", None)
-    job.teachers = {"a": job.teachers["t"], "b": job.teachers["t"]}
-    job.teacher_weights = {"a": 1.0, "b": 3.0}
-    _, mixed, _ = train.compute_loss(job, batch, "train", None)
-    assert float(mixed["kd"].detach()) == pytest.approx(float(single["kd"].detach()), rel=1e-4)
+    a = job.teachers["t"]
+    b = LiveTeacher(generate_model(models["llama"], seed=2),
+                    TeacherSettings(max_length=32, top_k=10_000, temperature=2.0, answer_max_length=8))
+
+    def kd_term(**weights: float) -> float:
+        job.teachers = {name: {"a": a, "b": b}[name] for name in weights}
+        job.teacher_weights = dict(weights)
+        _, parts, _ = train.compute_loss(job, batch, "train", None)
+        return float(parts["kd"].detach())
+
+    alone = {"a": kd_term(a=1.0), "b": kd_term(b=1.0)}
+    assert alone["a"] != pytest.approx(alone["b"], rel=1e-3)  # the teachers do differ
+    # A weight of 0 leaves the other teacher alone, whichever it is.
+    assert kd_term(a=1.0, b=0.0) == pytest.approx(alone["a"], rel=1e-4)
+    assert kd_term(a=0.0, b=1.0) == pytest.approx(alone["b"], rel=1e-4)
+    # The weights are the teachers' shares: swapped, the target and so the loss change.
+    one_three, three_one = kd_term(a=1.0, b=3.0), kd_term(a=3.0, b=1.0)
+    assert one_three != pytest.approx(three_one, rel=1e-3)
+    assert kd_term(a=2.0, b=6.0) == pytest.approx(one_three, rel=1e-4)  # only the ratio counts
+    # Mixed as distributions, not as losses: KL to a mixture is below the mixed KLs (the mixture's
+    # entropy is higher), and strictly so when the teachers differ.
+    assert one_three < 0.25 * alone["a"] + 0.75 * alone["b"] - 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd_level", ["token", "sequence"])
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4_per_token(models, tmp_path, kd_level):
     # Answers differ in length (1 to 3 words), so weighting micro-batches by examples would differ; and
@@ -299,55 +317,30 @@ def test_a_padded_teacher_vocabulary_is_trimmed_and_a_real_mismatch_is_refused(m
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
+def workdir(here) -> Path:
     with open("trivia.jsonl", "w") as handle:
         for row in qa_rows(40):
             handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
                                      "aliases": row["answers"]}) + "\n")
-    return tmp_path
+    return here
 
 
-def generate_recipe(models, family: str, extra: str = "") -> Path:
-    Path("gen.toml").write_text(f"""
-name = "gen"
-task = "generate"
-[data]
-format = "triviaqa"
-path = "trivia.jsonl"
-max_length = 32
-answer_max_length = 8
-[student]
-from_teacher = "big"
-layers = [0]
-[teachers.big]
-ref = "{models[family]}"
-[loss]
-alpha = 0.5
-temperature = 2.0
-top_k = 8
-[train]
-epochs = 1
-batch_size = 8
-lr = 1e-3
-eval_every = 16
-checkpoint_every = 64
-log_every = 8
-metric = "token_f1"
-eval_batch_size = 16
-[eval]
-max_new_tokens = 6
-batch_size = 16
-[bench]
-batch_sizes = [1, 4]
-iters = 2
-warmup = 1
-threads = 1
-{extra}
-""")
-    return Path("gen.toml")
+def generate_recipe(models, family: str, **teachers: dict) -> Path:
+    """One teacher ``big`` of ``family``; ``teachers``: more teacher tables by name."""
+    return jobs.write_recipe("gen.toml", {
+        "name": "gen", "task": "generate",
+        "data": {"format": "triviaqa", "path": "trivia.jsonl", "max_length": 32, "answer_max_length": 8},
+        "student": {"from_teacher": "big", "layers": [0]},
+        "teachers": {"big": {"ref": str(models[family])}} | teachers,
+        "loss": {"alpha": 0.5, "temperature": 2.0, "top_k": 8},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 16, "checkpoint_every": 64, "log_every": 8,
+                  "metric": "token_f1", "eval_batch_size": 16},
+        "eval": {"max_new_tokens": 6, "batch_size": 16},
+        "bench": {"batch_sizes": [1, 4], "iters": 2, "warmup": 1, "threads": 1},
+    })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, workdir, family):
     recipe = generate_recipe(models, family)
@@ -364,8 +357,8 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert manifest["top_k"] == 8 and manifest["vocab_size"] > 0 and manifest["id_dtype"] == "uint16"
     # A cache of the old format is rebuilt, not read.
     (run / "cache" / "main" / "big" / "manifest.json").write_text(json.dumps(dict(manifest, cache_format=1)))
-    wide = runner.invoke(app, ["cache-teachers", str(recipe)], env={"COLUMNS": "200"})
-    assert wide.exit_code == 0 and "bytes/token" in wide.output and f"{cached['bytes_per_token']} (k=8)" in wide.output
+    wide = kd("cache-teachers", str(recipe), env={"COLUMNS": "200"})
+    assert "bytes/token" in wide.output and f"{cached['bytes_per_token']} (k=8)" in wide.output
     assert "rebuilding" in wide.output
     assert read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == 2
     assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
@@ -381,10 +374,10 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     assert "greedy generation" in bench["timed"] and bench["batches"]["1"]["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_vocabulary_is_refused_before_work_unless_sequence_level(models, workdir):
-    recipe = generate_recipe(models, "llama", f'[teachers.t5]\nref = "{models["t5"]}"\n')
-    result = runner.invoke(app, ["distill", str(recipe)])
-    assert result.exit_code == 1, result.output
+    recipe = generate_recipe(models, "llama", t5={"ref": str(models["t5"])})
+    result = kd("distill", str(recipe), code=1)
     assert "do not share a vocabulary" in result.output and "kd_level" in result.output
     assert not (workdir / "runs" / "gen" / "checkpoints").exists()
     # Sequence-level KD only needs the teachers' answers as text.

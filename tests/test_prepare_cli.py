@@ -6,23 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from kdcli.cli import app
+import jobs
+from clirun import kd
 
-runner = CliRunner()
 
-RECIPE = """
-name = "fin"
-task = "classify"
-[data]
-format = "fpb"
-path = "{path}"
-[student]
-ref = "bert-base-uncased"
-[loss]
-alpha = 1.0
-"""
+def write_recipe(path: Path, data: str) -> Path:
+    return jobs.write_recipe(path, {"name": "fin", "task": "classify", "data": {"format": "fpb", "path": data},
+                                    "student": {"ref": "bert-base-uncased"}, "loss": {"alpha": 1.0}})
 
 
 @pytest.fixture
@@ -32,26 +23,22 @@ def recipe(tmp_path, monkeypatch) -> Path:
     labels = ["negative", "neutral", "neutral", "positive"]
     lines = [f"Line {i} about sales .@{labels[i % 4]}\r\n" for i in range(60)]
     (tmp_path / "fpb.txt").write_bytes("".join(lines).encode("latin-1"))
-    path = tmp_path / "fin.toml"
-    path.write_text(RECIPE.format(path="fpb.txt"))
-    return path
+    return write_recipe(tmp_path / "fin.toml", "fpb.txt")
 
 
 def test_prepare_prints_a_table_then_a_noop(recipe):
-    first = runner.invoke(app, ["prepare", str(recipe)])
-    assert first.exit_code == 0, first.output
+    first = kd("prepare", str(recipe))
     assert "stage main" in first.stdout and "first prepare" in first.stdout
     assert "negative: 12" in first.stdout and "48" in first.stdout  # train: 48 of 60 rows
     assert 'name = "fin"' in (recipe.parent / "runs" / "fin" / "recipe.resolved.toml").read_text()
-    second = runner.invoke(app, ["prepare", str(recipe)])
-    assert second.exit_code == 0 and "up to date (no changes)" in second.stdout
-    forced = runner.invoke(app, ["prepare", str(recipe), "--force"])
-    assert forced.exit_code == 0 and "--force" in forced.stdout
+    second = kd("prepare", str(recipe))
+    assert "up to date (no changes)" in second.stdout
+    forced = kd("prepare", str(recipe), "--force")
+    assert "--force" in forced.stdout
 
 
 def test_prepare_json(recipe):
-    result = runner.invoke(app, ["prepare", str(recipe), "--json", "--set", "data.limit=10"])
-    assert result.exit_code == 0, result.output
+    result = kd("prepare", str(recipe), "--json", "--set", "data.limit=10")
     (stage,) = json.loads(result.stdout)
     assert stage["stage"] == "main" and stage["counts"] == {"train": 10, "validation": 6, "test": 6}
     train = stage["label_histograms"]["train"]  # 12/24/12 in train, cut to 10 keeping the proportions
@@ -61,20 +48,19 @@ def test_prepare_json(recipe):
 def test_bad_data_is_error_and_hint_without_traceback(recipe, tmp_path):
     with open(tmp_path / "fpb.txt", "ab") as handle:
         handle.write(b"A sentence .@bullish\r\n")
-    result = runner.invoke(app, ["prepare", str(recipe)])
-    assert result.exit_code == 1
+    result = kd("prepare", str(recipe), code=1)
     assert "error: " in result.stderr and "fpb.txt:61: unknown label 'bullish'" in result.stderr
     assert "hint: " in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data_file(recipe, tmp_path):
-    recipe.write_text(RECIPE.format(path="nope/fpb.txt"))
-    result = runner.invoke(app, ["prepare", str(recipe)])
-    assert result.exit_code == 1 and "data file not found: nope/fpb.txt" in result.stderr
+    write_recipe(recipe, "nope/fpb.txt")
+    result = kd("prepare", str(recipe), code=1)
+    assert "data file not found: nope/fpb.txt" in result.stderr
 
 
 def test_missing_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["prepare", "absent.toml"])
-    assert result.exit_code == 1 and "error:" in result.stderr
+    result = kd("prepare", "absent.toml", code=1)
+    assert "error:" in result.stderr

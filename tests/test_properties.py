@@ -9,10 +9,11 @@ import json
 import string
 from pathlib import Path
 
-import tomli_w
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import jobs
 from kdcli import recipe as recipe_mod
 from kdcli.data import read_examples
 from kdcli.errors import KdError
@@ -67,11 +68,11 @@ def test_any_bytes_as_a_recipe_file(tmp_path, raw):
     _ok_or_recipe_error(lambda: recipe_mod.load(path))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.dictionaries(keys, toml_values, max_size=8))
 def test_any_toml_document_as_a_recipe(tmp_path, document):
-    path = tmp_path / "r.toml"
-    path.write_text(tomli_w.dumps(document), encoding="utf-8")
+    path = jobs.write_recipe(tmp_path / "r.toml", document)
     _ok_or_recipe_error(lambda: recipe_mod.load(path))
 
 
@@ -189,6 +190,7 @@ FIELDS = ["text", "label", "qID", "sentence", "option1", "option2", "answer", "c
 json_rows = st.lists(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8), min_size=1, max_size=6)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(fmt=st.sampled_from(["winogrande", "socialiqa", "aqua", "triviaqa", "jsonl"]), rows=json_rows,
        labels=st.lists(st.sampled_from(["1", "2", "3", "0", "x", ""]), max_size=7))
@@ -200,6 +202,7 @@ def test_any_json_rows_in_the_json_formats(tmp_path, fmt, rows, labels):
     _read(fmt, path)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(rows=json_rows, choice=st.booleans())
 def test_any_rows_in_parquet(tmp_path, rows, choice):
@@ -221,6 +224,7 @@ def test_any_rows_in_parquet(tmp_path, rows, choice):
         _read("parquet", path)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(rows=json_rows, on_conflict=st.sampled_from(["error", "first", "majority", "drop"]), seed=st.integers(0, 3),
        split=st.sampled_from([{"train": 0.5, "validation": 0.5}, {"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 1.0}]))

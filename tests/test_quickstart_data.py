@@ -14,10 +14,9 @@ else:  # Python 3.10
     import tomli as tomllib
 
 import pytest
-from typer.testing import CliRunner
 
+from clirun import kd
 from kdcli import recipe as recipes
-from kdcli.cli import app
 from kdcli.data import read_examples, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,6 @@ CSV = ROOT / "kdcli" / "data" / "quickstart.csv"
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
 LOCAL_FPB = ROOT / "recipes" / "local" / "fpb.toml"
 LABELS = {"negative", "neutral", "positive"}
-
-runner = CliRunner()
 
 
 def _rows() -> list[dict[str, str]]:
@@ -86,8 +83,7 @@ def test_read_examples_labels_every_row(monkeypatch, tmp_path):
 
 def test_kd_prepare_quickstart_from_anywhere(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["prepare", str(QUICKSTART), "--json"])  # absolute: the cwd is tmp_path
-    assert result.exit_code == 0, result.output
+    result = kd("prepare", str(QUICKSTART), "--json")  # absolute: the cwd is tmp_path
     (stage,) = json.loads(result.stdout)
     total = len(_rows())
     assert sum(stage["counts"].values()) == total and stage["duplicates"] == 0

@@ -15,34 +15,27 @@ import runpy
 from pathlib import Path
 
 import pytest
-import tomli_w
 import torch
-from typer.testing import CliRunner
 
 import jobs
-import kit
-from kdcli.cli import app
+from clirun import kd
 from kdcli.errors import KdError
 from kdcli.recipe import validate
 from kdcli.rundir import RunDir
 
-runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parents[1] / "kdcli"
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("sec-models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def bert(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 @pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KD_DEBUG", raising=False)
-    with open("s.jsonl", "w") as handle:
-        for row in jobs.rows(40, seed=4):
-            handle.write(json.dumps({"text": row["text"], "label": jobs.LABELS[row["label"]]}) + "\n")
-    return tmp_path
+def here(here: Path) -> Path:
+    """conftest's empty working directory, with 40 sentences in s.jsonl."""
+    jobs.write_sentences(here / "s.jsonl", 40, seed=4)
+    return here
 
 
 class Payload:
@@ -60,16 +53,15 @@ def plant(path: Path, marker: Path) -> None:
     torch.save({"state": Payload(marker), "param_groups": []}, path)
 
 
-def recipe(bert: Path, **train) -> Path:
-    text = {
+def recipe(bert: Path, **top) -> Path:
+    """Three steps of labels-only training of ``bert``; ``top``: tables that replace the recipe's."""
+    return jobs.write_recipe("recipe.toml", {
         "name": "sec", "task": "classify",
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
         "student": {"ref": str(bert)},
         "loss": {"alpha": 1.0},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 400, "checkpoint_every": 4, "log_every": 400} | train,
-    }
-    Path("recipe.toml").write_text(tomli_w.dumps(text))
-    return Path("recipe.toml")
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 400, "checkpoint_every": 4, "log_every": 400},
+    } | top)
 
 
 # --------------------------------------------------------------------------- pickles
@@ -82,16 +74,16 @@ def test_the_payload_is_live(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_pickle_planted_in_a_checkpoint_is_not_run_and_kd_says_so(bert, here):
     marker = here / "PWNED"
-    assert runner.invoke(app, ["distill", str(recipe(bert))]).exit_code == 0
+    kd("distill", str(recipe(bert)))
     checkpoints = here / "runs" / "sec" / "checkpoints" / "main"
     newest, older = sorted(checkpoints.glob("step-*"), reverse=True)[:2]
     plant(newest / "optimizer.pt", marker)
 
     # A longer schedule continues the run from its newest loadable checkpoint.
-    resumed = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=5"])
-    assert resumed.exit_code == 0, resumed.output
+    resumed = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=5")
     assert f"checkpoint {newest.name} cannot be loaded" in resumed.output
     assert f"resuming main from {older.name}" in resumed.output
     assert not marker.exists()
@@ -100,8 +92,8 @@ def test_a_pickle_planted_in_a_checkpoint_is_not_run_and_kd_says_so(bert, here):
     newest, older = sorted(checkpoints.glob("step-*"), reverse=True)[:2]
     plant(newest / "scheduler.pt", marker)
     plant(older / "rng-0.pt", marker)
-    failed = runner.invoke(app, ["distill", "recipe.toml", "--resume", "--set", "train.max_steps=7"])
-    assert failed.exit_code == 1 and isinstance(failed.exception, SystemExit), failed.output
+    failed = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=7", code=1)
+    assert isinstance(failed.exception, SystemExit), failed.output
     assert "error: no checkpoint in" in failed.stderr and "could be loaded" in failed.stderr
     assert "hint:" in failed.stderr
     assert not marker.exists()
@@ -117,19 +109,20 @@ def test_a_pickled_model_file_is_not_run(bert, here, tmp_path):
     marker = here / "PWNED"
     torch.save({"bert.embeddings.word_embeddings.weight": Payload(marker)}, model / "pytorch_model.bin")
     path = recipe(bert)
-    result = runner.invoke(app, ["distill", str(path), "--set", f'student.ref="{model}"'])
+    result = kd("distill", str(path), "--set", f'student.ref="{model}"', code=1)
     assert not marker.exists()
-    assert result.exit_code == 1, result.output  # (a clean error:/hint: for it is in test_bad_input, xfail for now)
+    # A clean refusal (test_bad_input has the same case for a teacher), not a crash in the unpickler.
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"error: model {model}: its weights are a pickle that holds more than tensors")
+    assert "\nhint: " in result.stderr and "weights_only" in result.stderr
 
 
+@pytest.mark.slow
 def test_everything_kd_writes_is_data_not_code(bert, here):
     """Caches are safetensors; the only pickles are kd's own checkpoint files, which load with weights_only."""
-    path = recipe(bert)
-    text = path.read_text() + f'\n[teachers.t]\nref = "{bert}"\n'
-    path.write_text(text.replace("alpha = 1.0", "alpha = 0.5"))
+    path = recipe(bert, teachers={"t": {"ref": str(bert)}}, loss={"alpha": 0.5})
     for command in ("cache-teachers", "distill"):
-        result = runner.invoke(app, [command, str(path)])
-        assert result.exit_code == 0, result.output
+        kd(command, str(path))
     run = here / "runs" / "sec"
     cache_files = {p.suffix for p in (run / "cache").rglob("*") if p.is_file()}
     assert cache_files == {".safetensors", ".json"}
@@ -165,8 +158,7 @@ def test_a_model_that_needs_its_own_code_is_refused_unless_the_recipe_trusts_it(
     path = recipe(bert)
     key = "teachers.t.ref" if role == "teacher" else "student.ref"
     extra = ["--set", "loss.alpha=0.5", "--set", f'teachers.t.ref="{bert}"'] if role == "teacher" else []
-    result = runner.invoke(app, ["distill", str(path), *extra, "--set", f'{key}="{evil}"'])
-    assert result.exit_code == 1, result.output
+    result = kd("distill", str(path), *extra, "--set", f'{key}="{evil}"', code=1)
     assert "needs the code in its repository to run" in result.stderr
     assert "trust_remote_code = true" in result.stderr
     assert not marker.exists()  # ...and kd did not run it
@@ -180,8 +172,8 @@ def test_a_hub_dataset_name_that_points_at_a_script_does_not_run_it(here, bert):
     folder.mkdir()
     (folder / "evil_data.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
     path = recipe(bert)
-    result = runner.invoke(app, ["prepare", str(path), "--set", "data.path=''", "--set", 'data.format="hub"',
-                                 "--set", f'data.hub_name="{folder}"'])
+    result = kd("prepare", str(path), "--set", "data.path=''", "--set", 'data.format="hub"',
+                "--set", f'data.hub_name="{folder}"', code=None)
     assert not marker.exists()
     assert result.exit_code == 1 and "error:" in result.stderr, result.output
 
@@ -243,19 +235,18 @@ def test_recipe_strings_are_never_evaluated(here, bert):
         "name": "inert", "task": "classify",
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": ["negative", "neutral", "positive"],
                  "template": "{text} " + PAYLOAD.replace("{", "{{").replace("}", "}}"), "encoding": "utf-8"},
-        "student": {"ref": str(bert), "revision": PAYLOAD, "tokenizer": None},
+        "student": {"ref": str(bert), "revision": PAYLOAD},
         "teachers": {"t": {"ref": PAYLOAD}},
         "loss": {"alpha": 0.5},
         "search": {"train.lr": {"choice": [PAYLOAD]}},
     }
-    text["student"].pop("tokenizer")
-    Path("recipe.toml").write_text(tomli_w.dumps(text))
-    assert runner.invoke(app, ["check", "recipe.toml"]).exit_code == 0  # a valid recipe: strings are just strings
-    assert runner.invoke(app, ["prepare", "recipe.toml"]).exit_code == 0
-    distill = runner.invoke(app, ["distill", "recipe.toml"])
-    assert distill.exit_code == 1 and "could not be downloaded" in distill.stderr  # the "code" is a Hub id
-    bad = runner.invoke(app, ["check", "recipe.toml", "--set", f"train.scheduler={PAYLOAD}"])
-    assert bad.exit_code == 1 and "train.scheduler" in bad.stderr
+    jobs.write_recipe("recipe.toml", text)
+    kd("check", "recipe.toml")  # a valid recipe: strings are just strings
+    kd("prepare", "recipe.toml")
+    distill = kd("distill", "recipe.toml", code=1)
+    assert "could not be downloaded" in distill.stderr  # the "code" is a Hub id
+    bad = kd("check", "recipe.toml", "--set", f"train.scheduler={PAYLOAD}", code=1)
+    assert "train.scheduler" in bad.stderr
     assert not (here / "RECIPE_CODE_RAN").exists()
 
 

@@ -43,6 +43,7 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(teacher_dir, tmp
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4(teacher_dir, tmp_path):
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
         train.run_job(jobs.classify_job(teacher_dir, tmp_path / name, batch_size=batch, grad_accum=accum, dropout=False),
@@ -54,6 +55,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(teacher_dir, tmp_path, monkeypatch):
     # Dropout stays on: the resumed run must restore the RNG as well as weights and optimizer.
     def job(out):
@@ -120,6 +122,7 @@ def test_too_little_data_for_one_step_is_a_clear_error(teacher_dir, tmp_path):
         train.run_job(job, make_accelerator(), show_progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not found")
 def test_two_processes_equal_one_process_with_matching_accumulation(teacher_dir, tmp_path):
     script = Path(__file__).parent / "distributed_job.py"

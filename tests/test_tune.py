@@ -7,13 +7,8 @@ score follows the sampled values, so pruning and interruption are deterministic 
 from __future__ import annotations
 
 import json
-import sys
+import tomllib
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 import optuna
 import pytest
@@ -21,58 +16,41 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import jobs
-import kit
-from clirun import kd, runner
+from clirun import kd
 from kdcli import distill as distill_mod, recipe as recipe_mod, tune
-from kdcli.cli import app
 from kdcli.errors import RecipeError
 from kdcli.train import JobResult
 
 
-
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return kit.make_model_dir(tmp_path_factory.mktemp("models"), "bert", "sequence-classification", num_labels=3, layers=2)
+def teacher(tiny) -> Path:
+    return tiny("bert", "sequence-classification", num_labels=3, layers=2)
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    jobs.write_sentences(Path("sentences.jsonl"), 60)
-    return tmp_path
+def workdir(here) -> Path:
+    jobs.write_sentences(here / "sentences.jsonl", 60)
+    return here
 
 
-SEARCH = """
-[search]
-"train.lr" = {log_uniform = [1e-4, 1e-2]}
-"loss.alpha" = {uniform = [0.1, 0.9]}
-"train.batch_size" = {choice = [2, 4]}
-"""
+SEARCH = {
+    "train.lr": {"log_uniform": [1e-4, 1e-2]},
+    "loss.alpha": {"uniform": [0.1, 0.9]},
+    "train.batch_size": {"choice": [2, 4]},
+}
 
 
-def write_recipe(teacher: Path, search: str = SEARCH, extra: str = "") -> str:
-    Path("tune.toml").write_text(f"""
-name = "tun"
-task = "classify"
-[data]
-format = "jsonl"
-path = "sentences.jsonl"
-label_names = ["negative", "neutral", "positive"]
-[student]
-from_teacher = "bert"
-layers = [0]
-[teachers.bert]
-ref = "{teacher}"
-[train]
-epochs = 1
-batch_size = 4
-eval_every = 4
-checkpoint_every = 1000
-log_every = 1000
-eval_batch_size = 32
-{extra}
-{search}
-""")
+def write_recipe(teacher: Path, search: dict | None = SEARCH, **top) -> str:
+    """A one-teacher recipe with a [search] table (none when ``search`` is None); ``top``: more top-level keys."""
+    jobs.write_recipe("tune.toml", {
+        "name": "tun", "task": "classify",
+        "data": {"format": "jsonl", "path": "sentences.jsonl", "label_names": jobs.LABELS},
+        "student": {"from_teacher": "bert", "layers": [0]},
+        "teachers": {"bert": {"ref": str(teacher)}},
+        "train": {"epochs": 1, "batch_size": 4, "eval_every": 4, "checkpoint_every": 1000, "log_every": 1000,
+                  "eval_batch_size": 32},
+        "search": search,
+    } | top)
     return "tune.toml"
 
 
@@ -80,6 +58,7 @@ def study_trials(name: str = "tun") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{Path('runs', name, 'tune.db').resolve()}").trials
 
 
+@pytest.mark.slow
 def test_a_study_runs_resumes_and_writes_an_overlay_that_distill_applies(teacher, workdir):
     recipe = write_recipe(teacher)
     first = kd("tune", recipe, "--trials", "4", "--fraction", "0.5")
@@ -133,11 +112,11 @@ class FakeDistill:
         return [JobResult("main", workdir.root, 4, 16, recipe.loss.alpha, 4, False, 0.1, 160.0)]
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
     monkeypatch.setattr(distill_mod, "distill", FakeDistill(interrupt_on=3))
-    result = runner.invoke(app, ["tune", recipe, "--trials", "4"])
-    assert result.exit_code == 130  # Ctrl-C, as click reports it
+    kd("tune", recipe, "--trials", "4", code=130)
     assert [t.state for t in study_trials()] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
     assert not (workdir / "runs" / "tun" / "tune" / "trial-2" / "student").exists()  # cleaned up even so
 
@@ -153,6 +132,7 @@ def test_an_interrupted_study_resumes_and_makes_up_the_lost_trials(teacher, work
     assert "interrupted (not counted" in resumed.output
 
 
+@pytest.mark.slow
 def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdir, monkeypatch):
     recipe = write_recipe(teacher)
     fake = FakeDistill()
@@ -163,14 +143,13 @@ def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdi
     assert (workdir / "runs" / "tun" / "tune" / "best.toml").is_file()
 
     # Scores made on another share of the data would not compare: refused, nothing run.
-    other = runner.invoke(app, ["tune", recipe, "--trials", "3", "--storage", "sqlite:///shared.db", "--fraction", "0.5"])
-    assert other.exit_code == 1 and "would not compare" in other.stderr and "hint:" in other.stderr
+    other = kd("tune", recipe, "--trials", "3", "--storage", "sqlite:///shared.db", "--fraction", "0.5", code=1)
+    assert "would not compare" in other.stderr and "hint:" in other.stderr
     assert fake.calls == 2
 
 
 def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, workdir):
-    recipe = recipe_mod.load(write_recipe(teacher, extra="[[stages]]\nname = 'one'\n[[stages]]\nname = 'two'\n"
-                                                         "train = {eval_every = 8}\n"))
+    recipe = recipe_mod.load(write_recipe(teacher, stages=[{"name": "one"}, {"name": "two", "train": {"eval_every": 8}}]))
 
     class Trial:
         def __init__(self):
@@ -190,11 +169,11 @@ def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, wor
     assert trial.reported == [(4, 0.1), (8, 0.2), (16, 0.4), (24, 0.5)]
 
 
+@pytest.mark.slow
 def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir, monkeypatch):
     # Labels only: alpha below 1 is not a valid recipe, so every trial that samples 0.5 fails.
-    path = write_recipe(teacher, search='[search]\n"loss.alpha" = {choice = [0.5, 1.0]}\n'
-                                        '"train.lr" = {uniform = [1e-4, 1e-3]}',
-                        extra="[loss]\nalpha = 1.0\n[[stages]]\nname = 'main'\nteachers = []\n")
+    path = write_recipe(teacher, search={"loss.alpha": {"choice": [0.5, 1.0]}, "train.lr": {"uniform": [1e-4, 1e-3]}},
+                        loss={"alpha": 1.0}, stages=[{"name": "main", "teachers": []}])
     raw = recipe_mod.load_raw(path)
     recipe = recipe_mod.validate(raw)
     monkeypatch.setattr(distill_mod, "distill", FakeDistill())
@@ -210,7 +189,7 @@ def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_t
     assert sum(tune.counted(t) for t in study.trials) == 8  # failed combinations count: they are results
 
     # With teachers, low alpha scores worse and is pruned against the median.
-    path = write_recipe(teacher, search='[search]\n"loss.alpha" = {uniform = [0.0, 1.0]}')
+    path = write_recipe(teacher, search={"loss.alpha": {"uniform": [0.0, 1.0]}})
     raw = recipe_mod.load_raw(path, ["name=tun2"])
     recipe = recipe_mod.validate(raw)
     study = tune.open_study(recipe, storage=None, sampler="random", fraction=0.5,
@@ -225,27 +204,15 @@ def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_t
 
 def test_a_params_overlay_reaches_one_stage_by_index(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("stages.toml").write_text("""
-name = "s"
-task = "classify"
-[data]
-format = "jsonl"
-path = "x.jsonl"
-[student]
-ref = "m"
-[loss]
-alpha = 1.0
-[[stages]]
-name = "one"
-[[stages]]
-name = "two"
-train = {lr = 1e-4}
-""")
-    Path("best.toml").write_text("[train]\nepochs = 2.0\n[stages.1.train]\nlr = 0.0003\n")
+    jobs.write_recipe("stages.toml", {
+        "name": "s", "task": "classify", "data": {"format": "jsonl", "path": "x.jsonl"}, "student": {"ref": "m"},
+        "loss": {"alpha": 1.0}, "stages": [{"name": "one"}, {"name": "two", "train": {"lr": 1e-4}}],
+    })
+    jobs.write_recipe("best.toml", {"train": {"epochs": 2.0}, "stages": {"1": {"train": {"lr": 0.0003}}}})
     recipe = recipe_mod.load("stages.toml", params=["best.toml"])
     assert [s.train.lr for s in recipe.stages] == [5e-5, 0.0003]
     assert [s.train.epochs for s in recipe.stages] == [2.0, 2.0]
-    Path("bad.toml").write_text("[stages.2.train]\nlr = 0.1\n")
+    jobs.write_recipe("bad.toml", {"stages": {"2": {"train": {"lr": 0.1}}}})
     with pytest.raises(RecipeError, match=r"stages\.2: not a stage index \(the recipe has 2 stages\)"):
         recipe_mod.load("stages.toml", params=["bad.toml"])
     with pytest.raises(RecipeError, match="no params file at"):
@@ -255,20 +222,19 @@ train = {lr = 1e-4}
 @pytest.mark.parametrize(
     "search, args, message",
     [
-        ("", [], "has no [search] table"),
-        ('[search]\n"train.lr" = {uniform = [1e-3, 1e-4]}', [], "uniform needs low < high"),
+        (None, [], "has no [search] table"),
+        ({"train.lr": {"uniform": [1e-3, 1e-4]}}, [], "uniform needs low < high"),
         (SEARCH, ["--fraction", "0"], "--fraction 0: the share"),
         (SEARCH, ["--fraction", "1.5"], "--fraction 1.5: the share"),
         (SEARCH, ["--trials", "0"], "--trials 0"),
         (SEARCH, ["--sampler", "grid"], "--sampler 'grid'"),
-        ('[search]\n"teachers.bert.weight" = {uniform = [0.5, 1.0]}', [], "search.teachers.bert.weight"),
+        ({"teachers.bert.weight": {"uniform": [0.5, 1.0]}}, [], "search.teachers.bert.weight"),
         (SEARCH, ["--storage", "nonsense://nowhere"], "cannot open the study storage nonsense://nowhere"),
         (SEARCH, ["--storage", "sqlite:////no/such/dir/x.db"], "cannot open the study storage"),
     ],
 )
 def test_bad_input_says_what_and_writes_nothing(teacher, workdir, search, args, message):
     recipe = write_recipe(teacher, search=search)
-    result = runner.invoke(app, ["tune", recipe, *args])
-    assert result.exit_code == 1, result.output
+    result = kd("tune", recipe, *args, code=1)
     assert message in result.stderr and "hint:" in result.stderr
     assert not (workdir / "runs").exists()
