@@ -17,8 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import kit`
 
-import kit  # noqa: E402
 import torch  # noqa: E402
+
+import kit  # noqa: E402
 
 torch.set_num_threads(1)
 

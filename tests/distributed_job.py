@@ -10,7 +10,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from jobs import classify_job  # noqa: E402
-
 from kdcli.runtime import make_accelerator  # noqa: E402
 from kdcli.train import run_job  # noqa: E402
 

@@ -22,7 +22,8 @@ from kdcli.models import load_task_model, student_from_teacher
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
 
 LABELS = ["negative", "neutral", "positive"]
-CUES = {0: ["fell", "cut", "weakened", "losses"], 1: ["unchanged", "expected", "remain", "proposed"], 2: ["rose", "grew", "raised", "increased"]}
+CUES = {0: ["fell", "cut", "weakened", "losses"], 1: ["unchanged", "expected", "remain", "proposed"],
+        2: ["rose", "grew", "raised", "increased"]}
 
 
 def rows(n: int, seed: int = 0, weights: tuple[float, ...] = (1, 1, 1)) -> list[dict]:
@@ -95,13 +96,15 @@ def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: i
         without_dropout(student.model)
     data = rows(64, seed=1)
     return Job(
-        name="main", student=student, rows={"train": data[:48], "validation": [dict(r, idx=i) for i, r in enumerate(data[48:])]},
+        name="main", student=student,
+        rows={"train": data[:48], "validation": [dict(r, idx=i) for i, r in enumerate(data[48:])]},
         loss=LossConfig(alpha=0.5, temperature=2.0, beta=1.0, gamma=gamma),
         train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, eval_every=16,
                           checkpoint_every=checkpoint_every, log_every=8, eval_batch_size=16),
         seed=seed, max_length=32, template=None,
         checkpoint_dir=out / "checkpoints", output_dir=out / "student", metrics_path=out / "metrics.jsonl",
-        teachers={"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=(1, 3), max_length=32))}, teacher_weights={"t": 1.0},
+        teachers={"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=(1, 3), max_length=32))},
+        teacher_weights={"t": 1.0},
         hidden_pairs={"t": [(0, 1), (1, 3)]}, teacher_widths={"t": teacher.hidden_size}, pooling={"t": "mean"},
         label_prior=[1 / 3] * 3, extra_metadata={"label_names": LABELS},
     )

@@ -42,19 +42,24 @@ def _wino(n: int = 30, answer: bool = True) -> str:
 
 def _siqa(n: int = 30) -> str:
     return "".join(
-        json.dumps({"context": f"Tracy went to shop {i}.", "question": "Why?", "answerA": "milk", "answerB": "bread", "answerC": "eggs"}) + "\n"
+        json.dumps({"context": f"Tracy went to shop {i}.", "question": "Why?",
+                    "answerA": "milk", "answerB": "bread", "answerC": "eggs"}) + "\n"
         for i in range(n)
     )
 
 
 def _aqua(n: int = 30, options: list[str] | None = None, correct: str = "B") -> str:
     opts = options or ["A)1", "B)2", "C)3", "D)4", "E)5"]
-    return "".join(json.dumps({"question": f"What is {i} + 1?", "options": opts, "rationale": "", "correct": correct}) + "\n" for i in range(n))
+    return "".join(
+        json.dumps({"question": f"What is {i} + 1?", "options": opts, "rationale": "", "correct": correct}) + "\n"
+        for i in range(n)
+    )
 
 
 def _trivia(n: int = 30) -> str:
     return "".join(
-        json.dumps({"context": f"Question: what is number {i}?\nAnswer:", "answer": str(i), "aliases": [str(i)]}) + "\n" for i in range(n)
+        json.dumps({"context": f"Question: what is number {i}?\nAnswer:", "answer": str(i), "aliases": [str(i)]}) + "\n"
+        for i in range(n)
     )
 
 
@@ -125,29 +130,44 @@ RECIPE_CASES = [
     Case("negative learning rate", "train.lr", _set("train.lr", -1.0)),
     Case("alpha above one", "loss.alpha", _set("loss.alpha", 1.5)),
     Case("zero batch size", "train.batch_size", _set("train.batch_size", 0)),
-    Case("split fractions not summing to one", "split fractions sum to 1.1", _set("data.split", {"train": 0.8, "validation": 0.2, "test": 0.1})),
+    Case("split fractions not summing to one", "split fractions sum to 1.1",
+         _set("data.split", {"train": 0.8, "validation": 0.2, "test": 0.1})),
     Case("missing name", "name: required key is missing", _set("name", DELETE)),
     Case("missing data table", "data: required key is missing", _set("data", DELETE)),
     Case("unknown task", "task", _set("task", "summarise")),
     Case("unknown data format", "data.format", _set("data.format", "xlsx")),
     Case("student with ref and from_teacher", "give exactly one of `ref`", _set("student.from_teacher", "t")),
-    Case("from_teacher names no teacher", "no teacher named 'ghost'", _edits(_set("student.ref", DELETE), _set("student.from_teacher", "ghost"), _set("student.layers", [0]))),
-    Case("stage uses an unknown teacher", "stages.0.teachers: no teacher named 'ghost'", _set("stages", [{"name": "one", "teachers": ["ghost"]}])),
-    Case("duplicated stage names", "stage name 'one' is used twice", _set("stages", [{"name": "one"}, {"name": "one"}])),
-    Case("duplicated student layers", "layers must be distinct", _edits(_set("student.ref", DELETE), _set("student.from_teacher", "t"), _set("student.layers", [0, 0]))),
-    Case("negative layer in a layer map", "layer indices are 0-based", _set("teachers.t.hidden", {"map": "pairs", "pairs": [[0, -1]]})),
-    Case("hidden loss without a layer map", "hidden MSE needs a teacher with a `hidden` layer map", _set("loss.beta", 1.0)),
+    Case("from_teacher names no teacher", "no teacher named 'ghost'",
+         _edits(_set("student.ref", DELETE), _set("student.from_teacher", "ghost"), _set("student.layers", [0]))),
+    Case("stage uses an unknown teacher", "stages.0.teachers: no teacher named 'ghost'",
+         _set("stages", [{"name": "one", "teachers": ["ghost"]}])),
+    Case("duplicated stage names", "stage name 'one' is used twice",
+         _set("stages", [{"name": "one"}, {"name": "one"}])),
+    Case("duplicated student layers", "layers must be distinct",
+         _edits(_set("student.ref", DELETE), _set("student.from_teacher", "t"), _set("student.layers", [0, 0]))),
+    Case("negative layer in a layer map", "layer indices are 0-based",
+         _set("teachers.t.hidden", {"map": "pairs", "pairs": [[0, -1]]})),
+    Case("hidden loss without a layer map", "hidden MSE needs a teacher with a `hidden` layer map",
+         _set("loss.beta", 1.0)),
     Case("teacher term without teachers", "gives weight to a teacher term", _set("teachers", {})),
-    Case("head that cannot do the task", "student.head: 'causal' cannot do task 'classify'", _set("student.head", "causal")),
-    Case("8-bit and 4-bit at once", "choose one of load_in_8bit and load_in_4bit", _edits(_set("teachers.t.load_in_8bit", True), _set("teachers.t.load_in_4bit", True))),
-    Case("search key that does not exist", "search.train.lrr: no such recipe key", _set("search", {"train.lrr": {"uniform": [0.1, 0.2]}})),
+    Case("head that cannot do the task", "student.head: 'causal' cannot do task 'classify'",
+         _set("student.head", "causal")),
+    Case("8-bit and 4-bit at once", "choose one of load_in_8bit and load_in_4bit",
+         _edits(_set("teachers.t.load_in_8bit", True), _set("teachers.t.load_in_4bit", True))),
+    Case("search key that does not exist", "search.train.lrr: no such recipe key",
+         _set("search", {"train.lrr": {"uniform": [0.1, 0.2]}})),
     Case("run name with '..'", "name: '../elsewhere' is not a plain name", _set("name", "../elsewhere")),
     Case("run name with a slash", "name: 'a/b' is not a plain name", _set("name", "a/b")),
-    Case("stage name that climbs out of the run", "stages.0.name: '../../../x' is not a plain name", _set("stages", [{"name": "../../../x"}])),
-    Case("teacher name with a slash", "the teacher name '../t' is not a plain name", _edits(_set("teachers", {"../t": {"ref": "@bert3"}}))),
-    Case("output_dir outside the current directory", "is outside the current directory", _set("output_dir", "/tmp/kd-elsewhere")),
-    Case("template with an unknown placeholder", "data.template: unknown placeholder {question}", _set("data.template", "Q: {question}")),
-    Case("template with an unbalanced brace", "data.template: expected '}' before end of string", _set("data.template", "Q: {text")),
+    Case("stage name that climbs out of the run", "stages.0.name: '../../../x' is not a plain name",
+         _set("stages", [{"name": "../../../x"}])),
+    Case("teacher name with a slash", "the teacher name '../t' is not a plain name",
+         _edits(_set("teachers", {"../t": {"ref": "@bert3"}}))),
+    Case("output_dir outside the current directory", "is outside the current directory",
+         _set("output_dir", "/tmp/kd-elsewhere")),
+    Case("template with an unknown placeholder", "data.template: unknown placeholder {question}",
+         _set("data.template", "Q: {question}")),
+    Case("template with an unbalanced brace", "data.template: expected '}' before end of string",
+         _set("data.template", "Q: {text")),
     Case("invalid TOML", "invalid TOML", 'name = "x"\ntask = \n'),
     Case("duplicated TOML key", "invalid TOML", 'name = "x"\nname = "y"\n'),
     Case("recipe not UTF-8", "not UTF-8 text", b'name = "caf\xe9"\n'),
@@ -155,85 +175,142 @@ RECIPE_CASES = [
     Case("recipe file missing", "no recipe file at", None, args=("nowhere.toml",)),
     Case("--set without '='", "expected KEY.PATH=VALUE", None, args=("recipe.toml", "--set", "train.lr")),
     Case("--set of an unknown key", "train.lrr: unknown key", None, args=("recipe.toml", "--set", "train.lrr=1e-4")),
-    Case("--set into a value", "train.batch_size is a value, not a table", None, args=("recipe.toml", "--set", "train.batch_size.x=1")),
+    Case("--set into a value", "train.batch_size is a value, not a table", None,
+         args=("recipe.toml", "--set", "train.batch_size.x=1")),
 ]
 
 DATA_CASES = [
     Case("data file missing", "data file not found: missing.jsonl", _set("data.path", "missing.jsonl")),
-    Case("files without a train split", "files needs a train split", _edits(_set("data.path", DELETE), _set("data.files", {"test": "s.jsonl"}))),
-    Case("hub without hub_name", "format = 'hub' needs hub_name", _edits(_set("data.path", DELETE), _set("data.format", "hub"))),
-    Case("wrong encoding", "not valid utf-8 text (byte 0xe9)", None, files={"s.jsonl": '{"text": "caf\xe9", "label": "neutral"}\n'.encode("latin-1")}),
+    Case("files without a train split", "files needs a train split",
+         _edits(_set("data.path", DELETE), _set("data.files", {"test": "s.jsonl"}))),
+    Case("hub without hub_name", "format = 'hub' needs hub_name",
+         _edits(_set("data.path", DELETE), _set("data.format", "hub"))),
+    Case("wrong encoding", "not valid utf-8 text (byte 0xe9)", None,
+         files={"s.jsonl": '{"text": "caf\xe9", "label": "neutral"}\n'.encode("latin-1")}),
     Case("unknown encoding name", "unknown text encoding 'klingon'", _set("data.encoding", "klingon")),
-    Case("binary file", "is not a text file (it contains NUL bytes)", None, files={"s.jsonl": b"\x00\x01\x02PK\x03\x04" * 50}),
-    Case("malformed JSON line", "s.jsonl:2: not valid JSON", None, files={"s.jsonl": '{"text": "a", "label": "neutral"}\n{"text": "b", "label"\n'}),
-    Case("JSON line that is not an object", "s.jsonl:1: expected a JSON object, got list", None, files={"s.jsonl": '["a", "neutral"]\n'}),
-    Case("unknown label", "unknown label 'bullish'", None, files={"s.jsonl": _sentences().replace('"neutral"', '"bullish"')}),
+    Case("binary file", "is not a text file (it contains NUL bytes)", None,
+         files={"s.jsonl": b"\x00\x01\x02PK\x03\x04" * 50}),
+    Case("malformed JSON line", "s.jsonl:2: not valid JSON", None,
+         files={"s.jsonl": '{"text": "a", "label": "neutral"}\n{"text": "b", "label"\n'}),
+    Case("JSON line that is not an object", "s.jsonl:1: expected a JSON object, got list", None,
+         files={"s.jsonl": '["a", "neutral"]\n'}),
+    Case("unknown label", "unknown label 'bullish'", None,
+         files={"s.jsonl": _sentences().replace('"neutral"', '"bullish"')}),
     Case("empty data file", "no examples in the source file", None, files={"s.jsonl": ""}),
     Case("data file of blank lines", "no examples in the source file", None, files={"s.jsonl": "\n  \n\r\n"}),
-    Case("huge line", "characters long (limit 1,000,000)", None, files={"s.jsonl": '{"text": "' + "x" * 1_000_100 + '", "label": "neutral"}\n'}),
-    Case("missing text column", "no value in column 'text'", None, files={"s.jsonl": '{"sentence": "a", "label": "neutral"}\n'}),
-    Case("text that is not a string", "column 'text' should be non-empty text", None, files={"s.jsonl": '{"text": 42, "label": "neutral"}\n'}),
-    Case("duplicated ids", "id '7' is already used", _set("data.columns", {"id": "id"}), files={"s.jsonl": '{"id": 7, "text": "a", "label": "neutral"}\n{"id": 7, "text": "b", "label": "neutral"}\n'}),
-    Case("one text with two labels", "has different labels", None, files={"s.jsonl": '{"text": "a", "label": "neutral"}\n{"text": "a", "label": "positive"}\n'}),
+    Case("huge line", "characters long (limit 1,000,000)", None,
+         files={"s.jsonl": '{"text": "' + "x" * 1_000_100 + '", "label": "neutral"}\n'}),
+    Case("missing text column", "no value in column 'text'", None,
+         files={"s.jsonl": '{"sentence": "a", "label": "neutral"}\n'}),
+    Case("text that is not a string", "column 'text' should be non-empty text", None,
+         files={"s.jsonl": '{"text": 42, "label": "neutral"}\n'}),
+    Case("duplicated ids", "id '7' is already used", _set("data.columns", {"id": "id"}),
+         files={"s.jsonl": '{"id": 7, "text": "a", "label": "neutral"}\n{"id": 7, "text": "b", "label": "neutral"}\n'}),
+    Case("one text with two labels", "has different labels", None,
+         files={"s.jsonl": '{"text": "a", "label": "neutral"}\n{"text": "a", "label": "positive"}\n'}),
     Case("class listed twice in label_names", "lists a class twice", _set("data.label_names", ["a", "b", "a"])),
-    Case("too little data for the splits", "split is empty", None, files={"s.jsonl": '{"text": "only one", "label": "neutral"}\n'}),
-    Case("fpb line without '@'", "expected `sentence@label`", _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
+    Case("too little data for the splits", "split is empty", None,
+         files={"s.jsonl": '{"text": "only one", "label": "neutral"}\n'}),
+    Case("fpb line without '@'", "expected `sentence@label`",
+         _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
          files={"f.txt": b"no separator here\r\n"}),
-    Case("fpb unknown label", "unknown label 'bullish'", _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
+    Case("fpb unknown label", "unknown label 'bullish'",
+         _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
          files={"f.txt": _fpb(label="bullish")}),
-    Case("fpb re-encoded as UTF-8", "looks like UTF-8", _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
+    Case("fpb re-encoded as UTF-8", "looks like UTF-8",
+         _edits(_set("data.format", "fpb"), _set("data.path", "f.txt"), _set("data.label_names", DELETE)),
          files={"f.txt": "Sales in Espoo were \xe4 up .@positive\r\n".encode("utf-8")}),
-    Case("format that does not fit the task", "is a choice dataset", _edits(_set("data.format", "winogrande"), _set("data.path", "w.jsonl"), _set("data.label_names", DELETE)),
+    Case("format that does not fit the task", "is a choice dataset",
+         _edits(_set("data.format", "winogrande"), _set("data.path", "w.jsonl"), _set("data.label_names", DELETE)),
          files={"w.jsonl": _wino()}),
-    Case("label file of the wrong length", "has 29 labels for 30 rows", _edits(_set("task", "choice"), _set("data.format", "winogrande"), _set("data.path", "w.jsonl"), _set("data.label_names", DELETE), _set("data.labels_path", "w-l.lst"), _set("teachers.t.head", "multiple-choice"), _set("student.head", "multiple-choice")),
+    Case("label file of the wrong length", "has 29 labels for 30 rows",
+         _edits(_set("task", "choice"), _set("data.format", "winogrande"), _set("data.path", "w.jsonl"),
+                _set("data.label_names", DELETE), _set("data.labels_path", "w-l.lst"),
+                _set("teachers.t.head", "multiple-choice"), _set("student.head", "multiple-choice")),
          files={"w.jsonl": _wino(answer=False), "w-l.lst": "1\n" * 29}),
-    Case("label file disagrees with the answers", "disagrees with", _edits(_set("task", "choice"), _set("data.format", "winogrande"), _set("data.path", "w.jsonl"), _set("data.label_names", DELETE), _set("data.labels_path", "w-l.lst")),
+    Case("label file disagrees with the answers", "disagrees with",
+         _edits(_set("task", "choice"), _set("data.format", "winogrande"), _set("data.path", "w.jsonl"),
+                _set("data.label_names", DELETE), _set("data.labels_path", "w-l.lst")),
          files={"w.jsonl": _wino(), "w-l.lst": "2\n1\n" * 15}),
-    Case("social iqa without its label file", "no label file for", _edits(_set("task", "choice"), _set("data.format", "socialiqa"), _set("data.path", "q.jsonl"), _set("data.label_names", DELETE)),
+    Case("social iqa without its label file", "no label file for",
+         _edits(_set("task", "choice"), _set("data.format", "socialiqa"), _set("data.path", "q.jsonl"),
+                _set("data.label_names", DELETE)),
          files={"q.jsonl": _siqa()}),
-    Case("social iqa label out of range", "unknown label '4' (expected one of 1, 2, 3)", _edits(_set("task", "choice"), _set("data.format", "socialiqa"), _set("data.path", "q.jsonl"), _set("data.label_names", DELETE)),
+    Case("social iqa label out of range", "unknown label '4' (expected one of 1, 2, 3)",
+         _edits(_set("task", "choice"), _set("data.format", "socialiqa"), _set("data.path", "q.jsonl"),
+                _set("data.label_names", DELETE)),
          files={"q.jsonl": _siqa(), "q-labels.lst": "1\n2\n4\n" * 10}),
-    Case("aqua option without its letter", "option 2 should start with 'B)'", _edits(_set("task", "choice"), _set("data.format", "aqua"), _set("data.path", "a.jsonl"), _set("data.label_names", DELETE)),
+    Case("aqua option without its letter", "option 2 should start with 'B)'",
+         _edits(_set("task", "choice"), _set("data.format", "aqua"), _set("data.path", "a.jsonl"),
+                _set("data.label_names", DELETE)),
          files={"a.jsonl": _aqua(options=["A)1", "2", "C)3"])}),
-    Case("aqua answer letter out of range", "unknown label 'F'", _edits(_set("task", "choice"), _set("data.format", "aqua"), _set("data.path", "a.jsonl"), _set("data.label_names", DELETE)),
+    Case("aqua answer letter out of range", "unknown label 'F'",
+         _edits(_set("task", "choice"), _set("data.format", "aqua"), _set("data.path", "a.jsonl"),
+                _set("data.label_names", DELETE)),
          files={"a.jsonl": _aqua(correct="F")}),
-    Case("triviaqa row of another dataset", "not a TriviaQA row", _edits(_set("task", "generate"), _set("data.format", "triviaqa"), _set("data.path", "t.jsonl"), _set("data.label_names", DELETE), _set("student.head", "seq2seq"), _set("teachers", {}), _set("loss.alpha", 1.0)),
+    Case("triviaqa row of another dataset", "not a TriviaQA row",
+         _edits(_set("task", "generate"), _set("data.format", "triviaqa"), _set("data.path", "t.jsonl"),
+                _set("data.label_names", DELETE), _set("student.head", "seq2seq"), _set("teachers", {}),
+                _set("loss.alpha", 1.0)),
          files={"t.jsonl": _sentences()}),
-    Case("choice label out of range", "unknown label 5 for 2 options", _edits(_set("task", "choice"), _set("data.columns", {"options": ["a", "b"]}), _set("data.label_names", DELETE)),
+    Case("choice label out of range", "unknown label 5 for 2 options",
+         _edits(_set("task", "choice"), _set("data.columns", {"options": ["a", "b"]}),
+                _set("data.label_names", DELETE)),
          files={"s.jsonl": '{"text": "q", "a": "x", "b": "y", "label": 5}\n'}),
-    Case("choice without option columns", "data.columns.options is empty", _edits(_set("task", "choice"), _set("data.label_names", DELETE))),
-    Case("generate row without an answer", "no value in column 'answer'", _edits(_set("task", "generate"), _set("data.columns", {"answers": "answer"}), _set("data.label_names", DELETE), _set("student.head", "seq2seq"), _set("teachers", {}), _set("loss.alpha", 1.0)),
+    Case("choice without option columns", "data.columns.options is empty",
+         _edits(_set("task", "choice"), _set("data.label_names", DELETE))),
+    Case("generate row without an answer", "no value in column 'answer'",
+         _edits(_set("task", "generate"), _set("data.columns", {"answers": "answer"}), _set("data.label_names", DELETE),
+                _set("student.head", "seq2seq"), _set("teachers", {}), _set("loss.alpha", 1.0)),
          files={"s.jsonl": '{"text": "q"}\n'}),
-    Case("parquet file that is not parquet", "not a readable parquet file", _edits(_set("data.format", "parquet"), _set("data.path", "p.parquet")),
+    Case("parquet file that is not parquet", "not a readable parquet file",
+         _edits(_set("data.format", "parquet"), _set("data.path", "p.parquet")),
          files={"p.parquet": b"PAR1 but not really"}),
-    Case("csv with an unknown label", "unknown label 'bullish'", _edits(_set("data.format", "csv"), _set("data.path", "c.csv")),
+    Case("csv with an unknown label", "unknown label 'bullish'",
+         _edits(_set("data.format", "csv"), _set("data.path", "c.csv")),
          files={"c.csv": _csv().replace("neutral", "bullish")}),
-    Case("labels_path for a format without label files", "data.labels_path is not read for format 'jsonl'", _set("data.labels_path", "s.jsonl")),
-    Case("package: path to a package that is not installed", "no installed package 'kd_no_such_pkg'", _set("data.path", "package:kd_no_such_pkg/data.jsonl")),
+    Case("labels_path for a format without label files", "data.labels_path is not read for format 'jsonl'",
+         _set("data.labels_path", "s.jsonl")),
+    Case("package: path to a package that is not installed", "no installed package 'kd_no_such_pkg'",
+         _set("data.path", "package:kd_no_such_pkg/data.jsonl")),
     Case("data path is a directory", "data file not found", _set("data.path", ".")),
 ]
 
 MODEL_CASES = [
-    Case("teacher directory missing", "model ./nope: nope is not a directory", _set("teachers.t.ref", "./nope"), command="distill"),
+    Case("teacher directory missing", "model ./nope: nope is not a directory", _set("teachers.t.ref", "./nope"),
+         command="distill"),
     Case("student directory missing", "is not a directory", _set("student.ref", "./no-student"), command="distill"),
-    Case("model directory without config.json", "has no config.json", _set("teachers.t.ref", "@noconfig"), command="distill"),
-    Case("config.json that is not JSON", "is not a valid JSON file", _set("teachers.t.ref", "@badconfig"), command="distill"),
+    Case("model directory without config.json", "has no config.json", _set("teachers.t.ref", "@noconfig"),
+         command="distill"),
+    Case("config.json that is not JSON", "is not a valid JSON file", _set("teachers.t.ref", "@badconfig"),
+         command="distill"),
     Case("weights file truncated", "damaged", _set("teachers.t.ref", "@truncated"), command="distill"),
     Case("weights file that is a pickle with code", "weights", _set("teachers.t.ref", "@pickled"), command="distill"),
-    Case("teacher with a head for another task", "has no trained sequence-classification head", _set("teachers.t.ref", "@t5"), command="distill"),
-    Case("teacher head with too few labels", "its classification head has 2 labels, the task has 3", _set("teachers.t.ref", "@bert2"), command="distill"),
-    Case("student layers out of range", "student.layers [7]", _edits(_set("student.ref", DELETE), _set("student.from_teacher", "t"), _set("student.layers", [0, 7])), command="distill"),
-    Case("layer map out of range", "teacher layer 9 is out of range", _edits(_set("teachers.t.hidden", {"map": "pairs", "pairs": [[0, 9]]}), _set("loss.beta", 1.0)), command="distill"),
-    Case("model that needs trust_remote_code", "needs the code in its repository to run", _set("teachers.t.ref", "@remote"), command="distill"),
-    Case("gguf file that is not there", "has no missing.gguf", _set("teachers.t.gguf_file", "missing.gguf"), command="distill"),
-    Case("package: model that is not installed", "no installed package named 'kd_no_such_model'", _set("teachers.t.ref", "package:kd_no_such_model/m"), command="distill"),
-    Case("fine-tuned teacher missing for eval", "has a finetune table but has not been fine-tuned yet", _set("teachers.t.finetune", {"epochs": 1.0}), command="eval",
-         args=("--model", "teacher:t")),
-    Case("eval of a teacher the recipe does not have", "no teacher named 'ghost'", None, command="eval", args=("--model", "teacher:ghost")),
-    Case("vocabularies that differ for token-level KD", "do not share a vocabulary", _edits(
-        _set("task", "generate"), _set("data.columns", {"answers": "answer"}), _set("data.label_names", DELETE),
-        _set("student.ref", "@t5"), _set("teachers.t.ref", "@llama"), _set("loss.alpha", 0.5)),
-        files={"s.jsonl": "".join(json.dumps({"text": f"what is {i}?", "answer": str(i)}) + "\n" for i in range(40))}, command="distill"),
+    Case("teacher with a head for another task", "has no trained sequence-classification head",
+         _set("teachers.t.ref", "@t5"), command="distill"),
+    Case("teacher head with too few labels", "its classification head has 2 labels, the task has 3",
+         _set("teachers.t.ref", "@bert2"), command="distill"),
+    Case("student layers out of range", "student.layers [7]",
+         _edits(_set("student.ref", DELETE), _set("student.from_teacher", "t"), _set("student.layers", [0, 7])),
+         command="distill"),
+    Case("layer map out of range", "teacher layer 9 is out of range",
+         _edits(_set("teachers.t.hidden", {"map": "pairs", "pairs": [[0, 9]]}), _set("loss.beta", 1.0)),
+         command="distill"),
+    Case("model that needs trust_remote_code", "needs the code in its repository to run",
+         _set("teachers.t.ref", "@remote"), command="distill"),
+    Case("gguf file that is not there", "has no missing.gguf", _set("teachers.t.gguf_file", "missing.gguf"),
+         command="distill"),
+    Case("package: model that is not installed", "no installed package named 'kd_no_such_model'",
+         _set("teachers.t.ref", "package:kd_no_such_model/m"), command="distill"),
+    Case("fine-tuned teacher missing for eval", "has a finetune table but has not been fine-tuned yet",
+         _set("teachers.t.finetune", {"epochs": 1.0}), command="eval", args=("--model", "teacher:t")),
+    Case("eval of a teacher the recipe does not have", "no teacher named 'ghost'", None, command="eval",
+         args=("--model", "teacher:ghost")),
+    Case("vocabularies that differ for token-level KD", "do not share a vocabulary",
+         _edits(_set("task", "generate"), _set("data.columns", {"answers": "answer"}), _set("data.label_names", DELETE),
+                _set("student.ref", "@t5"), _set("teachers.t.ref", "@llama"), _set("loss.alpha", 0.5)),
+         files={"s.jsonl": "".join(json.dumps({"text": f"what is {i}?", "answer": str(i)}) + "\n" for i in range(40))},
+         command="distill"),
 ]
 
 CASES = RECIPE_CASES + DATA_CASES + MODEL_CASES
@@ -265,7 +342,8 @@ def models(tmp_path_factory) -> dict[str, str]:
     pickled = root / "pickled"
     shutil.copytree(found["@bert3"], pickled)
     (pickled / "model.safetensors").unlink()
-    torch.save({"bert.embeddings.word_embeddings.weight": _Payload(root / "REMOTE_CODE_RAN")}, pickled / "pytorch_model.bin")
+    torch.save({"bert.embeddings.word_embeddings.weight": _Payload(root / "REMOTE_CODE_RAN")},
+               pickled / "pytorch_model.bin")
     found["@pickled"] = pickled
     return {k: str(v) for k, v in found.items()} | {"marker": str(root / "REMOTE_CODE_RAN")}
 
@@ -287,7 +365,8 @@ def remote_code_model(path: Path, marker: Path) -> Path:
                      "AutoModelForSequenceClassification": "modeling_evil.EvilForSequenceClassification"},
         "num_labels": 3,
     }))
-    code = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\nfrom transformers import PretrainedConfig\n" \
+    code = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n" \
+           "from transformers import PretrainedConfig\n" \
            "class EvilConfig(PretrainedConfig):\n    model_type = 'kd-evil'\n"
     (path / "configuration_evil.py").write_text(code)
     (path / "modeling_evil.py").write_text(code)
@@ -340,7 +419,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def check_clean_failure(result, expect: str) -> None:
     text = result.stderr
     assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}"
-    assert isinstance(result.exception, SystemExit), f"{type(result.exception).__name__}: {result.exception}"  # not a crash
+    # not a crash
+    assert isinstance(result.exception, SystemExit), f"{type(result.exception).__name__}: {result.exception}"
     assert "Traceback" not in result.output, result.output
     lines = [line for line in text.splitlines() if line.strip()]
     errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
@@ -365,7 +445,8 @@ def test_bad_input_is_a_clean_error_that_writes_nothing(case, models, here):
     args = list(case.args) if case.args and case.args[0].endswith(".toml") else ["recipe.toml", *case.args]
     result = kd(command, *args, code=None)
     # One line per case (pytest -s): the source of the table in docs/reliability.md.
-    print(f"CASE|{case.id}|kd {command}|" + "|".join(line for line in result.stderr.splitlines() if line.startswith(("error:", "hint:"))))
+    print(f"CASE|{case.id}|kd {command}|"
+          + "|".join(line for line in result.stderr.splitlines() if line.startswith(("error:", "hint:"))))
     check_clean_failure(result, case.expect)
     assert snapshot(here) == before, "the failed command wrote or changed files"
     assert not Path(models["marker"]).exists(), "a model's own code ran"

@@ -74,7 +74,9 @@ def check_distill_speed(s: dict) -> None:
 def check_teacher_8bit(s: dict) -> None:
     fp32, int8 = s["fp32"], s["int8"]
     assert positive(fp32["weights_bytes"], int8["weights_bytes"]) and int8["weights_bytes"] < fp32["weights_bytes"]
-    assert 0 < s["weights_ratio"] < 1 and s["weights_ratio"] == pytest.approx(int8["weights_bytes"] / fp32["weights_bytes"], abs=0.001)
+    assert 0 < s["weights_ratio"] < 1 and s["weights_ratio"] == pytest.approx(
+        int8["weights_bytes"] / fp32["weights_bytes"], abs=0.001
+    )
     assert share(fp32["accuracy"]) and share(int8["accuracy"])
     assert s["accuracy_change"] == pytest.approx(int8["accuracy"] - fp32["accuracy"], abs=1e-4)
     assert -1e-6 <= s["kl_fp32_to_int8"] < 0.1 and 0.5 <= s["argmax_agreement"] <= 1  # 8 bits barely move the logits
@@ -86,7 +88,8 @@ def check_topk_cache(s: dict) -> None:
     for r in s["results"]:
         assert 0 < r["k"] <= s["vocab_size"] and positive(r["temperature"])
         stored = [v for k, v in r.items() if k.endswith("bytes_per_token")]
-        assert stored and positive(*stored) and max(stored) < s["dense_fp16_bytes_per_token"], r  # top-k is smaller than dense
+        # top-k is smaller than dense
+        assert stored and positive(*stored) and max(stored) < s["dense_fp16_bytes_per_token"], r
         assert share(r["tail_mass_mean"]) and share(r["tail_mass_p95"]), r
         assert r["kl_reconstruction_mean"] >= 0 and r["kl_collapsed_mean"] >= -1e-6, r
         for key, value in r.items():
@@ -101,13 +104,16 @@ def check_topk_cache(s: dict) -> None:
 
 
 def check_trainer_baseline(s: dict) -> None:
-    assert set(s["samples_per_second"]) == {"trainer_live", "kd_live_steps", "kd_live_wall", "kd_cached_steps", "kd_cached_wall"}
+    assert set(s["samples_per_second"]) == {
+        "trainer_live", "kd_live_steps", "kd_live_wall", "kd_cached_steps", "kd_cached_wall"
+    }
     rates(s)
     speed = s["samples_per_second"]
     ratio(s, "kd_live_vs_trainer", speed["kd_live_wall"], speed["trainer_live"])
     ratio(s, "kd_cached_vs_trainer", speed["kd_cached_wall"], speed["trainer_live"])
     # Wall-clock rates include validation and checkpoints: never above the optimizer steps' own rate.
-    assert speed["kd_live_wall"] <= speed["kd_live_steps"] * 1.01 and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01
+    assert (speed["kd_live_wall"] <= speed["kd_live_steps"] * 1.01
+            and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01)
 
 
 CHECKS: dict[str, Callable[[dict], None]] = {

@@ -27,7 +27,8 @@ from kdcli.rundir import write_json
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, evals: dict[str, float], benches: dict[str, tuple[int, float]], task: str = "classify") -> Path:
+def write_run(root: Path, evals: dict[str, float], benches: dict[str, tuple[int, float]],
+              task: str = "classify") -> Path:
     """A run directory as eval/bench would leave it: {role: accuracy}, {role: (parameters, ms/example)}."""
     root.mkdir(parents=True)
     jobs.write_recipe(root / "recipe.resolved.toml", {
@@ -37,7 +38,8 @@ def write_run(root: Path, evals: dict[str, float], benches: dict[str, tuple[int,
     for role, accuracy in evals.items():
         metrics = {"accuracy": accuracy, "f1": accuracy - 0.1, "precision": accuracy - 0.05, "recall": accuracy - 0.15}
         write_json(root / "eval" / f"{role.replace(':', '-')}.json",
-                   {"role": role, "model": f"model of {role}", "parameters": benches.get(role, (1000, 0))[0], "metrics": metrics})
+                   {"role": role, "model": f"model of {role}", "parameters": benches.get(role, (1000, 0))[0],
+                    "metrics": metrics})
     for role, (parameters, ms) in benches.items():
         write_json(root / "bench" / f"{role.replace(':', '-')}.json",
                    {"role": role, "model": f"model of {role}", "parameters": parameters,
@@ -119,7 +121,8 @@ def test_mean_of_runs_averages_role_by_role_with_the_spread(tmp_path, monkeypatc
             evals["student:big"] = 0.87  # trained in one run only
         write_run(tmp_path / "runs" / f"fin-s{seed}", evals=evals, benches=dict(benches, dataset=(66_000_000, 20.0)))
         write_json(tmp_path / "runs" / f"fin-s{seed}" / "eval" / "dataset.json",
-                   {"role": "dataset", "model": "m", "parameters": 66_000_000, "metrics": {"accuracy": dataset, "f1": 0.5}})
+                   {"role": "dataset", "model": "m", "parameters": 66_000_000,
+                    "metrics": {"accuracy": dataset, "f1": 0.5}})
     result = kd("compare", "runs/fin-s1", "runs/fin-s2", "--mean", "--format", "json")
     [table] = json.loads(result.stdout)
     assert table["run"] == "mean of 2 runs (fin-s1, fin-s2)"
@@ -176,7 +179,8 @@ def test_read_metrics_keeps_the_latest_attempt(tmp_path):
 def test_plots_are_written_as_png(run):
     records = []
     for step in range(1, 7):
-        records.append({"stage": "main", "kind": "train", "step": step, "samples": 8 * step, "loss": 1 / step, "ce": 1.5 / step})
+        records.append({"stage": "main", "kind": "train", "step": step, "samples": 8 * step,
+                        "loss": 1 / step, "ce": 1.5 / step})
         if step % 2 == 0:
             records.append({"stage": "main", "kind": "eval", "step": step, "samples": 8 * step,
                             "val_loss": 0.5 + abs(step - 4) / 10, "val_accuracy": 0.7, "best": step <= 4})
@@ -193,7 +197,8 @@ def test_plots_are_written_as_png(run):
 def write_tiny_recipe(teacher: Path) -> Path:
     return jobs.write_recipe("tiny.toml", {
         "name": "tiny", "task": "classify",
-        "data": {"format": "jsonl", "path": "data.jsonl", "label_names": ["positive", "negative", "neutral"], "max_length": 32},
+        "data": {"format": "jsonl", "path": "data.jsonl", "label_names": ["positive", "negative", "neutral"],
+                 "max_length": 32},
         "teachers": {"t": {"ref": str(teacher), "finetune": {"epochs": 1, "batch_size": 8}}},
         "student": {"from_teacher": "t", "layers": [0, 2]},
         "train": {"epochs": 1, "batch_size": 8, "eval_every": 16, "log_every": 8, "eval_batch_size": 16},

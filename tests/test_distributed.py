@@ -72,14 +72,16 @@ def test_every_row_of_an_epoch_is_read_once_by_exactly_one_process(teacher_dir, 
     process's micro-batches hold."""
     import accelerate.utils
 
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: objects * world)  # the checkpoint's RNG states
+    # the checkpoint's RNG states
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: objects * world)
     batch, rows = 2, 48  # jobs.classify_job: 48 train rows, ids 0..47
     per_step = batch * world * accum
     steps_per_epoch = rows // per_step
     steps = steps_per_epoch + 2  # into the second epoch
     asked = []
     for rank in range(world):
-        job = jobs.classify_job(teacher_dir, tmp_path / f"rank-{rank}", batch_size=batch, grad_accum=accum, max_steps=steps)
+        job = jobs.classify_job(teacher_dir, tmp_path / f"rank-{rank}", batch_size=batch, grad_accum=accum,
+                                max_steps=steps)
         recording = Recording(job.teachers["t"])
         job.teachers = {"t": recording}
         run_job(job, AsProcess(world, rank), show_progress=False)
@@ -187,7 +189,8 @@ def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
     root = tmp_path / "work"
     write_run(root, bert, rows=3000)
     run = root / "runs" / "d"
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", "cache-teachers", "recipe.toml"]
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "kdcli.cli", "cache-teachers", "recipe.toml"]
     log = open(tmp_path / "cache.log", "w")
     proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     writers = _watch_writers(proc, {"data": run / "data", "cache": run / "cache" / "main"})
@@ -197,8 +200,12 @@ def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
     assert text.count("built") == 1
     cache = run / "cache" / "main" / "t"
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert sorted(os.listdir(cache)) == sorted(["manifest.json", *manifest["splits"]["train"]["shards"], *manifest["splits"]["validation"]["shards"]])
-    assert sum(s["rows"] for s in manifest["splits"].values()) == sum(json.loads((run / "data" / "main" / "manifest.json").read_text())["counts"][k] for k in ("train", "validation"))
+    assert sorted(os.listdir(cache)) == sorted(
+        ["manifest.json", *manifest["splits"]["train"]["shards"], *manifest["splits"]["validation"]["shards"]]
+    )
+    assert sum(s["rows"] for s in manifest["splits"].values()) == sum(
+        json.loads((run / "data" / "main" / "manifest.json").read_text())["counts"][k] for k in ("train", "validation")
+    )
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
 
 

@@ -31,13 +31,15 @@ def workdir(here) -> Path:
     jobs.write_sentences(here / "sentences.jsonl", 60)
     with open("questions.jsonl", "w") as handle:
         for i in range(60):
-            handle.write(json.dumps({"text": f"which one is right {i}?", "a": f"red {i}", "b": f"blue {i}", "c": f"green {i}", "label": i % 3}) + "\n")
+            handle.write(json.dumps({"text": f"which one is right {i}?", "a": f"red {i}", "b": f"blue {i}",
+                                     "c": f"green {i}", "label": i % 3}) + "\n")
     return here
 
 
 def classify_recipe(models: dict[str, Path], roberta: bool = True, **top) -> Path:
     """Two teachers (bert fine-tuned first, with a hidden map; roberta as it is); ``top``: more top-level keys."""
-    teachers = {"bert": {"ref": str(models["bert"]), "finetune": {"epochs": 2, "batch_size": 8, "lr": 1e-3}, "hidden": {"map": "skip"}}}
+    teachers = {"bert": {"ref": str(models["bert"]), "finetune": {"epochs": 2, "batch_size": 8, "lr": 1e-3},
+                         "hidden": {"map": "skip"}}}
     if roberta:
         teachers["roberta"] = {"ref": str(models["roberta"])}
     return jobs.write_recipe("classify.toml", {
@@ -140,7 +142,8 @@ def test_a_wrong_single_teacher_is_refused_before_work(models, workdir, args, me
 def test_a_cache_made_for_other_settings_is_refused_naming_the_field(models, workdir):
     recipe = classify_recipe(models)
     kd("cache-teachers", str(recipe))
-    from kdcli import recipe as recipe_mod, teachers
+    from kdcli import recipe as recipe_mod
+    from kdcli import teachers
     from kdcli.data.stage import stage_data
     from kdcli.rundir import RunDir
 
@@ -169,7 +172,8 @@ def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
 def test_two_stage_choice_with_a_seq2seq_student(models, workdir):
     jobs.write_recipe("choice.toml", {
         "name": "mc", "task": "choice",
-        "data": {"format": "jsonl", "path": "questions.jsonl", "columns": {"text": "text", "label": "label", "options": ["a", "b", "c"]}},
+        "data": {"format": "jsonl", "path": "questions.jsonl",
+                 "columns": {"text": "text", "label": "label", "options": ["a", "b", "c"]}},
         "student": {"ref": str(models["t5"])},
         "teachers": {"big": {"ref": str(models["t5"])}},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 24},
@@ -227,7 +231,8 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
     for name, eight in (("fp32", False), ("int8", True)):
         torch.manual_seed(0)  # the same freshly initialised head for both
         teacher = load_task_model(TeacherConfig(ref=str(minilm_dir), load_in_8bit=eight, finetune={}), "classify", 3)
-        build_cache(tmp_path / name, LiveTeacher(teacher, TeacherSettings(max_length=32)), {"train": rows}, {}, batch_size=8)
+        build_cache(tmp_path / name, LiveTeacher(teacher, TeacherSettings(max_length=32)), {"train": rows}, {},
+                    batch_size=8)
         from safetensors.torch import load_file
 
         caches[name] = load_file(tmp_path / name / "train-00000.safetensors")["logits"]

@@ -26,8 +26,12 @@ NAMES = ["positive", "negative", "neutral", "unused"]
 def test_classification_metrics_by_hand():
     m = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], NAMES[:3])
     assert m["n"] == 5 and m["accuracy"] == pytest.approx(0.6)
-    assert m["per_class"]["positive"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "predicted": 2})
-    assert m["per_class"]["negative"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2, "predicted": 3})
+    assert m["per_class"]["positive"] == pytest.approx(
+        {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "predicted": 2}
+    )
+    assert m["per_class"]["negative"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2, "predicted": 3}
+    )
     assert m["per_class"]["neutral"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "predicted": 0}
     assert m["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
@@ -46,7 +50,8 @@ def test_classification_metrics_match_sklearn(seed):
     per_p, per_r, per_f, support = precision_recall_fscore_support(gold, pred, labels=[0, 1, 2, 3], zero_division=0)
     for c, name in enumerate(NAMES):
         assert m["per_class"][name] == pytest.approx(
-            {"precision": per_p[c], "recall": per_r[c], "f1": per_f[c], "support": support[c], "predicted": pred.count(c)}
+            {"precision": per_p[c], "recall": per_r[c], "f1": per_f[c], "support": support[c],
+             "predicted": pred.count(c)}
         )
     assert m["confusion"] == confusion_matrix(gold, pred, labels=[0, 1, 2, 3]).tolist()
 
@@ -115,7 +120,9 @@ def test_exact_match_takes_any_alias():
 
 
 def test_token_f1_best_alias_and_edge_cases():
-    assert token_f1("the cat sat", ["cat sat on the mat"]) == pytest.approx({"f1": 2 / 3, "precision": 1.0, "recall": 0.5})
+    assert token_f1("the cat sat", ["cat sat on the mat"]) == pytest.approx(
+        {"f1": 2 / 3, "precision": 1.0, "recall": 0.5}
+    )
     assert token_f1("the cat sat", ["dog", "cat sat"]) == {"f1": 1.0, "precision": 1.0, "recall": 1.0}
     assert token_f1("cat cat", ["cat"]) == pytest.approx({"f1": 2 / 3, "precision": 0.5, "recall": 1.0})  # counts clip
     assert token_f1("dog", ["cat"]) == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
@@ -136,12 +143,14 @@ def test_generation_metrics_average_over_questions():
 
 def test_role_description():
     recipe = {"student": {"from_teacher": "big", "layers": [0, 2]},
-              "teachers": {"big": {"ref": "/models/bert-base", "finetune": {"epochs": 1}}, "fin": {"ref": "ProsusAI/finbert"}}}
+              "teachers": {"big": {"ref": "/models/bert-base", "finetune": {"epochs": 1}},
+                           "fin": {"ref": "ProsusAI/finbert"}}}
     assert describe(recipe, Role.parse("teacher:big")) == "bert-base (fine-tuned)"
     assert describe(recipe, Role.parse("teacher:fin")) == "ProsusAI/finbert"
     assert describe(recipe, Role.parse("baseline")) == "big layers [0, 2]"
     assert describe(recipe, Role.parse("student")) == "big layers [0, 2], distilled"
-    assert describe({"student": {"ref": "distilbert-base-uncased"}}, Role.parse("dataset")) == "distilbert-base-uncased, labels only"
+    assert (describe({"student": {"ref": "distilbert-base-uncased"}}, Role.parse("dataset"))
+            == "distilbert-base-uncased, labels only")
 
 
 def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path, monkeypatch):
@@ -156,7 +165,8 @@ def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path
             handle.write(json.dumps({"text": f"Question {i}: is the outlook for the year raised?",
                                      "a": "yes", "b": f"no, {i} times", "label": i % 2}) + "\n")
     recipe = validate({
-        "name": "mc", "task": "choice", "data": {"format": "jsonl", "path": "qa.jsonl", "columns": {"options": ["a", "b"]}},
+        "name": "mc", "task": "choice",
+        "data": {"format": "jsonl", "path": "qa.jsonl", "columns": {"options": ["a", "b"]}},
         "student": {"ref": str(model)}, "teachers": {"t": {"ref": str(other)}}, "loss": {"alpha": 1.0},
         "eval": {"examples": 1, "split": "validation"},
     })
@@ -166,5 +176,7 @@ def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path
     assert all(count > 0 for count in result["gold_histogram"].values())  # the stratified split keeps both answers
     assert set(result["agreement"]) == {"t"}
     for case in result["disagreements"]:
-        assert case["teacher_answer"] in ("1. yes", f"2. {case['options'][1]}") and case["teacher_answer"] != case["model_answer"]
-    assert json.loads((tmp_path / "runs/mc/eval/baseline.json").read_text())["answer_histogram"] == result["answer_histogram"]
+        assert (case["teacher_answer"] in ("1. yes", f"2. {case['options'][1]}")
+                and case["teacher_answer"] != case["model_answer"])
+    assert (json.loads((tmp_path / "runs/mc/eval/baseline.json").read_text())["answer_histogram"]
+            == result["answer_histogram"])

@@ -53,7 +53,8 @@ def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
 
 def start(root: Path, *args: str) -> subprocess.Popen:
     log = open(root / f"kd-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 def output(proc: subprocess.Popen) -> str:
@@ -62,7 +63,8 @@ def output(proc: subprocess.Popen) -> str:
 
 def kd_process(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`kd ARGS` in a subprocess in ``root`` (the in-process form is clirun.kd)."""
-    return subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 180) -> bool:
@@ -123,7 +125,9 @@ KILL_POINTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
     # Before the first checkpoint: nothing to resume from, the run starts again.
     "before the first checkpoint": lambda run: lambda: train_lines(run) >= 2,
     # At a random step between checkpoints: the steps since the last checkpoint are redone.
-    "at a random step": lambda run: (lambda target: lambda: train_lines(run) >= target)(random.Random(os.getpid()).randint(8, STEPS - 8)),
+    "at a random step": lambda run: (lambda target: lambda: train_lines(run) >= target)(
+        random.Random(os.getpid()).randint(8, STEPS - 8)
+    ),
     # While a checkpoint is being written (its temporary step-N folder exists), an earlier one complete.
     "during a checkpoint save": lambda run: lambda: bool(tmp_entries(run / "checkpoints" / "main", "step-"))
     and _complete_checkpoints(run) != [],
@@ -155,7 +159,8 @@ def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, 
     complete = _complete_checkpoints(run)
     resumed = kd_process(root, "distill", "recipe.toml", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    print(f"\nKILLED {point}: attempt {attempt + 1}, after {killed_at} logged steps, checkpoints {complete}, partial {leftover}")
+    print(f"\nKILLED {point}: attempt {attempt + 1}, after {killed_at} logged steps, "
+          f"checkpoints {complete}, partial {leftover}")
     if complete:
         assert f"resuming main from {complete[-1]}" in resumed.stdout, resumed.stdout
     for what, tensors in final_weights(run).items():
@@ -222,8 +227,8 @@ def test_sigkill_during_prepare_keeps_the_old_data_and_the_next_prepare_rebuilds
 @pytest.mark.slow
 def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebuilds(bert, tmp_path, monkeypatch):
     from kdcli import teachers
-    from kdcli.data.stage import stage_data
     from kdcli.cache import check_cache
+    from kdcli.data.stage import stage_data
     from kdcli.recipe import load
 
     root = tmp_path / "work"
@@ -234,7 +239,8 @@ def test_sigkill_during_cache_teachers_keeps_the_old_cache_and_the_next_run_rebu
     cache = run.cache("main", "t")
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
 
-    assert kill_when(start(root, "cache-teachers", "recipe.toml", "--force"), lambda: bool(tmp_entries(cache.parent, "t")))
+    assert kill_when(start(root, "cache-teachers", "recipe.toml", "--force"),
+                     lambda: bool(tmp_entries(cache.parent, "t")))
     assert tmp_entries(cache.parent, "t")
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # the complete cache, untouched
     recipe = load(recipe_path)
@@ -310,7 +316,9 @@ def _copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 DAMAGE: dict[str, Callable[[Path], None]] = {
-    "model.safetensors truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000]),
+    "model.safetensors truncated": lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:2000]
+    ),
     "model.safetensors missing": lambda d: (d / "model.safetensors").unlink(),
     "optimizer.pt truncated": lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:500]),
     "optimizer.pt empty": lambda d: (d / "optimizer.pt").write_bytes(b""),
@@ -318,8 +326,12 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "rng-0.pt truncated": lambda d: (d / "rng-0.pt").write_bytes((d / "rng-0.pt").read_bytes()[:100]),
     "state.json truncated": lambda d: (d / "state.json").write_text((d / "state.json").read_text()[:10]),
     "state.json with unknown keys": lambda d: (d / "state.json").write_text('{"stepp": 6}'),
-    "state.json with a string step": lambda d: (d / "state.json").write_text('{"step": "6", "best": null, "best_step": null, "bad_evals": 0, "stopped_early": false}'),
-    "projections.safetensors garbage": lambda d: (d / "projections.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]),
+    "state.json with a string step": lambda d: (d / "state.json").write_text(
+        '{"step": "6", "best": null, "best_step": null, "bad_evals": 0, "stopped_early": false}'
+    ),
+    "projections.safetensors garbage": lambda d: (d / "projections.safetensors").write_bytes(
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]
+    ),
 }
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -390,7 +402,8 @@ def _enospc(*args, **kwargs):
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkpoint_resumes(bert, tmp_path, monkeypatch):
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkpoint_resumes(bert, tmp_path,
+                                                                                             monkeypatch):
     root = tmp_path / "work"
     write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
     monkeypatch.chdir(root)
@@ -398,7 +411,8 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkp
 
     def save(obj, path, *args, **kwargs):
         if str(path).endswith("optimizer.pt") and ".step-00000008.tmp-" in str(path):  # steps 2-6 are saved, 8 is not
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed: No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed: No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
@@ -433,7 +447,8 @@ def test_a_full_disk_while_preparing_keeps_the_previous_data(bert, tmp_path, mon
 @pytest.mark.parametrize("error", [
     OSError(errno.ENOSPC, "No space left on device"),
     OSError(errno.EDQUOT, "Disk quota exceeded"),
-    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
+    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                 "message: \"No space left on device\" })"),
 ])
 def test_atomic_writers_turn_a_full_disk_into_a_kd_error_and_keep_the_old_file(tmp_path, monkeypatch, error):
     path = tmp_path / "eval" / "student.json"

@@ -68,7 +68,8 @@ def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum:
     data = qa_rows(40)
     loss = LossConfig(alpha=0.5, temperature=2.0, divergence=divergence, kd_level=kd_level, top_k=top_k)
     return Job(
-        name="main", student=student, rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
+        name="main", student=student,
+        rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
         loss=loss, train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
                                      eval_every=10_000, checkpoint_every=10_000, log_every=8, eval_batch_size=8),
         seed=0, max_length=32, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",

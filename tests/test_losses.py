@@ -390,7 +390,8 @@ def test_diversity_masking():
 
 # --- checking ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, skew, jsd_beta, message", [
-    ("skew_kl", 0.0, 0.5, "skew must be in"), ("jsd", 0.1, 1.0, "jsd_beta must be in"), ("kl", 0.1, 0.5, "unknown divergence"),
+    ("skew_kl", 0.0, 0.5, "skew must be in"), ("jsd", 0.1, 1.0, "jsd_beta must be in"),
+    ("kl", 0.1, 0.5, "unknown divergence"),
 ])
 def test_dense_and_top_k_divergences_refuse_the_same_bad_settings(kind, skew, jsd_beta, message):
     logits = torch.randn(2, 5)
@@ -430,7 +431,9 @@ def test_the_diversity_penalty_stops_a_skewed_fit_collapsing_onto_the_majority_a
         for _ in range(100):
             batch = torch.randint(0, n, (32,))
             logits = model(features[batch])
-            loss = losses.cross_entropy(logits, labels[batch]) + gamma * losses.diversity_penalty(logits, prior, temperature=0.3)
+            loss = losses.cross_entropy(logits, labels[batch]) + gamma * losses.diversity_penalty(
+                logits, prior, temperature=0.3
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

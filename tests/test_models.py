@@ -39,11 +39,14 @@ SENTENCES = [
     dict(id="b", text="Losses widened.", options=[], label=-1, answers=[]),
 ]
 QUESTIONS = [
-    dict(id="q1", text="Which planet is known as the red planet?", options=["Mars", "Venus", "Paris"], label=0, answers=[]),
-    dict(id="q2", text="Who wrote Hamlet?", options=["a spider", "William Shakespeare", "the bank"], label=1, answers=[]),
+    dict(id="q1", text="Which planet is known as the red planet?", options=["Mars", "Venus", "Paris"], label=0,
+         answers=[]),
+    dict(id="q2", text="Who wrote Hamlet?", options=["a spider", "William Shakespeare", "the bank"], label=1,
+         answers=[]),
 ]
 BLANKS = [
-    dict(id="w1", text="The trophy does not fit in the suitcase because _ is too large.", options=["trophy", "suitcase"], label=0, answers=[]),
+    dict(id="w1", text="The trophy does not fit in the suitcase because _ is too large.",
+         options=["trophy", "suitcase"], label=0, answers=[]),
     dict(id="w2", text="Who wrote Hamlet?", options=["Shakespeare", "Mars"], label=-1, answers=[]),
 ]
 
@@ -222,7 +225,8 @@ def test_causal_choice_matches_unpadded_lm_logits(tiny):
         torch.testing.assert_close(out.logits[i], lm[tm.option_token_ids], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head,task,examples", [("causal", "choice", QUESTIONS), ("sequence-classification", "classify", SENTENCES)])
+@pytest.mark.parametrize("head,task,examples",
+                         [("causal", "choice", QUESTIONS), ("sequence-classification", "classify", SENTENCES)])
 def test_left_and_right_padding_agree(tiny, head, task, examples):
     tm = load_task_model(teacher(tiny("llama", head)), task, 3)
     logits = {}
@@ -316,7 +320,9 @@ def test_student_copies_listed_layers(tiny, family, head, task, stack, examples)
 
 
 def test_distilbert_and_t5_students(tiny):
-    distil = student_from_teacher(load_task_model(teacher(tiny("distilbert", "sequence-classification")), "classify", 3), [0, 2])
+    distil = student_from_teacher(
+        load_task_model(teacher(tiny("distilbert", "sequence-classification")), "classify", 3), [0, 2]
+    )
     assert distil.model.config.n_layers == 2 and len(distil.model.distilbert.transformer.layer) == 2
     t5 = load_task_model(teacher(tiny("t5", "seq2seq")), "choice", 3)
     small = student_from_teacher(t5, [1, 3])
@@ -327,7 +333,8 @@ def test_distilbert_and_t5_students(tiny):
         t5.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
     )
     torch.testing.assert_close(
-        small.model.encoder.block[1].layer[1].DenseReluDense.wi.weight, t5.model.encoder.block[3].layer[1].DenseReluDense.wi.weight
+        small.model.encoder.block[1].layer[1].DenseReluDense.wi.weight,
+        t5.model.encoder.block[3].layer[1].DenseReluDense.wi.weight,
     )
     assert forward(small, encode(small, QUESTIONS, 64)).logits.shape == (2, 3)
 
@@ -386,10 +393,13 @@ def test_fingerprints(tiny, tmp_path):
     with torch.no_grad():
         again.classifier.bias[0] += 1e-3
     assert weights_fingerprint(again) != weights_fingerprint(model)
-    assert weights_fingerprint(transformers.AutoModelForSequenceClassification.from_pretrained(b)) != weights_fingerprint(model)
+    assert (weights_fingerprint(transformers.AutoModelForSequenceClassification.from_pretrained(b))
+            != weights_fingerprint(model))
     bert, again = transformers.AutoTokenizer.from_pretrained(a), transformers.AutoTokenizer.from_pretrained(b)
     assert tokenizer_fingerprint(bert) == tokenizer_fingerprint(again)
-    assert tokenizer_fingerprint(bert) != tokenizer_fingerprint(transformers.AutoTokenizer.from_pretrained(tiny("roberta", "multiple-choice")))
+    assert tokenizer_fingerprint(bert) != tokenizer_fingerprint(
+        transformers.AutoTokenizer.from_pretrained(tiny("roberta", "multiple-choice"))
+    )
 
 
 # --------------------------------------------------------------------------- real weights

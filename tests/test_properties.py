@@ -20,7 +20,8 @@ from kdcli.errors import KdError
 from kdcli.recipe import Recipe, RecipeError, plain_name_problem, validate
 from kdcli.rundir import RunDir, role_filename
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------- recipes
 
@@ -35,12 +36,14 @@ VALID = {
 KEYS = sorted(
     {name for model in (recipe_mod.Recipe, recipe_mod.DataConfig, recipe_mod.StudentConfig, recipe_mod.TeacherConfig,
                         recipe_mod.LossConfig, recipe_mod.TrainConfig, recipe_mod.Stage, recipe_mod.HiddenMap,
-                        recipe_mod.Columns, recipe_mod.EvalConfig, recipe_mod.BenchConfig, recipe_mod.SearchDistribution)
+                        recipe_mod.Columns, recipe_mod.EvalConfig, recipe_mod.BenchConfig,
+                        recipe_mod.SearchDistribution)
      for name in model.model_fields}
 )
 toml_scalars = st.one_of(
     st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.sampled_from(["classify", "choice", "generate", "jsonl", "fpb", "pairs", "skip", "../x", "a/b", ""]),
+    st.text(max_size=20),
+    st.sampled_from(["classify", "choice", "generate", "jsonl", "fpb", "pairs", "skip", "../x", "a/b", ""]),
 )
 keys = st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=8))
 toml_values = st.recursive(
@@ -77,7 +80,8 @@ def test_any_toml_document_as_a_recipe(tmp_path, document):
 
 
 @SETTINGS
-@given(st.sampled_from(["data", "student", "teachers", "loss", "train", "stages", "search", "eval", "bench"]), toml_values)
+@given(st.sampled_from(["data", "student", "teachers", "loss", "train", "stages", "search", "eval", "bench"]),
+       toml_values)
 def test_any_value_in_any_section_of_a_valid_recipe(section, value):
     recipe = _ok_or_recipe_error(lambda: validate(dict(VALID, **{section: value})))
     if recipe is not None:  # what validates is usable: its run directory is one plain folder under runs/
@@ -94,13 +98,15 @@ def test_any_set_overrides(overrides):
 @given(st.text(min_size=1, max_size=30))
 def test_a_name_that_validates_stays_one_folder_inside_the_run_directory(tmp_path, name):
     try:
-        recipe = validate(dict(VALID, name=name, stages=[{"name": name}], teachers={name: {"ref": "m"}}, loss={"alpha": 0.5}))
+        recipe = validate(dict(VALID, name=name, stages=[{"name": name}], teachers={name: {"ref": "m"}},
+                               loss={"alpha": 0.5}))
     except RecipeError:
         return
     root = (tmp_path / "runs" / recipe.name).resolve()
     assert root.parent == (tmp_path / "runs").resolve()
     run = RunDir(root)
-    for path in (run.data(name), run.cache(name, name), run.teacher(name), run.checkpoints(name), run.stage_output(name, "student")):
+    for path in (run.data(name), run.cache(name, name), run.teacher(name), run.checkpoints(name),
+                 run.stage_output(name, "student")):
         assert path.resolve().is_relative_to(root) and path.resolve() != root
 
 
@@ -170,7 +176,8 @@ def test_any_bytes_in_any_format(tmp_path, fmt, raw):
 lines = st.lists(st.one_of(
     st.text(max_size=40),
     st.text(alphabet=string.ascii_letters + " @{}[]\":,.\\", max_size=40),
-    st.builds(lambda s, label: f"{s}@{label}", st.text(max_size=20), st.sampled_from(["negative", "neutral", "positive", "", "x"])),
+    st.builds(lambda s, label: f"{s}@{label}", st.text(max_size=20),
+              st.sampled_from(["negative", "neutral", "positive", "", "x"])),
 ), max_size=8)
 
 
@@ -178,15 +185,21 @@ lines = st.lists(st.one_of(
 @given(fmt=st.sampled_from(["fpb", "jsonl", "csv", "triviaqa", "aqua"]), rows=lines, crlf=st.booleans())
 def test_any_lines_in_the_line_formats(tmp_path, fmt, rows, crlf):
     path = tmp_path / FILE_NAME.get(fmt, "d.jsonl")
-    path.write_text(("\r\n" if crlf else "\n").join(rows), encoding="latin-1" if fmt == "fpb" else "utf-8", errors="replace")
+    path.write_text(("\r\n" if crlf else "\n").join(rows), encoding="latin-1" if fmt == "fpb" else "utf-8",
+                    errors="replace")
     _read(fmt, path)
 
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=12),
-                         st.sampled_from(["1", "2", "3", "A", "B)", "A)x", "Question: q?\nAnswer:", "neutral", "positive"]))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=8)
-FIELDS = ["text", "label", "qID", "sentence", "option1", "option2", "answer", "context", "question", "answerA", "answerB",
-          "answerC", "options", "correct", "aliases", "question_id", "id"]
+                         st.sampled_from(["1", "2", "3", "A", "B)", "A)x", "Question: q?\nAnswer:", "neutral",
+                                          "positive"]))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
+FIELDS = ["text", "label", "qID", "sentence", "option1", "option2", "answer", "context", "question", "answerA",
+          "answerB", "answerC", "options", "correct", "aliases", "question_id", "id"]
 json_rows = st.lists(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8), min_size=1, max_size=6)
 
 
@@ -217,7 +230,10 @@ def test_any_rows_in_parquet(tmp_path, rows, choice):
     extra = {"columns": {"text": "text", "label": "label", "options": ["option1", "option2"]}} if choice else {}
     if choice:
         try:
-            read_examples(validate(dict(VALID, task="choice", data={"format": "parquet", "path": str(path)} | extra)).data, "choice")
+            read_examples(
+                validate(dict(VALID, task="choice", data={"format": "parquet", "path": str(path)} | extra)).data,
+                "choice",
+            )
         except KdError as exc:
             assert exc.hint
     else:
@@ -227,14 +243,16 @@ def test_any_rows_in_parquet(tmp_path, rows, choice):
 @pytest.mark.slow
 @SETTINGS
 @given(rows=json_rows, on_conflict=st.sampled_from(["error", "first", "majority", "drop"]), seed=st.integers(0, 3),
-       split=st.sampled_from([{"train": 0.5, "validation": 0.5}, {"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 1.0}]))
+       split=st.sampled_from([{"train": 0.5, "validation": 0.5}, {"train": 0.8, "validation": 0.1, "test": 0.1},
+                              {"train": 1.0}]))
 def test_any_rows_through_cleaning_and_splitting(tmp_path, rows, on_conflict, seed, split):
     """The whole prepare pipeline short of writing: conflicts, dedupe, stratified split, limits."""
     from kdcli.data.prepare import _build
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    data = validate(dict(VALID, data={"format": "jsonl", "path": str(path), "on_conflict": on_conflict, "split": split, "limit": 3})).data
+    data = validate(dict(VALID, data={"format": "jsonl", "path": str(path), "on_conflict": on_conflict, "split": split,
+                                      "limit": 3})).data
     try:
         prepared = _build(data, "classify", seed, lambda message: None)
     except KdError as exc:

@@ -60,7 +60,8 @@ def recipe(bert: Path, **top) -> Path:
         "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
         "student": {"ref": str(bert)},
         "loss": {"alpha": 1.0},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 400, "checkpoint_every": 4, "log_every": 400},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 400, "checkpoint_every": 4,
+                  "log_every": 400},
     } | top)
 
 
@@ -217,7 +218,8 @@ def test_stage_and_teacher_names_cannot_climb_out_of_the_run(here):
         _recipe(teachers={"../../x": {"ref": "m"}}, loss={"alpha": 0.5})
 
 
-@pytest.mark.parametrize("role", ["../../../etc/passwd", "/abs/model", "teacher:../../x", "..", "a\\..\\b", "teacher:a/b:c"])
+@pytest.mark.parametrize("role",
+                         ["../../../etc/passwd", "/abs/model", "teacher:../../x", "..", "a\\..\\b", "teacher:a/b:c"])
 def test_eval_and_bench_files_of_any_role_stay_in_the_run(here, role):
     run = RunDir.for_recipe(_recipe())
     for path in (run.eval(role), run.bench(role)):
@@ -251,7 +253,8 @@ def test_recipe_strings_are_never_evaluated(here, bert):
 
 
 BUILTINS = {"eval", "exec", "compile", "__import__"}  # bare calls; `model.eval()` and `re.compile` are fine
-MODULE_CALLS = {("importlib", "import_module"), ("os", "system"), ("os", "popen"), ("runpy", "run_path"), ("runpy", "run_module")}
+MODULE_CALLS = {("importlib", "import_module"), ("os", "system"), ("os", "popen"), ("runpy", "run_path"),
+                ("runpy", "run_module")}
 
 
 def _calls(tree: ast.AST):
@@ -274,14 +277,18 @@ def test_the_package_has_no_eval_no_dynamic_imports_and_no_unsafe_unpickling():
             if owner == "pickle" or (owner in ("np", "numpy") and any(k.arg == "allow_pickle" for k in node.keywords)):
                 problems.append(f"{where}: {owner}.{name}()")
             if owner == "torch" and name == "load":
-                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
                 if not safe:
                     problems.append(f"{where}: torch.load without weights_only=True")
-            if any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords):
+            if any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is True
+                   for k in node.keywords):
                 problems.append(f"{where}: trust_remote_code=True hard-coded")
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
                 # `import pickle` for its exception type is fine (calls on it are caught above);
                 # these modules exist to deserialise code-carrying objects.
                 if any(n in ("dill", "cloudpickle", "marshal", "shelve") for n in names):

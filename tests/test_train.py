@@ -46,7 +46,8 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(teacher_dir, tmp
 @pytest.mark.slow
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4(teacher_dir, tmp_path):
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
-        train.run_job(jobs.classify_job(teacher_dir, tmp_path / name, batch_size=batch, grad_accum=accum, dropout=False),
+        train.run_job(jobs.classify_job(teacher_dir, tmp_path / name, batch_size=batch, grad_accum=accum,
+                                        dropout=False),
                       make_accelerator(), show_progress=False)
     assert jobs.max_difference(_final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")) < 1e-5
 
@@ -88,7 +89,8 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(teacher_dir, tmp_path):
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    result = train.run_job(jobs.classify_job(teacher_dir, tmp_path, batch_size=8, grad_accum=1, max_steps=4, checkpoint_every=16),
+    result = train.run_job(jobs.classify_job(teacher_dir, tmp_path, batch_size=8, grad_accum=1, max_steps=4,
+                                             checkpoint_every=16),
                            make_accelerator(), resume=True, console=console, show_progress=False)
     text = console.export_text()
     assert f"checkpoint {newest.name} cannot be loaded" in text
@@ -123,12 +125,14 @@ def test_too_little_data_for_one_step_is_a_clear_error(teacher_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not found")
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not found")
 def test_two_processes_equal_one_process_with_matching_accumulation(teacher_dir, tmp_path):
     script = Path(__file__).parent / "distributed_job.py"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(script), str(teacher_dir), str(tmp_path / "two"), "4", "1"],
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531",
+                    str(script), str(teacher_dir), str(tmp_path / "two"), "4", "1"],
                    check=True, env=env, capture_output=True, timeout=300)
     subprocess.run([sys.executable, str(script), str(teacher_dir), str(tmp_path / "one"), "4", "2"],
                    check=True, env=env, capture_output=True, timeout=300)

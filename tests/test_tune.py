@@ -7,17 +7,19 @@ score follows the sampled values, so pruning and interruption are deterministic 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import optuna
 import pytest
+import tomllib
 from optuna.trial import TrialState
 from rich.console import Console
 
 import jobs
 from clirun import kd
-from kdcli import distill as distill_mod, recipe as recipe_mod, tune
+from kdcli import distill as distill_mod
+from kdcli import recipe as recipe_mod
+from kdcli import tune
 from kdcli.errors import RecipeError
 from kdcli.train import JobResult
 
@@ -149,7 +151,9 @@ def test_a_study_in_another_storage_leaves_no_tune_db_in_the_run(teacher, workdi
 
 
 def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, workdir):
-    recipe = recipe_mod.load(write_recipe(teacher, stages=[{"name": "one"}, {"name": "two", "train": {"eval_every": 8}}]))
+    recipe = recipe_mod.load(
+        write_recipe(teacher, stages=[{"name": "one"}, {"name": "two", "train": {"eval_every": 8}}])
+    )
 
     class Trial:
         def __init__(self):
@@ -170,7 +174,8 @@ def test_validations_are_reported_on_one_growing_grid_across_stages(teacher, wor
 
 
 @pytest.mark.slow
-def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir, monkeypatch):
+def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_the_reason(teacher, workdir,
+                                                                                          monkeypatch):
     # Labels only: alpha below 1 is not a valid recipe, so every trial that samples 0.5 fails.
     path = write_recipe(teacher, search={"loss.alpha": {"choice": [0.5, 1.0]}, "train.lr": {"uniform": [1e-4, 1e-3]}},
                         loss={"alpha": 1.0}, stages=[{"name": "main", "teachers": []}])
