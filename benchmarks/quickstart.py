@@ -71,7 +71,7 @@ def md_table(compare_md: str) -> str:
 
 
 def readme_block(summary: dict) -> str:
-    threads = summary["run_env"].get("torch_threads")
+    threads = summary["env"].get("torch_threads")
     asked = summary.get("threads_asked")
     command = "python benchmarks/quickstart.py" + (f" --threads {asked}" if asked else "")
     load = summary["load_average_1m"]
@@ -135,7 +135,7 @@ def main() -> None:
                 first = {
                     "compare": json.loads(kd(["compare", name, "--format", "json"], workdir, env).stdout),
                     "compare_md": kd(["compare", name, "--format", "md"], workdir, env).stdout,
-                    "run_env": json.loads((run / "env.json").read_text(encoding="utf-8")),
+                    "env": json.loads((run / "env.json").read_text(encoding="utf-8")),
                     "data": {key: manifest.get(key) for key in ("rows_read", "duplicates_dropped", "counts")},
                 }
 
@@ -154,7 +154,7 @@ def main() -> None:
     }
     print(f"\nkd run recipes/quickstart.toml: {minutes(summary['wall_seconds'])} ({summary['wall_seconds']} s, "
           f"median of {args.repeats}); load average {summary['load_average_1m']['before']} before, "
-          f"{summary['load_average_1m']['after']} after; torch threads {first['run_env'].get('torch_threads')}\n")
+          f"{summary['load_average_1m']['after']} after; torch threads {first['env'].get('torch_threads')}\n")
     print(md_table(first["compare_md"]))
     finish(summary)
 

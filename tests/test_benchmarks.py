@@ -116,8 +116,22 @@ def check_trainer_baseline(s: dict) -> None:
             and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01)
 
 
+def check_quickstart(s: dict) -> None:
+    assert positive(s["wall_seconds"], *s["all_wall_seconds"]) and len(s["all_wall_seconds"]) == s["repeats"]
+    assert s["wall_seconds"] == pytest.approx(statistics.median(s["all_wall_seconds"]), abs=0.1)
+    assert sum(s["data"]["counts"].values()) + s["data"]["duplicates_dropped"] <= sum(s["data"]["rows_read"].values())
+    (table,) = s["compare"]
+    rows = {row["role"]: row for row in table["rows"]}
+    assert list(rows) == ["teacher:minilm", "baseline", "dataset", "student"] and table["best"] in rows
+    for role, row in rows.items():
+        assert share(row["accuracy"]) and share(row["f1"]) and positive(row["ms_per_example"], row["parameters"]), role
+    assert rows["teacher:minilm"]["kept_pct"] == pytest.approx(100.0)
+    assert all(f"| {role} |" in s["compare_md"] or f"| **{role}** |" in s["compare_md"] for role in rows)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
+    "quickstart.py": check_quickstart,
     "distill_speed.py": check_distill_speed,
     "teacher_8bit.py": check_teacher_8bit,
     "topk_cache.py": check_topk_cache,

@@ -95,7 +95,7 @@ def test_readme_wall_time_and_load_are_the_results_files(results):
     assert re.search(rf"\b{shown}\b", block), f"README should state the measured wall time {shown}"
     load = results["load_average_1m"]
     assert f"load average {load['before']} when it started and {load['after']} when it ended" in block
-    threads = results["run_env"]["torch_threads"]
+    threads = results["env"]["torch_threads"]
     assert f"torch on {threads} thread" in block
 
 
