@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.data.stage import stage_data
 from kdcli.errors import KdError
-from kdcli.models import WEIGHT_SUFFIXES, parameter_count, place
+from kdcli.models import WEIGHT_SUFFIXES, place
 from kdcli.recipe import Recipe
-from kdcli.roles import Role, check, describe, every_role, load, saved_dir
+from kdcli.roles import Role, check, every_role, load, result_header, saved_dir
 from kdcli.rundir import RunDir, write_json
 from kdcli.tasks import TaskKind, task_kind
 
@@ -200,14 +200,8 @@ def bench_role(recipe: Recipe, role: Role, console: "Console | None" = None) -> 
                            max_new_tokens=recipe.eval.max_new_tokens)
     directory = saved_dir(recipe, run, role)
     result = {
-        "role": str(role),
-        "model": describe(recipe.model_dump(mode="json"), role),
-        "ref": str(model.model.name_or_path),
-        "task": recipe.task,
-        "stage": stage.name,
-        "split": split,
+        **result_header(recipe, role, model, stage.name, split),
         "inputs": len(rows),
-        "parameters": parameter_count(model),
         "size_bytes": size_on_disk(directory),
         "size_path": str(directory) if directory else None,
         **measured,

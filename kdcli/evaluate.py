@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.data.stage import stage_data
 from kdcli.errors import KdError, ModelError
-from kdcli.models import parameter_count, place
+from kdcli.models import place
 from kdcli.recipe import Recipe
-from kdcli.roles import Role, describe, load, teacher_role
+from kdcli.roles import Role, load, result_header, teacher_role
 from kdcli.rundir import RunDir, write_json
 from kdcli.tasks import task_kind
 
@@ -64,15 +64,9 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
     mine = answer(model)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
-        "role": str(role),
-        "model": describe(recipe.model_dump(mode="json"), role),
-        "ref": str(model.model.name_or_path),
-        "task": recipe.task,
-        "stage": stage.name,
-        "split": split,
+        **result_header(recipe, role, model, stage.name, split),
         "data_fingerprint": data.fingerprint,
         "n": len(rows),
-        "parameters": parameter_count(model),
         "seconds": seconds,
         "examples_per_second": len(rows) / seconds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -186,6 +186,15 @@ def describe(recipe: dict[str, Any], role: Role) -> str:
     return base + {"baseline": "", "student": ", distilled", "dataset": ", labels only"}[role.kind]
 
 
+def result_header(recipe: Recipe, role: Role, model: "TaskModel", stage: str, split: str) -> dict[str, Any]:
+    """What every eval and bench result says about the model it measured and the data it ran on."""
+    from kdcli.models import parameter_count
+
+    return {"role": str(role), "model": describe(recipe.model_dump(mode="json"), role),
+            "ref": str(model.model.name_or_path), "task": recipe.task, "stage": stage, "split": split,
+            "parameters": parameter_count(model)}
+
+
 def _short_ref(ref: str) -> str:
     """A local directory by its name (the full path is in ``ref``); Hub ids and package refs unchanged."""
     if ref.startswith(("/", ".", "~")) or "\\" in ref:
