@@ -28,12 +28,20 @@ def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, keep)
 
 
-def _stage_fingerprint(recipe: Recipe, stage: Stage, role: Role, data: StageData, previous: str | None) -> str:
+def _stage_identity(recipe: Recipe, stage: Stage, role: Role, data: StageData, previous: str | None) -> dict:
+    """Everything that shapes a stage's student: its fingerprint says whether the stage is up to date."""
     teachers = {} if role == DATASET else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
-    return fingerprint({
+    return {
         "student": recipe.student.model_dump(mode="json"), "stage": stage.model_dump(mode="json"), "role": str(role),
         "teachers": teachers, "data": data.fingerprint, "seed": recipe.seed, "previous": previous,
-    })
+    }
+
+
+def _job_identity(identity: dict, train_fraction: float) -> dict:
+    """The stage identity as a checkpoint records it: the stage's sections at the top, so that a change
+    is named as the recipe names it (``train.lr``, ``loss.alpha``, ``seed``)."""
+    rest = {key: value for key, value in identity.items() if key not in ("stage", "data")}
+    return {**identity["stage"], **rest, "data_fingerprint": identity["data"], "train_fraction": train_fraction}
 
 
 def _solo_stage(recipe: Recipe, stage: Stage, name: str) -> Stage:
@@ -82,7 +90,8 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
         data = stage_data(recipe, run, stage)
         if train_fraction < 1.0:
             data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
-        wanted = _stage_fingerprint(recipe, stage, role, data, previous_fingerprint) + f"-{train_fraction:g}"
+        identity = _stage_identity(recipe, stage, role, data, previous_fingerprint)
+        wanted = fingerprint(identity) + f"-{train_fraction:g}"
         output = out.stage_output(stage.name, role)
         done = output / "done.json"
         if done.is_file() and read_json(done).get("fingerprint") == wanted:
@@ -105,7 +114,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             output_dir=output, metrics_path=out.metrics, label_prior=data.label_prior,
             extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []),
                             "teachers": sources},
-            answer_max_length=stage.data.answer_max_length, **taught,
+            answer_max_length=stage.data.answer_max_length, identity=_job_identity(identity, train_fraction), **taught,
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:

@@ -54,3 +54,6 @@ class Job:
     label_prior: list[float] | None = None
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     answer_max_length: int = 32  # generate: answer tokens kept as targets; also the validation's generation length
+    # What shapes the trained weights (recipe sections, data fingerprint, seed): every checkpoint records it,
+    # and one made under another identity is never resumed (``train.checkpoint_changes``).
+    identity: dict[str, Any] = field(default_factory=dict)

@@ -37,9 +37,11 @@ def _finetune_fingerprint(recipe: Recipe, name: str, data: StageData) -> str:
 def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console,
                       names: list[str] | None = None) -> None:
     """Fine-tune every teacher with a `finetune` table (labels only); reuse a matching earlier result."""
+    from rich.markup import escape
+
     from kdcli.models import load_task_model
     from kdcli.runtime import seed_everything
-    from kdcli.train import run_job
+    from kdcli.train import checkpoint_changes, run_job
 
     for name in names if names is not None else list(recipe.teachers):
         spec = recipe.teachers[name]
@@ -65,8 +67,14 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
             answer_max_length=stage.data.answer_max_length, checkpoint_dir=run.checkpoints(f"teacher.{name}"),
             output_dir=run.teacher(name), metrics_path=run.metrics, label_prior=data.label_prior,
             extra_metadata={"label_names": data.manifest.get("label_names", [])},
+            identity={"teacher": spec.model_dump(mode="json"), "data": data.fingerprint, "seed": recipe.seed,
+                      "train": train.model_dump(mode="json")},
         )
-        run_job(job, accelerator, resume=True, console=console)
+        changes = checkpoint_changes(job)
+        if changes:
+            console.print(f"[yellow]the checkpoints of {job.name} were made with another recipe "
+                          f"({escape('; '.join(changes))}): fine-tuning from the start[/]")
+        run_job(job, accelerator, resume=not changes, console=console)
         if accelerator.is_main_process:
             write_json(done, {"fingerprint": wanted})
         accelerator.wait_for_everyone()

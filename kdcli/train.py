@@ -158,10 +158,35 @@ def _save_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for rank, rng in enumerate(rng_states):
                 torch.save(rng, tmp / f"rng-{rank}.pt")
+            write_json(tmp / "identity.json", job.identity)
             write_json(tmp / "state.json", state.__dict__)
         for old in _checkpoints(job.checkpoint_dir)[job.train.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+# Settings that change what is logged or kept on disk, never the weights: a resume may change them.
+RESUMABLE_CHANGES = frozenset({"log_every", "checkpoint_every", "keep_last"})
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON documents differ, with the two values (``train.lr: 0.0005 -> 0.5``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in dict.fromkeys([*old, *new]) if key not in RESUMABLE_CHANGES
+                for change in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def checkpoint_changes(job: Job) -> list[str] | None:
+    """What differs between the newest checkpoint's identity and the job's; None without a checkpoint."""
+    found = _checkpoints(job.checkpoint_dir)
+    if not found:
+        return None
+    try:
+        recorded = read_json(found[0] / "identity.json")
+    except (OSError, ValueError):
+        return ["identity (none recorded: the checkpoint predates this kd)"]
+    return changed_keys(recorded, job.identity)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -286,6 +311,14 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
 
     state = None
     if resume:
+        changes = checkpoint_changes(job)
+        if changes:
+            raise KdError(
+                f"{job.name}: the checkpoints in {job.checkpoint_dir} were made with another recipe; changed: "
+                + "; ".join(changes),
+                "undo the change to resume, or run without --resume to train from the start "
+                "(its checkpoints are then replaced)",
+            )
         state = _load_checkpoint(job, accelerator, model, projections, optimizer, scheduler, console)
     elif _checkpoints(job.checkpoint_dir) and accelerator.is_main_process:
         shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them

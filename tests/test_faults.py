@@ -295,22 +295,24 @@ def test_leftovers_of_live_processes_and_other_machines_are_not_touched(tmp_path
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, bert) -> Path:
-    """A finished 6-step run with checkpoints at steps 4 and 6 (keep_last = 2)."""
+    """A finished 8-step run with checkpoints at steps 6 and 8 (keep_last = 2)."""
     root = tmp_path_factory.mktemp("trained")
-    write_run(root, bert, max_steps=6, checkpoint_every=8, eval_every=400, log_every=400)
+    write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
     cwd = os.getcwd()
     os.chdir(root)
     try:
         kd("distill", "recipe.toml")
     finally:
         os.chdir(cwd)
-    assert sorted(p.name for p in (root / "runs/f/checkpoints/main").iterdir()) == ["step-00000004", "step-00000006"]
+    assert sorted(p.name for p in (root / "runs/f/checkpoints/main").iterdir()) == ["step-00000006", "step-00000008"]
     return root
 
 
 def _copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The trained run as if killed after its last checkpoint, before it recorded the stage as done."""
     root = tmp_path / "work"
     shutil.copytree(trained, root, symlinks=True)
+    (root / "runs" / "f" / "stages" / "main" / "student" / "done.json").unlink()
     monkeypatch.chdir(root)
     return root / "runs" / "f" / "checkpoints" / "main"
 
@@ -337,32 +339,46 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_past_a_damaged_checkpoint_falls_back_and_says_which(damage, trained, tmp_path, monkeypatch):
     checkpoints = _copy(trained, tmp_path, monkeypatch)
-    DAMAGE[damage](checkpoints / "step-00000006")
-    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8")
-    assert "checkpoint step-00000006 cannot be loaded" in result.output
-    assert "resuming main from step-00000004 (4 steps done)" in result.output
+    DAMAGE[damage](checkpoints / "step-00000008")
+    result = kd("distill", "recipe.toml", "--resume")
+    assert "checkpoint step-00000008 cannot be loaded" in result.output
+    assert "resuming main from step-00000006 (6 steps done)" in result.output
     assert json.loads((checkpoints.parent.parent / "student" / "done.json").read_text())["steps"] == 8
 
 
 def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(trained, tmp_path, monkeypatch):
     checkpoints = _copy(trained, tmp_path, monkeypatch)
-    DAMAGE["optimizer.pt truncated"](checkpoints / "step-00000006")
-    DAMAGE["state.json truncated"](checkpoints / "step-00000004")
-    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8", code=1)
+    DAMAGE["optimizer.pt truncated"](checkpoints / "step-00000008")
+    DAMAGE["state.json truncated"](checkpoints / "step-00000006")
+    result = kd("distill", "recipe.toml", "--resume", code=1)
     assert isinstance(result.exception, SystemExit), result.output
     assert f"error: no checkpoint in {checkpoints.resolve()} could be loaded" in result.stderr
     assert "hint:" in result.stderr
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]  # nothing deleted
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000006", "step-00000008"]  # nothing deleted
+
+
+@pytest.mark.slow
+def test_resume_after_the_recipe_changed_is_refused_naming_the_keys(trained, tmp_path, monkeypatch):
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    run = checkpoints.parent.parent
+    before = {p: p.read_bytes() for p in (run / "recipe.resolved.toml", run / "student" / "model.safetensors",
+                                          run / "student" / "done.json")}
+    result = kd("distill", "recipe.toml", "--resume", "--set", "train.lr=0.5", "--set", "train.max_steps=12", code=1)
+    assert "made with another recipe" in result.stderr and "train.lr: 0.001 -> 0.5" in result.stderr
+    assert "train.max_steps: 8 -> 12" in result.stderr and "hint:" in result.stderr
+    assert {p: p.read_bytes() for p in before} == before  # the records still describe the training that happened
+    # Without --resume the changed recipe trains from the start, and says nothing of resuming.
+    fresh = kd("distill", "recipe.toml", "--set", "train.lr=0.5")
+    assert "resuming" not in fresh.output
 
 
 def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_path, monkeypatch):
     """state.json is written last: a step folder without it (and a dead process's temporary one) are skipped."""
     checkpoints = _copy(trained, tmp_path, monkeypatch)
-    shutil.copytree(checkpoints / "step-00000006", checkpoints / "step-00000007")
-    (checkpoints / "step-00000007" / "state.json").unlink()
+    (checkpoints / "step-00000008" / "state.json").unlink()
     partial = checkpoints / f".step-00000008.tmp-{_dead_pid()}.{leftovers.__globals__['_HOST']}-zz"
     shutil.copytree(checkpoints / "step-00000006", partial)
-    result = kd("distill", "recipe.toml", "--resume", "--set", "train.max_steps=8")
+    result = kd("distill", "recipe.toml", "--resume")
     assert "resuming main from step-00000006 (6 steps done)" in result.output
     assert not partial.exists()  # cleaned up by the next checkpoint save
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +80,26 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(teacher_dir, tmp_p
 
     assert result.steps == 6
     assert jobs.max_difference(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "parts")) < 1e-6
+
+
+def test_a_checkpoint_made_under_another_recipe_is_never_resumed(teacher_dir, tmp_path):
+    identity = {"stage": {"train": {"lr": 1e-3, "log_every": 8}}, "seed": 0}
+
+    def job(**changed):
+        made = jobs.classify_job(teacher_dir, tmp_path, batch_size=8, grad_accum=1, max_steps=2, checkpoint_every=8)
+        made.identity = {"stage": {"train": {**identity["stage"]["train"], **changed}}, "seed": 0}
+        return made
+
+    train.run_job(job(), make_accelerator(), show_progress=False)
+    newest = train._checkpoints(tmp_path / "checkpoints")[0]
+    assert json.loads((newest / "identity.json").read_text()) == identity
+    with pytest.raises(KdError, match=r"changed: stage\.train\.lr: 0\.001 -> 0\.5") as refused:
+        train.run_job(job(lr=0.5), make_accelerator(), resume=True, show_progress=False)
+    assert "without --resume" in refused.value.hint
+    assert train._checkpoints(tmp_path / "checkpoints")[0] == newest  # nothing touched
+    # What is logged or kept never changes the weights: a resume may change it.
+    assert train.checkpoint_changes(job(log_every=100)) == []
+    assert train.run_job(job(log_every=100), make_accelerator(), resume=True, show_progress=False).steps == 2
 
 
 def test_resume_falls_back_past_a_corrupted_checkpoint(teacher_dir, tmp_path):
