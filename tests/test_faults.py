@@ -372,6 +372,21 @@ def test_resume_after_the_recipe_changed_is_refused_naming_the_keys(trained, tmp
     assert "resuming" not in fresh.output
 
 
+@pytest.mark.slow
+def test_a_teacher_fine_tuned_under_another_recipe_is_fine_tuned_again_not_resumed(bert, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=2, eval_every=400, log_every=400)
+    monkeypatch.chdir(root)
+    finetune = "teachers.t.finetune={epochs = 1, batch_size = 8, lr = 1e-3}"
+    kd("cache-teachers", "recipe.toml", "--set", finetune)
+    weights = root / "runs" / "f" / "teachers" / "t" / "model.safetensors"
+    first = weights.read_bytes()
+    again = kd("cache-teachers", "recipe.toml", "--set", finetune.replace("1e-3", "5e-2"))
+    assert "resuming teacher.t" not in again.output
+    assert "made with another recipe" in again.output and "lr: 0.001 -> 0.05" in again.output
+    assert weights.read_bytes() != first
+
+
 def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_path, monkeypatch):
     """state.json is written last: a step folder without it (and a dead process's temporary one) are skipped."""
     checkpoints = _copy(trained, tmp_path, monkeypatch)
