@@ -252,6 +252,8 @@ def test_a_checkpoint_that_one_rank_cannot_load_is_skipped_by_every_rank(bert, t
     assert first.returncode == 0, first.stdout + first.stderr
     newest = root / "runs" / "d" / "checkpoints" / "main" / "step-00000012"
     (newest / "rng-1.pt").write_bytes((newest / "rng-1.pt").read_bytes()[:100])
+    # As if killed after its last checkpoint, before the stage was recorded as done.
+    (root / "runs" / "d" / "stages" / "main" / "student" / "done.json").unlink()
     try:
         resumed = torchrun(root, "distill", "recipe.toml", "--resume", timeout=60)
     except subprocess.TimeoutExpired:
