@@ -23,10 +23,10 @@ sign bits (``pack_topk``/``unpack_topk``) and the ``ids`` tensor holds only the 
 uint16 ids a token then costs ``2k + 2(k - k // 16)`` bytes, 124 at k = 32, plus 2 bytes a row
 and one safetensors header (a few hundred bytes) a shard: under 128 bytes a token at k = 32 for
 any cache of more than a few hundred tokens (the manifest's ``bytes_per_token`` is measured on
-the shard files). ``temperature`` and ``top_k`` are part of
-the cache's identity. A live teacher answers in the same form (fp16-rounded top k), so live
-and cached losses agree. With ``kd_level = "sequence"`` the cache holds the teacher's greedy
-answers instead (``SPLIT-answers.json``).
+the shard files). ``temperature`` and ``top_k`` are part of the cache's identity. A live teacher
+answers in the same form (fp16-rounded top k), so live and cached losses agree. With
+``kd_level = "sequence"`` the cache holds the teacher's greedy answers instead
+(``SPLIT-answers.json``).
 """
 
 from __future__ import annotations
