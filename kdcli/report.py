@@ -310,12 +310,7 @@ def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list
 
 def collect_run(root: Path) -> RunTable:
     """The comparison table of one run directory, from its files alone."""
-    import sys
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10
-        import tomli as tomllib
+    from kdcli.recipe import tomllib  # the standard library's, or tomli on Python 3.10
 
     recipe_path = root / "recipe.resolved.toml"
     if not recipe_path.is_file():

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import Counter
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 import pytest
 
@@ -50,7 +44,7 @@ def test_csv_has_enough_balanced_clean_rows():
 def test_csv_is_shipped_as_package_data():
     """The recipe reaches the file as package:kdcli/data/..., which pyproject must ship in the wheel."""
     assert resolve_path("package:kdcli/data/quickstart.csv").resolve() == CSV.resolve()
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pyproject = recipes.tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"]["kdcli"]
     assert any(CSV.relative_to(ROOT / "kdcli").match(pattern) for pattern in patterns)
 

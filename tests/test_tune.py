@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import tomllib
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -21,6 +20,7 @@ from kdcli import distill as distill_mod
 from kdcli import recipe as recipe_mod
 from kdcli import tune
 from kdcli.errors import RecipeError
+from kdcli.recipe import tomllib
 from kdcli.train import JobResult
 
 
