@@ -17,7 +17,7 @@ from kdcli.data.stage import StageData, stage_data
 from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
-from kdcli.rundir import RunDir, atomic_dir, read_json, record_recipe, write_json
+from kdcli.rundir import RunDir, atomic_dir, done_state, mark_done, record_recipe, write_json
 from kdcli.teachers import finetune_teachers, open_teachers, preflight
 from kdcli.train import JobResult, run_job
 
@@ -93,11 +93,14 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
         identity = _stage_identity(recipe, stage, role, data, previous_fingerprint)
         wanted = fingerprint(identity) + f"-{train_fraction:g}"
         output = out.stage_output(stage.name, role)
-        done = output / "done.json"
-        if done.is_file() and read_json(done).get("fingerprint") == wanted:
+        finished, damage = done_state(output, wanted)
+        if finished:
             console.print(f"stage {stage.name} ({role}) is up to date: {output}")
             previous, previous_fingerprint = output, wanted
             continue
+        if damage:
+            console.print(f"[yellow]stage {stage.name} ({role}): {output} is not whole ({damage}); "
+                          "training it again[/]")
         student = initial_student(recipe, run, data.num_classes, previous)
         loss, sources, taught = stage.loss, {}, {}
         if role == DATASET or not stage.teachers:
@@ -118,9 +121,9 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:
-            write_json(done, {"fingerprint": wanted, "steps": result.steps, "best_metric": result.best_metric,
-                              "best_step": result.best_step, "stopped_early": result.stopped_early,
-                              "samples_per_second": result.samples_per_second})
+            mark_done(output, {"fingerprint": wanted, "steps": result.steps, "best_metric": result.best_metric,
+                               "best_step": result.best_step, "stopped_early": result.stopped_early,
+                               "samples_per_second": result.samples_per_second})
         accelerator.wait_for_everyone()
         results.append(result)
         previous, previous_fingerprint = output, wanted

@@ -55,5 +55,5 @@ class Job:
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     answer_max_length: int = 32  # generate: answer tokens kept as targets; also the validation's generation length
     # What shapes the trained weights (recipe sections, data fingerprint, seed): every checkpoint records it,
-    # and one made under another identity is never resumed (``train.checkpoint_changes``).
+    # and one made under another identity is never resumed (``train.resume_problem``).
     identity: dict[str, Any] = field(default_factory=dict)

@@ -278,6 +278,52 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------- finished outputs
+#
+# A stage's student and a fine-tuned teacher are folders that end with `done.json`: the
+# fingerprint of the inputs they were made from and the sha256 of every file in the folder. A
+# folder counts as done only while both still hold, so a file deleted or changed by hand makes
+# the step run again instead of passing a broken model on as "up to date".
+
+DONE = "done.json"
+
+
+def mark_done(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``folder/done.json``: ``record`` (with its ``fingerprint``) and the hash of every file."""
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != DONE}
+    write_json(folder / DONE, {**record, "files": files})
+
+
+def done_state(folder: Path, fingerprint: str) -> tuple[bool, str | None]:
+    """Whether ``folder`` is a whole output made from ``fingerprint``; and, when it was made from
+    it but is no longer whole, what is wrong with it (None otherwise)."""
+    try:
+        record = read_json(folder / DONE)
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return False, None
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return False, "done.json does not list its files"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return False, f"{name} is missing"
+        if sha256_file(path) != digest:
+            return False, f"{name} has changed since it was written"
+    return True, None
+
+
 @contextmanager
 def run_lock(run: RunDir) -> Iterator[None]:
     """Hold ``runs/NAME/.lock`` so that two kd processes never write the same run at once.

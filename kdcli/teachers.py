@@ -17,7 +17,7 @@ from kdcli.errors import CacheError, ModelError
 from kdcli.job import Job, TeacherSettings
 from kdcli.recipe import LossConfig, Recipe, Stage, fingerprint
 from kdcli.roles import load_teacher, teacher_spec
-from kdcli.rundir import RunDir, read_json, record_recipe, write_json
+from kdcli.rundir import RunDir, done_state, mark_done, read_json, record_recipe
 from kdcli.tasks import task_kind
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
 
     from kdcli.models import load_task_model
     from kdcli.runtime import seed_everything
-    from kdcli.train import checkpoint_changes, run_job
+    from kdcli.train import resume_problem, run_job
 
     for name in names if names is not None else list(recipe.teachers):
         spec = recipe.teachers[name]
@@ -50,9 +50,11 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
         stage = _first_stage_with(recipe, name)
         data = stage_data(recipe, run, stage)
         wanted = _finetune_fingerprint(recipe, name, data)
-        done = run.teacher(name) / "done.json"
-        if done.is_file() and read_json(done).get("fingerprint") == wanted:
+        finished, damage = done_state(run.teacher(name), wanted)
+        if finished:
             continue
+        if damage:
+            console.print(f"[yellow]the fine-tuned teacher {name} in {run.teacher(name)} is not whole ({damage})[/]")
         console.print(f"fine-tuning teacher [bold]{name}[/] on {stage.name}/train ({len(data.rows['train'])} rows)")
         seed_everything(recipe.seed)  # the new classification head is drawn here
         model = load_task_model(spec, recipe.task, data.num_classes, max_length=stage.data.max_length)
@@ -70,13 +72,14 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
             identity={"teacher": spec.model_dump(mode="json"), "data": data.fingerprint, "seed": recipe.seed,
                       "train": train.model_dump(mode="json")},
         )
-        changes = checkpoint_changes(job)
-        if changes:
-            console.print(f"[yellow]the checkpoints of {job.name} were made with another recipe "
-                          f"({escape('; '.join(changes))}): fine-tuning from the start[/]")
-        run_job(job, accelerator, resume=not changes, console=console)
+        # A teacher's fine-tuning always continues where it stopped, unless that would not be exact.
+        problem = resume_problem(job)
+        if problem:
+            console.print(f"[yellow]the checkpoints of {job.name} cannot be resumed ({escape(problem)}): "
+                          "fine-tuning from the start[/]")
+        run_job(job, accelerator, resume=not problem, console=console)
         if accelerator.is_main_process:
-            write_json(done, {"fingerprint": wanted})
+            mark_done(run.teacher(name), {"fingerprint": wanted})
         accelerator.wait_for_everyone()
 
 

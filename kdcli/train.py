@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from kdcli.errors import KdError
 from kdcli.job import Job
 from kdcli.metrics import MAXIMISED
-from kdcli.rundir import atomic_dir, read_json, write_json
+from kdcli.rundir import atomic_dir, read_json, write_json, write_text_atomic
 from kdcli.tasks import part_weights, task_kind
 
 if TYPE_CHECKING:
@@ -177,16 +177,64 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def checkpoint_changes(job: Job) -> list[str] | None:
-    """What differs between the newest checkpoint's identity and the job's; None without a checkpoint."""
+def _holds_best(output: Path, step: int | None) -> bool:
+    """True when ``output`` holds the whole model saved at ``step``: every file its training.json lists,
+    at the size it was written."""
+    try:
+        saved = read_json(output / "training.json")
+        files = saved["files"].items()
+        return saved["step"] == step and all((output / n).is_file() and (output / n).stat().st_size == size
+                                             for n, size in files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def resume_problem(job: Job) -> str | None:
+    """Why resuming ``job`` from its newest checkpoint would not give the run it claims to continue,
+    or None (also when there is nothing to resume).
+
+    The checkpoint must have been made with the same recipe (``identity.json``), and the best model
+    so far, which the checkpoint does not hold, must still be in the output folder unless the
+    checkpoint is that model.
+    """
     found = _checkpoints(job.checkpoint_dir)
     if not found:
         return None
     try:
         recorded = read_json(found[0] / "identity.json")
     except (OSError, ValueError):
-        return ["identity (none recorded: the checkpoint predates this kd)"]
-    return changed_keys(recorded, job.identity)
+        return "they record no recipe (they predate this kd)"
+    changes = changed_keys(recorded, job.identity)
+    if changes:
+        return "they were made with another recipe; changed: " + "; ".join(changes)
+    try:
+        state = _read_state(found[0] / "state.json")
+    except (OSError, ValueError):
+        return None  # not loadable: _load_checkpoint falls back to an older one and says so
+    if state.best_step is not None and state.best_step != state.step and not _holds_best(job.output_dir,
+                                                                                         state.best_step):
+        return (f"the best model so far (step {state.best_step}) is no longer in {job.output_dir}, "
+                "and no checkpoint holds it")
+    return None
+
+
+def _truncate_metrics(path: Path, job_name: str, step: int) -> None:
+    """Drop ``job_name``'s records after ``step`` from metrics.jsonl: a resumed job logs the steps it
+    redoes again, and a fresh start replaces the job's history, so no step is ever counted twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+            return record["stage"] != job_name or record["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False  # a line cut short by a crash
+
+    keep = [line for line in lines if kept(line)]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(keep))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -311,11 +359,10 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
 
     state = None
     if resume:
-        changes = checkpoint_changes(job)
-        if changes:
+        problem = resume_problem(job)
+        if problem:
             raise KdError(
-                f"{job.name}: the checkpoints in {job.checkpoint_dir} were made with another recipe; changed: "
-                + "; ".join(changes),
+                f"{job.name}: cannot resume from the checkpoints in {job.checkpoint_dir}: {problem}",
                 "undo the change to resume, or run without --resume to train from the start "
                 "(its checkpoints are then replaced)",
             )
@@ -324,6 +371,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them
     accelerator.wait_for_everyone()
     state = state or _State()
+    if accelerator.is_main_process:
+        _truncate_metrics(job.metrics_path, job.name, state.step)
 
     maximise = cfg.metric in MAXIMISED
     weights = part_weights(job.loss)
@@ -339,6 +388,22 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             with open(job.metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"stage": job.name, **record}) + "\n")
 
+    def save_best(value: float) -> None:
+        if accelerator.is_main_process:
+            with atomic_dir(job.output_dir) as tmp:
+                student.save(tmp, label_names=job.extra_metadata.get("label_names") or None)
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                write_json(tmp / "training.json", {"stage": job.name, "step": state.step, cfg.metric: value,
+                                                   **job.extra_metadata, "files": files})
+        accelerator.wait_for_everyone()
+
+    if state.best_step is not None and not _holds_best(job.output_dir, state.best_step):
+        if state.best_step != state.step:  # an older checkpoint than resume_problem looked at was loaded
+            raise KdError(f"{job.name}: the best model so far (step {state.best_step}) is no longer in "
+                          f"{job.output_dir}, and no checkpoint holds it",
+                          "run without --resume to train from the start")
+        save_best(state.best)  # the checkpoint just loaded is the best model: put it back
+
     def validate_and_keep_best() -> dict[str, float]:
         scores = task.validate(student, job.rows["validation"], cfg.eval_batch_size, job.max_length, job.template,
                                cfg.metric, job.answer_max_length)
@@ -346,12 +411,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         improved = state.best is None or (value > state.best if maximise else value < state.best)
         if improved:
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            if accelerator.is_main_process:
-                with atomic_dir(job.output_dir) as tmp:
-                    student.save(tmp, label_names=job.extra_metadata.get("label_names") or None)
-                    write_json(tmp / "training.json",
-                               {"stage": job.name, "step": state.step, cfg.metric: value, **job.extra_metadata})
-            accelerator.wait_for_everyone()
+            save_best(value)
         else:
             state.bad_evals += 1
         log({"kind": "eval", "step": state.step, "samples": state.step * per_step,

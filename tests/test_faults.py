@@ -104,6 +104,11 @@ def final_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def no_partial_outputs(run: Path) -> list[Path]:
     return [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
@@ -385,6 +390,56 @@ def test_a_teacher_fine_tuned_under_another_recipe_is_fine_tuned_again_not_resum
     assert "resuming teacher.t" not in again.output
     assert "made with another recipe" in again.output and "lr: 0.001 -> 0.05" in again.output
     assert weights.read_bytes() != first
+
+
+def test_deleted_outputs_are_put_back_from_the_checkpoint_that_holds_the_best_model(trained, tmp_path, monkeypatch):
+    """The last checkpoint (step 8) is also the best model: a resume after `rm -rf stages student` saves it again."""
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    run = checkpoints.parent.parent
+    shutil.rmtree(run / "stages")
+    shutil.rmtree(run / "student")
+    kd("distill", "recipe.toml", "--resume")
+    assert same_weights(run / "student", trained / "runs" / "f" / "student")
+    assert "accuracy" in kd("eval", "recipe.toml").output
+
+
+@pytest.mark.slow
+def test_a_resume_that_cannot_recover_the_best_model_is_refused_not_reported_as_done(trained, tmp_path, monkeypatch):
+    checkpoints = _copy(trained, tmp_path, monkeypatch)
+    run = checkpoints.parent.parent
+    state = json.loads((checkpoints / "step-00000008" / "state.json").read_text())
+    write_json(checkpoints / "step-00000008" / "state.json", state | {"best": 0.5, "best_step": 6})
+    shutil.rmtree(run / "stages")
+    shutil.rmtree(run / "student")
+    result = kd("distill", "recipe.toml", "--resume", code=1)
+    assert "the best model so far (step 6) is no longer in" in result.stderr
+    assert "without --resume" in result.stderr
+    assert not (run / "student").exists() and not (run / "stages" / "main" / "student" / "done.json").exists()
+    kd("distill", "recipe.toml")  # as the hint says: from the start
+    assert (run / "student" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["config.json deleted", "a weight byte flipped"])
+def test_a_damaged_stage_output_is_not_up_to_date(damage, trained, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    shutil.copytree(trained, root, symlinks=True)
+    monkeypatch.chdir(root)
+    stage = root / "runs" / "f" / "stages" / "main" / "student"
+    if damage == "config.json deleted":
+        (root / "runs" / "f" / "student" / "config.json").unlink()
+        (stage / "config.json").unlink()
+        why = "config.json is missing"
+    else:
+        weights = bytearray((stage / "model.safetensors").read_bytes())
+        weights[-3] ^= 0xFF
+        (stage / "model.safetensors").write_bytes(bytes(weights))
+        why = "model.safetensors has changed since it was written"
+    said = " ".join(kd("distill", "recipe.toml").output.split())  # rich wraps long lines
+    assert "up to date" not in said
+    assert f"is not whole ({why}); training it again" in said
+    assert same_weights(root / "runs" / "f" / "student", trained / "runs" / "f" / "student")  # trained again
+    assert "up to date" in kd("distill", "recipe.toml").output
 
 
 def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_path, monkeypatch):

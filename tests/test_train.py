@@ -98,7 +98,7 @@ def test_a_checkpoint_made_under_another_recipe_is_never_resumed(teacher_dir, tm
     assert "without --resume" in refused.value.hint
     assert train._checkpoints(tmp_path / "checkpoints")[0] == newest  # nothing touched
     # What is logged or kept never changes the weights: a resume may change it.
-    assert train.checkpoint_changes(job(log_every=100)) == []
+    assert train.resume_problem(job(log_every=100)) is None
     assert train.run_job(job(log_every=100), make_accelerator(), resume=True, show_progress=False).steps == 2
 
 
@@ -158,3 +158,17 @@ def test_two_processes_equal_one_process_with_matching_accumulation(teacher_dir,
     subprocess.run([sys.executable, str(script), str(teacher_dir), str(tmp_path / "one"), "4", "2"],
                    check=True, env=env, capture_output=True, timeout=300)
     assert jobs.max_difference(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")) < 1e-5
+
+
+def test_a_resumed_job_logs_each_step_once(teacher_dir, tmp_path):
+    job = jobs.classify_job(teacher_dir, tmp_path, batch_size=8, grad_accum=1, max_steps=4, checkpoint_every=16)
+    job.train.log_every = 8  # every step
+    train.run_job(job, make_accelerator(), show_progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    train.run_job(job, make_accelerator(), resume=True, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
+    # A fresh start replaces the job's history instead of adding to it.
+    train.run_job(job, make_accelerator(), show_progress=False)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(records)
