@@ -35,10 +35,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from kdcli import __version__
 from kdcli.errors import CacheError
 from kdcli.job import TeacherSettings
-from kdcli.rundir import atomic_dir, read_json, write_json
+from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json
 from kdcli.tasks import TeacherBatch, task_kind
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 
     from kdcli.models import TaskModel
 
-CACHE_FORMAT = 2  # 2: generate shards hold per-row lengths and ids folded into the log-probs' sign bits
+CACHE_FORMAT = 3  # 2: generate shards hold per-row lengths and ids folded into the log-probs' sign bits;
+#                  3: the manifest holds each shard's sha256
 SHARD_ROWS = 65_536
 SPLITS = ("train", "validation")
 # Fields that must match for a cache to stand in for the live teacher.
@@ -107,6 +110,13 @@ class CachedTeacher:
         self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.answers: dict[str, list[str]] = {}
+        try:
+            self._load(path, load_file)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged after check_cache
+            raise CacheError(f"the cache at {path} cannot be read ({type(exc).__name__}: {exc})",
+                             "run `kd cache-teachers RECIPE --force` to rebuild it") from None
+
+    def _load(self, path: Path, load_file) -> None:
         import torch
 
         for split, info in self.manifest["splits"].items():
@@ -188,19 +198,27 @@ def expected_manifest(*, teacher_ref: str, revision: str | None, weights: str, t
     }
 
 
-def check_cache(path: Path, expected: dict[str, Any], teacher_name: str) -> None:
-    """Raise CacheError unless ``path`` holds a complete cache made for exactly ``expected``."""
+def check_cache(path: Path, expected: dict[str, Any], teacher_name: str, rows: dict[str, int] | None = None) -> None:
+    """Raise CacheError unless ``path`` holds a whole cache made for exactly ``expected`` (and, when
+    given, with ``rows[split]`` rows per split): every shard present, of its split, holding its
+    rows, and with the sha256 the manifest recorded when it was written."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise CacheError(
             f"no complete cache for teacher '{teacher_name}' at {path}",
             "run `kd cache-teachers RECIPE` (or let `kd distill` use the live teacher)",
         )
+
+    def damaged(what: str) -> CacheError:
+        return CacheError(f"the cache for teacher '{teacher_name}' at {path} is damaged: {what}",
+                          "run `kd cache-teachers RECIPE` to rebuild it")
+
     try:
         manifest = read_json(manifest_path)
     except ValueError:
-        raise CacheError(f"the cache manifest {manifest_path} is not valid JSON",
-                         "run `kd cache-teachers RECIPE` to rebuild it") from None
+        raise damaged("manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise damaged(f"manifest.json holds a {type(manifest).__name__}, not a manifest")
     for key in IDENTITY_FIELDS:
         if manifest.get(key) != expected.get(key):
             raise CacheError(
@@ -208,11 +226,35 @@ def check_cache(path: Path, expected: dict[str, Any], teacher_name: str) -> None
                 f"but the recipe now gives {expected.get(key)!r}",
                 "run `kd cache-teachers RECIPE` to rebuild it",
             )
-    for split in SPLITS:
-        for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
+    splits, hashes = manifest.get("splits"), manifest.get("sha256")
+    if not isinstance(splits, dict) or not isinstance(hashes, dict):
+        raise damaged("manifest.json lists no splits or no checksums")
+    for split in rows or {split: None for split in splits}:
+        info = splits.get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise damaged(f"manifest.json lists no {split} shards")
+        held = 0
+        for shard in info["shards"]:
+            if not isinstance(shard, str) or not shard.startswith(f"{split}-") or Path(shard).name != shard:
+                raise damaged(f"{shard!r} is not a {split} shard")
             if not (path / shard).is_file():
-                raise CacheError(f"the cache for teacher '{teacher_name}' is missing {shard}",
-                                 "run `kd cache-teachers RECIPE` to rebuild it")
+                raise damaged(f"{shard} is missing")
+            if sha256_file(path / shard) != hashes.get(shard):
+                raise damaged(f"{shard} is not the file that was written (its sha256 differs)")
+            held += _shard_rows(path / shard)
+        if rows is not None and held != rows[split]:
+            raise damaged(f"its {split} shards hold {held} rows, the {split} split has {rows[split]}")
+
+
+def _shard_rows(shard: Path) -> int:
+    """Rows in one shard, from the safetensors header alone (or the answers' JSON list)."""
+    from safetensors import safe_open
+
+    if shard.suffix == ".json":
+        return len(read_json(shard))
+    with safe_open(shard, "pt") as handle:
+        name = "lengths" if "lengths" in handle.keys() else "logits"
+        return handle.get_slice(name).get_shape()[0]
 
 
 def build_cache(
@@ -262,11 +304,18 @@ def build_cache(
             labelled = gold >= 0
             accuracy = float((predicted[labelled] == gold[labelled]).float().mean()) if labelled.any() else None
             manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy}
-        manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-        manifest["seconds"] = round(time.perf_counter() - started, 3)
-        manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
-        write_json(tmp / "manifest.json", manifest)
+        _record_files(tmp, manifest, started, splits)
     return manifest
+
+
+def _record_files(tmp: Path, manifest: dict[str, Any], started: float, splits: dict[str, list[dict]]) -> None:
+    """Sizes, checksums and speed into the manifest, and the manifest last: its presence marks the cache whole."""
+    files = sorted(tmp.iterdir())
+    manifest["bytes"] = sum(f.stat().st_size for f in files)
+    manifest["sha256"] = {f.name: sha256_file(f) for f in files}
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
+    write_json(tmp / "manifest.json", manifest)
 
 
 def id_dtype(vocab_size: int) -> "torch.dtype":
@@ -398,11 +447,8 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
             accuracy = hits / count if count else None
             manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy, "tokens": tokens,
                                          "accuracy_kind": "exact_match" if sequence else "top1_answer_token"}
-        manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
         if not sequence:
             manifest["tokens"] = tokens_total
             manifest["bytes_per_token"] = shard_bytes_per_token(tmp, manifest)  # measured on the files
-        manifest["seconds"] = round(time.perf_counter() - started, 3)
-        manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
-        write_json(tmp / "manifest.json", manifest)
+        _record_files(tmp, manifest, started, splits)
     return manifest

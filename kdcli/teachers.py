@@ -185,6 +185,13 @@ def preflight(recipe: Recipe, run: RunDir) -> None:
                 hidden_pairs(recipe, name, layers, configs[name].num_hidden_layers)
 
 
+def cached_rows(data: StageData) -> dict[str, int]:
+    """The rows a stage's teacher cache holds, per split."""
+    from kdcli.cache import SPLITS
+
+    return {split: len(data.rows[split]) for split in SPLITS if split in data.rows}
+
+
 def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | None = None,
                    quiet: bool = False) -> list[dict[str, Any]]:
     """`kd cache-teachers`: build the cache of every teacher of every stage (fine-tuning first where
@@ -207,7 +214,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             identity, asked = cache_identity(recipe, run, stage, name, data)
             if not force:
                 try:
-                    check_cache(path, identity, name)
+                    check_cache(path, identity, name, cached_rows(data))
                     manifest = read_json(path / "manifest.json")
                     reports.append({"stage": stage.name, "teacher": name, "skipped": True, **_report(manifest, path)})
                     continue
@@ -219,7 +226,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             model = load_teacher(recipe, run, name, data.num_classes)
             model.model.to(accelerator.device)
             live = LiveTeacher(model, asked)
-            splits = {split: data.rows[split] for split in ("train", "validation") if split in data.rows}
+            splits = {split: data.rows[split] for split in cached_rows(data)}
             progress = None if quiet else Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 console=console,
@@ -269,7 +276,7 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
         pooling[name] = asked.pooling
         path = run.cache(stage.name, name)
         try:
-            check_cache(path, identity, name)
+            check_cache(path, identity, name, cached_rows(data))
             teachers[name] = CachedTeacher(path, accelerator.device)
             sources[name] = "cache"
         except CacheError as exc:

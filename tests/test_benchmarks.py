@@ -129,8 +129,19 @@ def check_quickstart(s: dict) -> None:
     assert all(f"| {role} |" in s["compare_md"] or f"| **{role}** |" in s["compare_md"] for role in rows)
 
 
+def check_cache_verify(s: dict) -> None:
+    for kind in ("check", "load"):
+        runs = s[f"all_{kind}_seconds"]
+        assert len(runs) == s["repeats"] and positive(*runs), kind
+        assert s[f"{kind}_seconds"] == pytest.approx(statistics.median(runs), abs=1e-4), kind
+    assert positive(s["megabytes"], s["rows"], s["shards"])
+    ratio(s, "check_vs_load", s["check_seconds"], s["load_seconds"])
+    assert s["check_megabytes_per_second"] == pytest.approx(s["megabytes"] / s["check_seconds"], rel=0.02)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
+    "cache_verify.py": check_cache_verify,
     "quickstart.py": check_quickstart,
     "distill_speed.py": check_distill_speed,
     "teacher_8bit.py": check_teacher_8bit,

@@ -164,8 +164,71 @@ def test_an_incomplete_cache_is_never_taken_for_a_whole_one(models, workdir):
     kd("cache-teachers", str(recipe))
     cache = workdir / "runs" / "cls" / "cache" / "main" / "roberta"
     (cache / "train-00000.safetensors").unlink()
-    result = kd("distill", str(recipe))
-    assert "missing train-00000.safetensors" in result.output and "roberta (live)" in result.output
+    said = " ".join(kd("distill", str(recipe)).output.split())  # rich wraps long lines
+    assert "train-00000.safetensors is missing" in said and "roberta (live)" in said
+
+
+def _flip(offset: int):
+    def damage(cache: Path) -> None:
+        data = bytearray((cache / "train-00000.safetensors").read_bytes())
+        data[offset] ^= 0x01
+        (cache / "train-00000.safetensors").write_bytes(bytes(data))
+
+    return damage
+
+
+def _edit_manifest(edit):
+    def damage(cache: Path) -> None:
+        manifest = read_json(cache / "manifest.json")
+        (cache / "manifest.json").write_text(json.dumps(edit(manifest)))
+
+    return damage
+
+
+CACHE_DAMAGE = {
+    # (what is done to the cache, what kd says about it)
+    "a data byte flipped": (_flip(-5), "train-00000.safetensors is not the file that was written"),
+    "a header byte flipped": (_flip(12), "train-00000.safetensors is not the file that was written"),
+    "a shard truncated": (lambda c: (c / "train-00000.safetensors").write_bytes(
+        (c / "train-00000.safetensors").read_bytes()[:100]), "train-00000.safetensors is not the file"),
+    "the manifest a list": (_edit_manifest(lambda m: [m]), "manifest.json holds a list, not a manifest"),
+    "no train shards": (_edit_manifest(lambda m: m | {"splits": m["splits"] | {"train": {"shards": []}}}),
+                        "its train shards hold 0 rows, the train split has"),
+    "a validation shard listed as train": (
+        _edit_manifest(lambda m: m | {"splits": m["splits"] | {"train": {"shards": ["validation-00000.safetensors"]}}}),
+        "'validation-00000.safetensors' is not a train shard"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CACHE_DAMAGE))
+def test_a_damaged_cache_is_never_used_and_cache_teachers_rebuilds_it(case, models, workdir):
+    recipe = jobs.write_recipe("one.toml", {
+        "name": "one", "task": "classify",
+        "data": {"format": "jsonl", "path": "sentences.jsonl", "label_names": jobs.LABELS},
+        "student": {"ref": str(models["roberta"])}, "teachers": {"t": {"ref": str(models["roberta"])}},
+        "train": {"max_steps": 2, "batch_size": 8, "eval_every": 400},
+    })
+    kd("cache-teachers", str(recipe))
+    cache = workdir / "runs" / "one" / "cache" / "main" / "t"
+    written = (cache / "train-00000.safetensors").read_bytes()
+    damage, says = CACHE_DAMAGE[case]
+    damage(cache)
+    used = " ".join(kd("distill", str(recipe)).output.split())
+    assert f"is damaged: {says}" in used and "t (live)" in used
+    rebuilt = " ".join(kd("cache-teachers", str(recipe)).output.split())
+    assert "rebuilding the cache of t" in rebuilt and says in rebuilt
+    assert (cache / "train-00000.safetensors").read_bytes() == written
+
+
+def test_a_shard_damaged_after_the_check_is_a_cache_error_not_a_crash(tmp_path):
+    from kdcli.cache import CachedTeacher
+
+    (tmp_path / "train-00000.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (tmp_path / "manifest.json").write_text(json.dumps({"cache_format": 3, "task": "classify",
+                                                        "splits": {"train": {"shards": ["train-00000.safetensors"]}}}))
+    with pytest.raises(CacheError, match="cannot be read .*SafetensorError"):
+        CachedTeacher(tmp_path)
 
 
 @pytest.mark.slow

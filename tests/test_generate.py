@@ -15,7 +15,7 @@ import jobs
 import kit
 from clirun import kd
 from kdcli import losses, train
-from kdcli.cache import CachedTeacher, LiveTeacher, build_cache
+from kdcli.cache import CACHE_FORMAT, CachedTeacher, LiveTeacher, build_cache
 from kdcli.job import Job, TeacherSettings
 from kdcli.models import load_task_model, student_from_teacher
 from kdcli.recipe import LossConfig, TeacherConfig, TrainConfig
@@ -361,7 +361,7 @@ def test_distill_live_then_cached_then_eval_and_bench_through_the_cli(models, wo
     wide = kd("cache-teachers", str(recipe), env={"COLUMNS": "200"})
     assert "bytes/token" in wide.output and f"{cached['bytes_per_token']} (k=8)" in wide.output
     assert "rebuilding" in wide.output
-    assert read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == 2
+    assert read_json(run / "cache" / "main" / "big" / "manifest.json")["cache_format"] == CACHE_FORMAT
     assert "big (cache)" in kd("distill", str(recipe), "--set", "train.lr=5e-4").output
 
     result = json.loads(kd("eval", str(recipe), "--json").stdout)
