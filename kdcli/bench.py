@@ -183,7 +183,7 @@ def bench_role(recipe: Recipe, role: Role, console: "Console | None" = None) -> 
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
     check(recipe, role)  # a missing model is reported before any data is prepared
-    data = stage_data(recipe, run, stage)
+    data = stage_data(recipe, run, stage, replace=False)
     split = "test" if data.rows.get("test") else recipe.eval.split
     rows = data.rows.get(split, [])[: recipe.bench.max_examples]
     model = load(recipe, role, data.num_classes)

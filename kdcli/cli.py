@@ -100,10 +100,10 @@ def _locked(recipe):
     return run_lock(RunDir.for_recipe(recipe))
 
 
-def _record(recipe) -> None:
+def _record(recipe, replace: bool = True) -> None:
     from kdcli.rundir import RunDir, record_recipe
 
-    record_recipe(recipe, RunDir.for_recipe(recipe).resolved_recipe)
+    record_recipe(recipe, RunDir.for_recipe(recipe).resolved_recipe, replace=replace)
 
 
 def _emit_json(payload: Any) -> None:
@@ -259,8 +259,9 @@ def eval_(
     from kdcli.roles import Role
 
     recipe = _load(recipe_path, overrides)
-    result = evaluate_role(recipe, Role.parse(model), split)
-    _record(recipe)
+    with _locked(recipe):  # eval writes its result; it never rewrites the run's data or recipe
+        result = evaluate_role(recipe, Role.parse(model), split)
+        _record(recipe, replace=False)
     if as_json:
         _emit_json(result)
     else:
@@ -293,18 +294,19 @@ def bench(
             typer.echo(f"using the latest run: {recipe_path}", err=True)
     recipe = _load(recipe_path, overrides)
     results, skipped = [], {}
-    if model == "all":
-        for role in roles_for_all(recipe, RunDir.for_recipe(recipe)):
-            try:
-                results.append(bench_role(recipe, role))
-            except ModelError as exc:  # e.g. a teacher not fine-tuned yet: bench the others
-                skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-        if not results:
-            raise ModelError("no model of this recipe could be benchmarked",
-                             "; ".join(f"{r}: {w}" for r, w in skipped.items()))
-    else:
-        results.append(bench_role(recipe, Role.parse(model)))
-    _record(recipe)
+    with _locked(recipe):  # bench writes its results; it never rewrites the run's data or recipe
+        if model == "all":
+            for role in roles_for_all(recipe, RunDir.for_recipe(recipe)):
+                try:
+                    results.append(bench_role(recipe, role))
+                except ModelError as exc:  # e.g. a teacher not fine-tuned yet: bench the others
+                    skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            if not results:
+                raise ModelError("no model of this recipe could be benchmarked",
+                                 "; ".join(f"{r}: {w}" for r, w in skipped.items()))
+        else:
+            results.append(bench_role(recipe, Role.parse(model)))
+        _record(recipe, replace=False)
     if as_json:
         _emit_json({"results": results, "skipped": skipped})
     else:
@@ -357,7 +359,14 @@ def compare(
         else:
             write_text_atomic(output, text)
     if plots:
-        written = [path for table in run_tables for path in plot_losses(table)] + plot_quality_speed(run_tables)
+        from contextlib import ExitStack
+
+        from kdcli.rundir import RunDir, run_lock
+
+        with ExitStack() as locks:  # the plots are written into each run directory
+            for table in run_tables:
+                locks.enter_context(run_lock(RunDir(table.root.resolve())))
+            written = [path for table in run_tables for path in plot_losses(table)] + plot_quality_speed(run_tables)
         for path in written:
             typer.echo(f"plot: {path}", err=fmt is not None and output is None)
 

@@ -43,7 +43,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
     task = task_kind(recipe.task)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
-    data = stage_data(recipe, run, stage)
+    data = stage_data(recipe, run, stage, replace=False)
     split = split or recipe.eval.split
     if split not in data.rows:
         raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",

@@ -261,10 +261,13 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def record_recipe(recipe: Recipe, path: Path) -> None:
-    """Write the resolved recipe a command ran with; only on change, since `kd run` reads its time stamp."""
+def record_recipe(recipe: Recipe, path: Path, replace: bool = True) -> None:
+    """Write the resolved recipe a command ran with; only on change, since `kd run` reads its time stamp.
+    ``replace=False`` (readers: eval, bench) writes it only where there is none yet."""
     from kdcli.recipe import to_toml
 
+    if path.is_file() and not replace:
+        return
     text = to_toml(recipe)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_text_atomic(path, text)
@@ -354,11 +357,11 @@ def run_lock(run: RunDir) -> Iterator[None]:
         raise
     finally:
         lock.release()
-        # A command that failed before writing anything leaves nothing behind, not even the lock
-        # or the copy of the recipe it was given (it never ran with it).
-        removable = {".lock", run.resolved_recipe.name} if failed else {".lock"}
-        if created and {p.name for p in run.root.iterdir()} <= removable:
-            for name in removable:
-                (run.root / name).unlink(missing_ok=True)
-            for folder in created:
+        # A first command that failed leaves no run directory behind: not the lock, not the copy of
+        # the recipe it never ran with, not the data it prepared on the way (seconds to make again).
+        # Checkpoints, caches and models cost more than that, and stay.
+        disposable = {".lock", ".prepare.lock", run.resolved_recipe.name, "data"} if failed else {".lock"}
+        if created and {p.name for p in run.root.iterdir()} <= disposable:
+            shutil.rmtree(run.root)
+            for folder in created[1:]:
                 folder.rmdir()

@@ -468,6 +468,16 @@ def test_a_failed_distill_in_an_empty_directory_leaves_no_run_directory(models, 
     assert not (here / "runs").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["distill"], ["eval", "--model", "teacher:t"], ["bench", "--model", "teacher:t"]])
+def test_a_first_command_that_fails_after_preparing_the_data_leaves_no_run_directory(args, models, here):
+    """The pickled teacher is found only when its weights load, after the data was prepared."""
+    write_case(Case("x", "", _set("teachers.t.ref", "@pickled")), models, here)
+    result = kd(args[0], "recipe.toml", *args[1:], code=None)
+    check_clean_failure(result, "weights")
+    assert not (here / "runs").exists()
+
+
 def test_a_failed_distill_does_not_rewrite_the_recipe_an_existing_run_was_made_with(models, here):
     write_case(Case("x", ""), models, here)
     kd("prepare", "recipe.toml")

@@ -199,6 +199,34 @@ def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(be
     assert after.returncode == 0, after.stdout + after.stderr
 
 
+@pytest.mark.slow
+def test_readers_take_the_lock_too_and_never_rewrite_the_run(bert, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+    monkeypatch.chdir(root)
+    run = root / "runs" / "f"
+    kd("prepare", "recipe.toml")
+    kept = {p: p.read_bytes() for p in (run / "data" / "main" / "manifest.json", run / "recipe.resolved.toml")}
+    first = start(root, "distill", "recipe.toml")
+    try:
+        deadline = time.monotonic() + 120
+        while train_lines(run) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, output(first)
+        for args in (["eval", "recipe.toml", "--model", "teacher:t", "--set", "seed=5"],
+                     ["bench", "recipe.toml", "--model", "teacher:t"], ["compare", "runs/f", "--plots"]):
+            busy = kd(*args, code=1)
+            assert f"error: another kd process is working on {run}" in busy.stderr, args
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # With the run free, a reader with a recipe that would prepare other data refuses instead.
+    other = kd("eval", "recipe.toml", "--model", "teacher:t", "--set", "seed=5", code=1)
+    assert "was made from another recipe (changed: seed)" in " ".join(other.stderr.split())
+    assert "accuracy" in kd("eval", "recipe.toml", "--model", "teacher:t", "--set", "eval.batch_size=8").output
+    assert {p: p.read_bytes() for p in kept} == kept  # neither the data nor the recorded recipe changed
+
+
 # --------------------------------------------------------------------------- kill -9 during prepare and cache-teachers
 
 

@@ -232,7 +232,8 @@ class _Pending:
 
 
 def _plan_stage(
-    recipe: Recipe, stage: Stage, run: RunDir, force: bool, built: dict[str, _Prepared], say: Callable[[str], None]
+    recipe: Recipe, stage: Stage, run: RunDir, force: bool, built: dict[str, _Prepared], say: Callable[[str], None],
+    replace: bool,
 ) -> PrepareResult | _Pending:
     """Skip an up-to-date stage, or read, check and split its data in memory."""
     started = time.perf_counter()
@@ -244,6 +245,12 @@ def _plan_stage(
     if not force and old is not None and old["fingerprint"] == print_id:
         return _result(stage.name, out, old, True, "up to date (no changes)", time.perf_counter() - started)
     reason = _why_prepare(old, identity, force, out.exists())
+    if old is not None and not replace:
+        raise DataError(
+            f"the prepared data of stage '{stage.name}' in {out} was made from another recipe ({reason})",
+            "eval and bench read the data the run was made with and never rewrite it: drop the change, "
+            "or run `kd prepare` (or `kd distill`) with it first",
+        )
     if leftovers(out.parent, out.name):  # a prepare killed while writing: its partial copy is removed below
         reason = f"{reason}; an earlier prepare was interrupted, its partial output is discarded"
     if print_id not in built:  # stages with the same data are read once
@@ -305,16 +312,19 @@ def _written_meanwhile(plan: _Pending, planned_at: float, force: bool) -> Prepar
                    time.perf_counter() - plan.started)
 
 
-def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False) -> list[PrepareResult]:
+def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
+                   replace: bool = True) -> list[PrepareResult]:
     """Prepare every stage's data under the run directory; a stage whose data is up to date is skipped.
 
     Every stage is read and checked before anything is written, so bad input writes nothing.
+    ``replace=False`` (readers: eval, bench) prepares data that is missing but refuses to replace
+    data prepared from another recipe.
     """
     run = RunDir.for_recipe(recipe)
     built: dict[str, _Prepared] = {}
     planned_at = time.time()
     with _status(quiet) as say:
-        plans = [_plan_stage(recipe, stage, run, force, built, say) for stage in recipe.resolved_stages()]
+        plans = [_plan_stage(recipe, stage, run, force, built, say, replace) for stage in recipe.resolved_stages()]
         results = []
         for plan in plans:
             if isinstance(plan, _Pending):

@@ -22,14 +22,15 @@ class StageData:
         return self.manifest["fingerprint"]
 
 
-def stage_data(recipe: Recipe, run: RunDir, stage: Stage) -> StageData:
-    """The stage's prepared splits (running `prepare` first when they are missing or stale)."""
+def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) -> StageData:
+    """The stage's prepared splits (running `prepare` first when they are missing, or stale and
+    ``replace`` allows it: readers of a run never replace its data)."""
     from kdcli.runtime import process_state
     from kdcli.tasks import task_kind
 
     # Under several processes the main one prepares; the others then find it up to date.
     with process_state().main_process_first():
-        prepare_recipe(recipe, quiet=True)
+        prepare_recipe(recipe, quiet=True, replace=replace)
     splits, manifest = load_prepared(run, stage.name)
     rows = {name: [dict(row, idx=i) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
     num_classes = task_kind(recipe.task).num_classes(manifest)
