@@ -274,6 +274,17 @@ DATA_CASES = [
     Case("package: path to a package that is not installed", "no installed package 'kd_no_such_pkg'",
          _set("data.path", "package:kd_no_such_pkg/data.jsonl")),
     Case("data path is a directory", "data file not found", _set("data.path", ".")),
+    Case("csv field over the line limit", "c.csv:2: line is 1,000,100 characters long (limit 1,000,000)",
+         _edits(_set("data.format", "csv"), _set("data.path", "c.csv")),
+         files={"c.csv": "text,label\n" + "x" * 1_000_092 + ",neutral\n" + _csv()[len("text,label\n"):]}),
+    Case("lone surrogate in JSON text", "s.jsonl:41: text contains a lone surrogate (\\ud800)", None,
+         files={"s.jsonl": _sentences() + '{"text": "caf\\ud800", "label": "neutral"}\n'}),
+    Case("JSON nested 100,000 levels deep", "s.jsonl:41: JSON nested too deeply to read", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}\n"}),
+    Case("label number with 5000 digits", "s.jsonl:41: a number with more than 4,300 digits", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": ' + "1" * 5000 + "}\n"}),
+    Case("label string of 5000 digits", "s.jsonl:41: unknown label '11111", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": "' + "1" * 5000 + '"}\n'}),
 ]
 
 MODEL_CASES = [
