@@ -177,6 +177,15 @@ RECIPE_CASES = [
     Case("--set of an unknown key", "train.lrr: unknown key", None, args=("recipe.toml", "--set", "train.lrr=1e-4")),
     Case("--set into a value", "train.batch_size is a value, not a table", None,
          args=("recipe.toml", "--set", "train.batch_size.x=1")),
+    Case("negative seed", "seed: Input should be greater than or equal to 0", _set("seed", -1)),
+    Case("seed above 2**32 - 1", "seed: Input should be less than or equal to 4294967295",
+         _set("seed", 99999999999999999999)),
+    Case("infinite epochs", "train.epochs: expected a finite number, got inf",
+         _edits(_set("train.epochs", float("inf")), _set("train.max_steps", DELETE))),
+    Case("nan in a search space", "search.train.lr.uniform.1: expected a finite number, got nan",
+         _set("search", {"train.lr": {"uniform": [0.1, float("nan")]}})),
+    Case("--set of inf", "loss.temperature: expected a finite number, got inf", None,
+         args=("recipe.toml", "--set", "loss.temperature=inf")),
 ]
 
 DATA_CASES = [

@@ -138,6 +138,12 @@ def test_missing_required_keys_are_named():
         ("teachers.big.head", "causal", "teachers.big.head: 'causal' cannot do task 'classify'"),
         ("student.from_teacher", "big", "student: give exactly one of `ref`"),
         ("teachers.big.hidden", {"map": "pairs"}, "teachers.big.hidden: map = 'pairs' needs pairs"),
+        ("seed", -1, "seed: Input should be greater than or equal to 0"),
+        ("seed", 2**32, "seed: Input should be less than or equal to 4294967295"),
+        ("train.epochs", float("inf"), "train.epochs: expected a finite number, got inf"),
+        ("teachers.big.weight", float("nan"), "teachers.big.weight: expected a finite number, got nan"),
+        ("data.split", {"train": float("nan")}, "data.split.train: expected a finite number, got nan"),
+        ("search", {"train.lr": {"uniform": [1e-5, float("inf")]}}, "search.train.lr.uniform.1: expected a finite"),
     ],
 )
 def test_field_rules(path, value, expected):
