@@ -672,8 +672,8 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def _read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"no {what} file at {path}"], source=str(path), hint=hint)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: Windows editors may start the file with a byte order mark, which TOML does not allow
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the file as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:

@@ -405,6 +405,17 @@ def test_non_utf8_file_is_a_recipe_error(tmp_path):
         recipe_mod.load(path)
 
 
+def test_a_byte_order_mark_is_not_a_toml_error(tmp_path):
+    """Windows editors may save UTF-8 with a BOM; the recipe and a params overlay read the same without it."""
+    import tomli_w
+
+    path, params = tmp_path / "bom.toml", tmp_path / "best.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + tomli_w.dumps(minimal()).encode("utf-8"))
+    params.write_bytes(b"\xef\xbb\xbf" + b"[train]\nlr = 0.001\n")
+    recipe = recipe_mod.load(path, params=[params])
+    assert (recipe.name, recipe.train.lr) == ("t", 0.001)
+
+
 # --------------------------------------------------------------------------- README reference
 
 
