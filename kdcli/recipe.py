@@ -43,12 +43,14 @@ HEADS_FOR_TASK: dict[str, set[str]] = {
     "choice": {"auto", "multiple-choice", "seq2seq", "causal"},
     "generate": {"auto", "seq2seq", "causal"},
 }
+SEED_MAX = 2**32 - 1  # numpy, and so Optuna's samplers, take seeds in [0, 2**32)
 BUILTIN_FORMATS = ("fpb", "winogrande", "socialiqa", "aqua", "triviaqa")
 FILE_FORMATS = ("csv", "jsonl", "parquet")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # TOML has inf and nan; no recipe number means either (`epochs = inf` would overflow a step count).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 def plain_name_problem(value: str) -> str | None:
@@ -438,7 +440,7 @@ class SearchDistribution(Section):
 class Recipe(Section):
     name: str = Field(..., min_length=1, description="Run name; outputs go to OUTPUT_DIR/NAME.")
     task: Task = Field(..., description="classify, choice (multiple choice) or generate.")
-    seed: int = Field(42, description="Seeds data splits, initialisation and data order.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seeds data splits, initialisation and data order.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     allow_outside: bool = Field(
         False, description="Allow `name`/`output_dir` to point outside the current directory."
@@ -622,6 +624,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         "bool_type": "expected a boolean (true or false)",
         "int_type": "expected an integer",
         "float_type": "expected a number",
+        "finite_number": "expected a finite number",
         "string_type": "expected a string",
         "list_type": "expected a list",
         "dict_type": "expected a table",
@@ -629,7 +632,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         "missing": "required key is missing",
     }.get(kind)
     message = expected or error["msg"].removeprefix("Value error, ")
-    if kind in {"bool_type", "int_type", "float_type", "string_type"}:
+    if kind in {"bool_type", "int_type", "float_type", "finite_number", "string_type"}:
         message += f", got {error['input']!r}"
     lines = message.split("\n")
     if len(lines) > 1 or not loc:  # cross-field problems already carry their own paths
@@ -669,8 +672,8 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def _read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"no {what} file at {path}"], source=str(path), hint=hint)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: Windows editors may start the file with a byte order mark, which TOML does not allow
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise RecipeError(["not UTF-8 text"], source=str(path), hint="save the file as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:

@@ -158,8 +158,8 @@ def open_study(recipe: Recipe, *, storage: str | None, sampler: str, fraction: f
             optuna.storages.fail_stale_trials(study)
     # Seeded by the recipe and the trials so far, so a resumed study draws new values rather
     # than repeating its first ones. Machines sharing a study draw independently (unseeded):
-    # with one seed they would all try the same values.
-    seed = recipe.seed + len(study.trials) if local else None
+    # with one seed they would all try the same values. Optuna takes seeds below 2**32: wrap around.
+    seed = (recipe.seed + len(study.trials)) % 2**32 if local else None
     chosen = optuna.samplers.RandomSampler(seed=seed) if sampler == "random" else optuna.samplers.TPESampler(seed=seed)
     return optuna.load_study(study_name=recipe.name, storage=rdb, sampler=chosen,
                              pruner=pruner or optuna.pruners.MedianPruner())

@@ -177,6 +177,15 @@ RECIPE_CASES = [
     Case("--set of an unknown key", "train.lrr: unknown key", None, args=("recipe.toml", "--set", "train.lrr=1e-4")),
     Case("--set into a value", "train.batch_size is a value, not a table", None,
          args=("recipe.toml", "--set", "train.batch_size.x=1")),
+    Case("negative seed", "seed: Input should be greater than or equal to 0", _set("seed", -1)),
+    Case("seed above 2**32 - 1", "seed: Input should be less than or equal to 4294967295",
+         _set("seed", 99999999999999999999)),
+    Case("infinite epochs", "train.epochs: expected a finite number, got inf",
+         _edits(_set("train.epochs", float("inf")), _set("train.max_steps", DELETE))),
+    Case("nan in a search space", "search.train.lr.uniform.1: expected a finite number, got nan",
+         _set("search", {"train.lr": {"uniform": [0.1, float("nan")]}})),
+    Case("--set of inf", "loss.temperature: expected a finite number, got inf", None,
+         args=("recipe.toml", "--set", "loss.temperature=inf")),
 ]
 
 DATA_CASES = [
@@ -274,6 +283,17 @@ DATA_CASES = [
     Case("package: path to a package that is not installed", "no installed package 'kd_no_such_pkg'",
          _set("data.path", "package:kd_no_such_pkg/data.jsonl")),
     Case("data path is a directory", "data file not found", _set("data.path", ".")),
+    Case("csv field over the line limit", "c.csv:2: line is 1,000,100 characters long (limit 1,000,000)",
+         _edits(_set("data.format", "csv"), _set("data.path", "c.csv")),
+         files={"c.csv": "text,label\n" + "x" * 1_000_092 + ",neutral\n" + _csv()[len("text,label\n"):]}),
+    Case("lone surrogate in JSON text", "s.jsonl:41: text contains a lone surrogate (\\ud800)", None,
+         files={"s.jsonl": _sentences() + '{"text": "caf\\ud800", "label": "neutral"}\n'}),
+    Case("JSON nested 100,000 levels deep", "s.jsonl:41: JSON nested too deeply to read", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}\n"}),
+    Case("label number with 5000 digits", "s.jsonl:41: a number with more than 4,300 digits", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": ' + "1" * 5000 + "}\n"}),
+    Case("label string of 5000 digits", "s.jsonl:41: unknown label '11111", None,
+         files={"s.jsonl": _sentences() + '{"text": "a", "label": "' + "1" * 5000 + '"}\n'}),
 ]
 
 MODEL_CASES = [

@@ -227,6 +227,20 @@ def test_generic_csv_jsonl_parquet_with_columns(tmp_path):
     assert parts["all"][0].answers == ["Paris", "paris"] and parts["all"][0].id == "g-1"
 
 
+def test_csv_fields_may_be_as_long_as_a_line(tmp_path):
+    """The csv module's own cap is 131,072 characters a field; kd's is the line limit, as for every format."""
+    long_text = "word " * 40_000  # 200,000 characters
+    path = tmp_path / "long.csv"
+    path.write_text(f'text,label\n"{long_text}",pos\nshort,neg\n', encoding="utf-8")
+    parts, _ = read_examples(cfg("classify", format="csv", path=str(path)), "classify")
+    assert [len(r.text) for r in parts["all"]] == [200_000, 5]
+
+    unclosed = tmp_path / "unclosed.csv"  # every line is short, but the quoted field never ends
+    unclosed.write_text('text,label\nfine,pos\n"open\n' + ("x" * 100_000 + "\n") * 11, encoding="utf-8")
+    with pytest.raises(DataError, match=r"unclosed.csv:3: a quoted field runs on for more than 1,000,000 characters"):
+        read_examples(cfg("classify", format="csv", path=str(unclosed)), "classify")
+
+
 def test_hub_offline_is_a_data_error_with_a_local_path_hint(here, monkeypatch):
     import datasets
 

@@ -138,6 +138,12 @@ def test_missing_required_keys_are_named():
         ("teachers.big.head", "causal", "teachers.big.head: 'causal' cannot do task 'classify'"),
         ("student.from_teacher", "big", "student: give exactly one of `ref`"),
         ("teachers.big.hidden", {"map": "pairs"}, "teachers.big.hidden: map = 'pairs' needs pairs"),
+        ("seed", -1, "seed: Input should be greater than or equal to 0"),
+        ("seed", 2**32, "seed: Input should be less than or equal to 4294967295"),
+        ("train.epochs", float("inf"), "train.epochs: expected a finite number, got inf"),
+        ("teachers.big.weight", float("nan"), "teachers.big.weight: expected a finite number, got nan"),
+        ("data.split", {"train": float("nan")}, "data.split.train: expected a finite number, got nan"),
+        ("search", {"train.lr": {"uniform": [1e-5, float("inf")]}}, "search.train.lr.uniform.1: expected a finite"),
     ],
 )
 def test_field_rules(path, value, expected):
@@ -397,6 +403,17 @@ def test_non_utf8_file_is_a_recipe_error(tmp_path):
     path.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
     with pytest.raises(RecipeError, match="not UTF-8"):
         recipe_mod.load(path)
+
+
+def test_a_byte_order_mark_is_not_a_toml_error(tmp_path):
+    """Windows editors may save UTF-8 with a BOM; the recipe and a params overlay read the same without it."""
+    import tomli_w
+
+    path, params = tmp_path / "bom.toml", tmp_path / "best.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + tomli_w.dumps(minimal()).encode("utf-8"))
+    params.write_bytes(b"\xef\xbb\xbf" + b"[train]\nlr = 0.001\n")
+    recipe = recipe_mod.load(path, params=[params])
+    assert (recipe.name, recipe.train.lr) == ("t", 0.001)
 
 
 # --------------------------------------------------------------------------- README reference

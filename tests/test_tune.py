@@ -207,6 +207,13 @@ def test_trials_that_fall_behind_are_pruned_and_invalid_combinations_fail_with_t
         t["params"]["loss.alpha"] for t in result.trials)
 
 
+def test_a_resumed_study_of_the_largest_seed_still_draws(here):
+    """The sampler is seeded with the recipe's seed plus the trials so far, which can pass 2**32 - 1."""
+    recipe = recipe_mod.load(write_recipe(Path("teacher"), seed=2**32 - 1))
+    for _ in range(2):  # the second study has one trial: seed 2**32, past what Optuna takes
+        tune.open_study(recipe, storage=None, sampler="random", fraction=0.5).ask().suggest_float("x", 0.0, 1.0)
+
+
 def test_a_params_overlay_reaches_one_stage_by_index(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     jobs.write_recipe("stages.toml", {

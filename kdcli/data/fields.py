@@ -49,13 +49,27 @@ def unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+# More digits than any label or id index has; also far below the 4,300 that int() accepts.
+MAX_INDEX_DIGITS = 18
+
+
 def int_like(value: Any) -> int | None:
-    """An int, or a string of digits, as an int; anything else None (bool is not a number here)."""
+    """An int, or a string of digits, as an int; anything else None (bool is not a number here).
+
+    A string of more than MAX_INDEX_DIGITS digits is text, not an index: no class list is that
+    long, and int() refuses a string of over 4,300 digits.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdecimal():
+    if isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) <= MAX_INDEX_DIGITS:
         return int(value)
     return None
+
+
+def shown(value: Any, width: int = 80) -> str:
+    """A value's repr for an error message, cut to ``width`` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def numbered_option(value: Any, count: int, where: str) -> int:
@@ -63,7 +77,9 @@ def numbered_option(value: Any, count: int, where: str) -> int:
     number = int_like(value)
     if number is None or not 1 <= number <= count:
         expected = ", ".join(str(i) for i in range(1, count + 1))
-        raise DataError(f"{where}: unknown label {value!r} (expected one of {expected})", "fix that line of the file")
+        raise DataError(
+            f"{where}: unknown label {shown(value)} (expected one of {expected})", "fix that line of the file"
+        )
     return number - 1
 
 
@@ -75,7 +91,7 @@ def class_index(value: Any, names: list[str], where: str) -> int:
     if index is not None and 0 <= index < len(names):
         return index
     raise DataError(
-        f"{where}: unknown label {value!r} (expected one of {', '.join(names)})",
+        f"{where}: unknown label {shown(value)} (expected one of {', '.join(names)})",
         "fix that line, or list every class in data.label_names (in id order)",
     )
 
@@ -87,7 +103,7 @@ def option_index(value: Any, count: int, where: str) -> int:
         index = LETTERS.index(value.strip().upper())
     if index is None or not 0 <= index < count:
         raise DataError(
-            f"{where}: unknown label {value!r} for {count} options (expected a 0-based index or an option letter)",
+            f"{where}: unknown label {shown(value)} for {count} options (expected a 0-based index or an option letter)",
             "fix that line, or point data.columns.label at the right column",
         )
     return index

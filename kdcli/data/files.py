@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -135,6 +137,14 @@ def read_text(path: Path, encoding: str) -> str:
     return text.removeprefix("\ufeff")
 
 
+def _check_length(path: Path, number: int, line: str) -> None:
+    if len(line) > MAX_LINE_CHARS:
+        raise DataError(
+            f"{path}:{number}: line is {len(line):,} characters long (limit {MAX_LINE_CHARS:,})",
+            "this does not look like a line-based dataset file; check data.path and data.format",
+        )
+
+
 def lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
     """Non-blank lines with their 1-based line numbers.
 
@@ -142,11 +152,7 @@ def lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
     TriviaQA has a raw U+0085 inside a JSON string. A trailing "\\r" (CRLF files) is dropped.
     """
     for number, line in enumerate(text.split("\n"), start=1):
-        if len(line) > MAX_LINE_CHARS:
-            raise DataError(
-                f"{path}:{number}: line is {len(line):,} characters long (limit {MAX_LINE_CHARS:,})",
-                "this does not look like a line-based dataset file; check data.path and data.format",
-            )
+        _check_length(path, number, line)
         line = line.removesuffix("\r")
         if line.strip():
             yield number, line
@@ -161,20 +167,78 @@ def json_rows(path: Path, encoding: str) -> Iterator[RawRow]:
             raise DataError(
                 f"{where}: not valid JSON ({exc.msg}): {excerpt(line)}", "each line must be one JSON object"
             ) from None
+        except RecursionError:  # json recurses once per level of nesting
+            raise DataError(
+                f"{where}: JSON nested too deeply to read: {excerpt(line)}",
+                "each line must be one JSON object of plain fields (text, labels, lists of options)",
+            ) from None
+        except ValueError as exc:  # int() refuses numbers past sys.get_int_max_str_digits()
+            if "digits" not in str(exc):
+                raise
+            raise DataError(
+                f"{where}: a number with more than {sys.get_int_max_str_digits():,} digits: {excerpt(line)}",
+                "no label or id needs that many digits; check that line",
+            ) from None
         if not isinstance(row, dict):
             raise DataError(
                 f"{where}: expected a JSON object, got {type(row).__name__}: {excerpt(line)}",
                 "each line must be one JSON object",
             )
+        surrogate = _lone_surrogate(row) if "\\ud" in line or "\\uD" in line else None
+        if surrogate:
+            raise DataError(
+                f"{where}: text contains a lone surrogate (\\u{ord(surrogate):04x}), which is not valid Unicode",
+                "fix that line: a \\ud800-\\udfff escape is only valid as half of a surrogate pair",
+            )
         yield RawRow(where, f"{path.stem}-{number}", row)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in a decoded JSON value's strings (keys too), or None.
+
+    The file decoded as UTF-8, so only a "\\udXXX" escape can put one there, and json joins an
+    escaped pair into one character: any surrogate left is a lone half, which no UTF-8 writer
+    (parquet, the cache) can encode. Walked with a stack, not recursion: the value may be deep.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def csv_rows(path: Path, encoding: str) -> Iterator[RawRow]:
-    reader = csv.DictReader(io.StringIO(read_text(path, encoding), newline=""))
+    text = read_text(path, encoding)
+    for number, line in enumerate(text.split("\n"), start=1):
+        _check_length(path, number, line)
+    # The csv module caps a field at 131,072 characters by default: a field may be as long as a
+    # line may be (the cap is process-wide; kd reads CSV only here).
+    csv.field_size_limit(MAX_LINE_CHARS)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    last = 0  # the last line of the last complete row
     try:
         for row in reader:
+            last = reader.line_num
             yield RawRow(f"{path}:{reader.line_num}", f"{path.stem}-{reader.line_num}", row)
     except csv.Error as exc:
+        if "field limit" in str(exc):  # no line is too long, so the field runs over several
+            raise DataError(
+                f"{path}:{last + 1}: a quoted field runs on for more than {MAX_LINE_CHARS:,} characters "
+                f"(to line {reader.line_num})",
+                "a quote on that line is probably never closed; a field may hold at most "
+                f"{MAX_LINE_CHARS:,} characters",
+            ) from None
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})", "check the quoting on that line") from None
 
 
