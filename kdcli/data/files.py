@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import io
 import json
@@ -101,14 +100,6 @@ def source_files(data: DataConfig) -> list[SourceFile]:
             labels = _existing_file(data.labels_path, "label file") if data.labels_path else _labels_beside(path)
         sources.append(SourceFile(split, path, labels))
     return sources
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def excerpt(text: str, width: int = 80) -> str:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kdcli import __version__
 from kdcli.data.fields import Example
-from kdcli.data.files import SourceFile, sha256, source_files
+from kdcli.data.files import SourceFile, source_files
 from kdcli.data.read import read_examples
 from kdcli.data.split import dedupe, limit_rows, resolve_conflicts, split_parts
 from kdcli.errors import DataError
 from kdcli.recipe import DataConfig, Recipe, Stage, fingerprint
-from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, write_json
+from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, sha256_file, write_json
 
 if TYPE_CHECKING:
     import datasets
@@ -124,7 +124,7 @@ def _identity(recipe: Recipe, data: DataConfig, sources: list[SourceFile]) -> di
                         "split": source.split,
                         "path": str(path.resolve()),
                         "bytes": path.stat().st_size,
-                        "sha256": sha256(path),
+                        "sha256": sha256_file(path),
                     }
                 )
     return {
