@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import typer
 
 from kdcli import __version__
-from kdcli.errors import KdError
+from kdcli.errors import Interrupted, KdError
 
 app = typer.Typer(
     name="kd",
@@ -58,11 +58,17 @@ def _error_boundary(fn: F) -> F:
                 raise
             _print_error(exc)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main)
+            if os.environ.get("KD_DEBUG"):
+                raise
+            _print_error(exc if isinstance(exc, Interrupted) else Interrupted(
+                "interrupted", "every output is written whole or not at all: run the command again to go on"))
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _print_error(exc: KdError) -> None:
+def _print_error(exc: KdError | Interrupted) -> None:
     from rich.console import Console
     from rich.markup import escape
 
@@ -432,7 +438,14 @@ def tune(
         tuning.print_result(result, recipe_path, console)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops kd the way Ctrl-C does, and says where
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under torchrun / accelerate launch only the main process reports; errors still reach stderr.
         sys.stdout = open(os.devnull, "w")

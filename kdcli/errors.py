@@ -44,3 +44,13 @@ class ModelError(KdError):
 class CacheError(KdError):
     """A teacher cache is missing, incomplete or does not match the recipe."""
 
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with where the work stopped and how to go on. A KeyboardInterrupt, not a
+    KdError: whatever stops on an interrupt (`kd tune`'s study) still stops."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.errors import KdError
+from kdcli.errors import Interrupted, KdError
 from kdcli.job import Job
 from kdcli.metrics import MAXIMISED
 from kdcli.rundir import atomic_dir, read_json, write_json, write_text_atomic
@@ -491,6 +491,13 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             f"{job.name}: {exc}",
             (f"the last good checkpoint is {kept[0]}; " if kept else "")
             + "lower train.lr, set train.max_grad_norm, or use mixed_precision = 'no'",
+        ) from None
+    except KeyboardInterrupt:
+        kept = _checkpoints(job.checkpoint_dir)
+        raise Interrupted(
+            f"{job.name}: interrupted at step {state.step} of {total_steps}",
+            (f"the last checkpoint is {kept[0]}: run the command again (`kd distill` with --resume) to continue "
+             "from it" if kept else "no checkpoint had been saved yet: run the command again to start the job over"),
         ) from None
     except torch.cuda.OutOfMemoryError:
         raise KdError(

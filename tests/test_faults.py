@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -52,13 +53,17 @@ def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
 
 
 def start(root: Path, *args: str) -> subprocess.Popen:
-    log = open(root / f"kd-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=log,
-                            stderr=subprocess.STDOUT)
+    log = root / f"kd-{time.monotonic_ns()}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=handle,
+                                stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def output(proc: subprocess.Popen) -> str:
-    return Path(proc.stdout.name).read_text() if proc.stdout else ""  # type: ignore[union-attr]
+    """What ``proc`` printed (stdout and stderr) so far."""
+    return proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def kd_process(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -67,8 +72,9 @@ def kd_process(root: Path, *args: str, timeout: float = 240) -> subprocess.Compl
                           timeout=timeout)
 
 
-def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 180) -> bool:
-    """SIGKILL ``proc`` as soon as ``condition()`` holds; False if it finished first."""
+def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 180,
+              signum: int = signal.SIGKILL) -> bool:
+    """Send ``signum`` (SIGKILL) to ``proc`` as soon as ``condition()`` holds; False if it finished first."""
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -77,8 +83,8 @@ def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: fl
             except (OSError, ValueError):
                 hit = False
             if hit:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                proc.send_signal(signum)
+                proc.wait(timeout=60)
                 return True
             time.sleep(0.0005)
         return False
@@ -225,6 +231,21 @@ def test_readers_take_the_lock_too_and_never_rewrite_the_run(bert, tmp_path, mon
     assert "was made from another recipe (changed: seed)" in " ".join(other.stderr.split())
     assert "accuracy" in kd("eval", "recipe.toml", "--model", "teacher:t", "--set", "eval.batch_size=8").output
     assert {p: p.read_bytes() for p in kept} == kept  # neither the data nor the recorded recipe changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_distill_says_where_it_stopped_and_how_to_go_on(signum, bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert, checkpoint_every=8, eval_every=100_000)
+    run = root / "runs" / "f"
+    proc = start(root, "distill", "recipe.toml")
+    assert kill_when(proc, lambda: _complete_checkpoints(run), signum=signum), output(proc)
+    said = " ".join(output(proc).split())
+    assert proc.returncode == 130, said
+    assert re.search(rf"error: main: interrupted at step \d+ of {STEPS}", said), said
+    assert f"hint: the last checkpoint is {run / 'checkpoints' / 'main'}/step-" in said and "--resume" in said
+    assert "Traceback" not in said
 
 
 # --------------------------------------------------------------------------- kill -9 during prepare and cache-teachers
