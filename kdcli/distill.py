@@ -13,13 +13,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kdcli.data.stage import StageData, stage_data
+from kdcli.data.stage import stage_data
 from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
 from kdcli.rundir import RunDir, atomic_dir, done_state, mark_done, record_recipe, write_json
 from kdcli.teachers import finetune_teachers, open_teachers, preflight
-from kdcli.train import JobResult, run_job
+from kdcli.train import JobResult, cannot_resume, identity_changes, run_job
 
 
 def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
@@ -28,12 +28,13 @@ def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, keep)
 
 
-def _stage_identity(recipe: Recipe, stage: Stage, role: Role, data: StageData, previous: str | None) -> dict:
+def _stage_identity(recipe: Recipe, stage: Stage, role: Role, data_fingerprint: str | None,
+                    previous: str | None) -> dict:
     """Everything that shapes a stage's student: its fingerprint says whether the stage is up to date."""
     teachers = {} if role == DATASET else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
     return {
         "student": recipe.student.model_dump(mode="json"), "stage": stage.model_dump(mode="json"), "role": str(role),
-        "teachers": teachers, "data": data.fingerprint, "seed": recipe.seed, "previous": previous,
+        "teachers": teachers, "data": data_fingerprint, "seed": recipe.seed, "previous": previous,
     }
 
 
@@ -42,6 +43,28 @@ def _job_identity(identity: dict, train_fraction: float) -> dict:
     is named as the recipe names it (``train.lr``, ``loss.alpha``, ``seed``)."""
     rest = {key: value for key, value in identity.items() if key not in ("stage", "data")}
     return {**identity["stage"], **rest, "data_fingerprint": identity["data"], "train_fraction": train_fraction}
+
+
+def _stages(recipe: Recipe, role: Role, out: RunDir) -> list[tuple[Stage, str]]:
+    """Each stage as ``role`` trains it, with the name of its training job (``main``, ``main.dataset``)."""
+    stages = []
+    for stage in recipe.resolved_stages():
+        if role.kind == "solo":
+            stage = _solo_stage(recipe, stage, role.name)
+        stages.append((stage, stage.name if role == STUDENT else f"{stage.name}.{out.final(role).name}"))
+    return stages
+
+
+def _refuse_a_changed_resume(recipe: Recipe, role: Role, out: RunDir, train_fraction: float) -> None:
+    """--resume under a recipe that changed what shaped the checkpoints is refused before anything is
+    prepared, fine-tuned or loaded (a new seed would re-split the data first). The data's own
+    fingerprint is compared when the job starts (``train.resume_problem``), once it is known."""
+    for stage, job_name in _stages(recipe, role, out):
+        identity = _job_identity(_stage_identity(recipe, stage, role, None, None), train_fraction)
+        changes = identity_changes(out.checkpoints(job_name), identity, ignore=("data_fingerprint", "previous"))
+        if changes:
+            raise cannot_resume(job_name, out.checkpoints(job_name),
+                                "they were made with another recipe; changed: " + "; ".join(changes))
 
 
 def _solo_stage(recipe: Recipe, stage: Stage, name: str) -> Stage:
@@ -74,6 +97,8 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     out = workdir or run
     if role.kind == "solo":
         require_teacher(recipe, role.name)
+    if resume:
+        _refuse_a_changed_resume(recipe, role, out, train_fraction)
     preflight(recipe, run)
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if role == STUDENT:
@@ -84,13 +109,11 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     results = []
     previous: Path | None = None
     previous_fingerprint: str | None = None
-    for stage in recipe.resolved_stages():
-        if role.kind == "solo":
-            stage = _solo_stage(recipe, stage, role.name)
+    for stage, job_name in _stages(recipe, role, out):
         data = stage_data(recipe, run, stage)
         if train_fraction < 1.0:
             data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
-        identity = _stage_identity(recipe, stage, role, data, previous_fingerprint)
+        identity = _stage_identity(recipe, stage, role, data.fingerprint, previous_fingerprint)
         wanted = fingerprint(identity) + f"-{train_fraction:g}"
         output = out.stage_output(stage.name, role)
         finished, damage = done_state(output, wanted)
@@ -110,7 +133,6 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             sources = taught.pop("sources")
             if sources:
                 console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
-        job_name = stage.name if role == STUDENT else f"{stage.name}.{out.final(role).name}"
         job = Job(
             name=job_name, student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template, checkpoint_dir=out.checkpoints(job_name),

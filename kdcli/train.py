@@ -189,6 +189,30 @@ def _holds_best(output: Path, step: int | None) -> bool:
         return False
 
 
+def identity_changes(checkpoint_dir: Path, identity: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str] | None:
+    """What differs between the identity the newest checkpoint in ``checkpoint_dir`` recorded and
+    ``identity``, top-level keys in ``ignore`` left out; None when there is no checkpoint."""
+    found = _checkpoints(checkpoint_dir)
+    if not found:
+        return None
+    try:
+        recorded = read_json(found[0] / "identity.json")
+    except (OSError, ValueError):
+        return ["identity (none recorded: the checkpoints predate this kd)"]
+    if not isinstance(recorded, dict):
+        return ["identity (identity.json is damaged)"]
+    return changed_keys({k: v for k, v in recorded.items() if k not in ignore},
+                        {k: v for k, v in identity.items() if k not in ignore})
+
+
+def cannot_resume(job_name: str, checkpoint_dir: Path, problem: str) -> KdError:
+    return KdError(
+        f"{job_name}: cannot resume from the checkpoints in {checkpoint_dir}: {problem}",
+        "undo the change to resume, or run without --resume to train from the start "
+        "(its checkpoints are then replaced)",
+    )
+
+
 def resume_problem(job: Job) -> str | None:
     """Why resuming ``job`` from its newest checkpoint would not give the run it claims to continue,
     or None (also when there is nothing to resume).
@@ -197,18 +221,13 @@ def resume_problem(job: Job) -> str | None:
     so far, which the checkpoint does not hold, must still be in the output folder unless the
     checkpoint is that model.
     """
-    found = _checkpoints(job.checkpoint_dir)
-    if not found:
+    changes = identity_changes(job.checkpoint_dir, job.identity)
+    if changes is None:
         return None
-    try:
-        recorded = read_json(found[0] / "identity.json")
-    except (OSError, ValueError):
-        return "they record no recipe (they predate this kd)"
-    changes = changed_keys(recorded, job.identity)
     if changes:
         return "they were made with another recipe; changed: " + "; ".join(changes)
     try:
-        state = _read_state(found[0] / "state.json")
+        state = _read_state(_checkpoints(job.checkpoint_dir)[0] / "state.json")
     except (OSError, ValueError):
         return None  # not loadable: _load_checkpoint falls back to an older one and says so
     if state.best_step is not None and state.best_step != state.step and not _holds_best(job.output_dir,
@@ -361,11 +380,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     if resume:
         problem = resume_problem(job)
         if problem:
-            raise KdError(
-                f"{job.name}: cannot resume from the checkpoints in {job.checkpoint_dir}: {problem}",
-                "undo the change to resume, or run without --resume to train from the start "
-                "(its checkpoints are then replaced)",
-            )
+            raise cannot_resume(job.name, job.checkpoint_dir, problem)
         state = _load_checkpoint(job, accelerator, model, projections, optimizer, scheduler, console)
     elif _checkpoints(job.checkpoint_dir) and accelerator.is_main_process:
         shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them

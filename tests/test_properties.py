@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import jobs
@@ -260,3 +260,86 @@ def test_any_rows_through_cleaning_and_splitting(tmp_path, rows, on_conflict, se
         return
     assert set(prepared.splits) == {name for name, f in split.items() if f > 0}
     assert all(1 <= len(examples) <= 3 for examples in prepared.splits.values())
+
+
+# --------------------------------------------------------------------------- resume under a changed recipe
+
+# (--set, the key the refusal names); None: a change that only touches logging, checkpoints or eval.
+CHANGES = {
+    "train.lr=5e-4": "train.lr", "seed=7": "seed", "loss.alpha=0.3": "loss.alpha",
+    "loss.temperature=3.0": "loss.temperature", "train.max_steps=6": "train.max_steps",
+    "data.max_length=24": "data.max_length", "train.log_every=2": None, "train.checkpoint_every=16": None,
+    "train.keep_last=3": None, "eval.batch_size=8": None,
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4, made to look killed after step 2."""
+    import os
+    import shutil
+
+    from clirun import kd
+
+    root = tmp_path_factory.mktemp("interrupted")
+    bert = tiny("bert", "sequence-classification", num_labels=3, layers=2)
+    jobs.write_classify_run(root, bert, name="r", rows=40, loss={"alpha": 0.5, "temperature": 2.0},
+                            train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "eval_every": 10_000,
+                                   "checkpoint_every": 8, "log_every": 4, "keep_last": 5})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        kd("distill", "recipe.toml")
+    finally:
+        os.chdir(cwd)
+    run = root / "runs" / "r"
+    shutil.rmtree(run / "checkpoints" / "main" / "step-00000004")
+    (run / "stages" / "main" / "student" / "done.json").unlink()
+    return root
+
+
+def _contents(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sets(st.sampled_from(sorted(CHANGES)), max_size=3))
+@example(set())
+@example({"train.log_every=2", "train.keep_last=3", "eval.batch_size=8"})
+@example({"seed=7", "train.checkpoint_every=16"})
+def test_a_resume_under_a_changed_recipe_is_refused_or_equals_a_fresh_run(interrupted, tmp_path_factory, changes):
+    """It never mixes the two: refused, naming every change that shapes the weights, and nothing
+    written; or a student bit-identical to a fresh run with the new recipe."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clirun import kd
+
+    sets = [arg for change in sorted(changes) for arg in ("--set", change)]
+    named = sorted(key for change in changes if (key := CHANGES[change]))
+    resumed, fresh = tmp_path_factory.mktemp("resumed"), tmp_path_factory.mktemp("fresh")
+    shutil.copytree(interrupted, resumed, dirs_exist_ok=True)
+    for name in ("recipe.toml", "s.jsonl"):
+        shutil.copy(interrupted / name, fresh / name)
+    cwd = os.getcwd()
+    try:
+        os.chdir(resumed)
+        before = _contents(resumed / "runs" / "r")
+        result = kd("distill", "recipe.toml", "--resume", *sets, code=None)
+        if named:
+            said = " ".join(result.stderr.split())
+            assert result.exit_code == 1 and "made with another recipe; changed:" in said, result.output
+            assert all(f"{key}: " in said for key in named), (named, said)
+            assert _contents(resumed / "runs" / "r") == before
+            return
+        assert result.exit_code == 0, result.output
+        os.chdir(fresh)
+        kd("distill", "recipe.toml", *sets)
+    finally:
+        os.chdir(cwd)
+    mine, theirs = (load_file(root / "runs" / "r" / "student" / "model.safetensors") for root in (resumed, fresh))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
