@@ -46,12 +46,14 @@ def _error_boundary(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            from kdcli.rundir import is_disk_full, no_space
+            from kdcli.rundir import file_error
 
-            # The atomic writers report a full disk themselves; this catches every other write.
-            if os.environ.get("KD_DEBUG") or not is_disk_full(exc):
+            # The atomic writers name the output they were writing; this catches every other write (and
+            # read) the user can fix: a full disk, a read-only folder, a file in the way, a symlink loop.
+            error = None if os.environ.get("KD_DEBUG") else file_error(exc)
+            if error is None:
                 raise
-            _print_error(no_space(Path(exc.filename or ".")))
+            _print_error(error)
             raise typer.Exit(1) from None
         except KdError as exc:
             if os.environ.get("KD_DEBUG"):
