@@ -284,6 +284,16 @@ def writing(where: Path) -> Iterator[None]:
         raise error from None
 
 
+def clear_folder(folder: Path) -> None:
+    """Remove everything in ``folder`` and keep the folder. It may be a symlink to another disk
+    (checkpoints on a scratch disk, say): the link is the user's, what is in the folder is kd's."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _tag() -> str:
     return f"{os.getpid()}.{_HOST}"
 

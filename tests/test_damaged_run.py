@@ -110,6 +110,32 @@ def test_runs_as_a_symlink_loop_is_a_clean_error(command, bert, here):
     assert (here / "runs").is_symlink()
 
 
+# --------------------------------------------------------------------------- T11: checkpoints on a scratch disk
+
+
+@pytest.mark.slow
+def test_checkpoints_on_a_symlinked_scratch_folder_are_replaced_and_resumed_there(work, tmp_path):
+    run = run_dir(work)
+    checkpoints = run / "checkpoints" / "main"
+    scratch = tmp_path / "scratch" / "ckpt"
+    scratch.parent.mkdir()
+    shutil.move(checkpoints, scratch)  # an earlier run's checkpoints, now on the scratch disk
+    checkpoints.symlink_to(scratch)
+    (scratch / "step-00000099").mkdir()  # a checkpoint of an earlier, longer training
+    (scratch / "step-00000099" / "state.json").write_text('{"step": 99}')
+    done = run / "stages" / "main" / "student" / "done.json"
+
+    done.unlink()
+    kd("distill", "recipe.toml")  # a fresh run: the old checkpoints go, the link stays
+    assert checkpoints.is_symlink() and checkpoints.resolve() == scratch.resolve()
+    assert "step-00000099" not in os.listdir(scratch) and (scratch / "step-00000002" / "state.json").is_file()
+
+    done.unlink()
+    resumed = kd("distill", "recipe.toml", "--resume")
+    assert "resuming main from step-00000002" in resumed.output
+    assert checkpoints.is_symlink() and (scratch / "step-00000002" / "state.json").is_file()
+
+
 # --------------------------------------------------------------------------- T12: a read-only run directory
 
 
