@@ -20,7 +20,8 @@ from test_bad_input import check_clean_failure
 
 import jobs
 from clirun import kd
-from kdcli.rundir import file_error
+from kdcli.errors import DataError
+from kdcli.rundir import RunDir, file_error
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,48 @@ def work(trained, tmp_path, monkeypatch) -> Path:
 
 def run_dir(root: Path) -> Path:
     return (root / "runs" / "f").resolve()
+
+
+# --------------------------------------------------------------------------- T3: damaged prepared data
+
+
+DATA_DAMAGE = {
+    "state.json with other keys": ("train/state.json", '{"x": 1}', "KeyError: '_data_files'"),
+    "state.json not JSON": ("train/state.json", "{", "JSONDecodeError"),
+    "state.json a list": ("validation/state.json", "[]", "TypeError"),
+    "arrow file truncated": ("test/data-00000-of-00001.arrow", b"\xff\xff\xff\xff", ""),
+}
+
+
+def damage_data(root: Path, damage: str) -> None:
+    name, content, _ = DATA_DAMAGE[damage]
+    path = run_dir(root) / "data" / "main" / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DATA_DAMAGE))
+def test_damaged_prepared_data_is_prepared_again_by_the_next_command(damage, work):
+    """The prepared data comes from the sources alone: damaged, it is not whole, and is written again."""
+    damage_data(work, damage)
+    result = kd("eval", "recipe.toml")  # eval reads the data through prepare, which finds the damage
+    assert "accuracy" in result.stdout.lower()
+    damage_data(work, damage)
+    prepared = kd("prepare", "recipe.toml")
+    assert f"prepared (previous output damaged ({DATA_DAMAGE[damage][2]}" in prepared.stdout
+    assert "up to date" in kd("prepare", "recipe.toml").stdout
+
+
+def test_damaged_prepared_data_read_directly_is_a_clean_error(work):
+    """Damage done after `prepare` checked it (another process, say) stops the reader with a DataError."""
+    from kdcli.data import load_prepared
+
+    damage_data(work, "state.json with other keys")
+    run = RunDir(run_dir(work))
+    with pytest.raises(DataError) as error:
+        load_prepared(run, "main")
+    assert error.value.message == (f"the prepared data in {run.data('main')} is damaged (KeyError: '_data_files')")
+    assert error.value.hint == "run `kd prepare RECIPE --force`"
 
 
 # --------------------------------------------------------------------------- T4, T10: paths that are not folders
