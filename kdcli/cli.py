@@ -334,7 +334,7 @@ def compare(
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
     from kdcli.report import (
-        collect_run,
+        collect_runs,
         mean_table,
         plot_losses,
         plot_quality_speed,
@@ -348,7 +348,7 @@ def compare(
         raise typer.BadParameter(f"{fmt!r} is not one of md, csv, json", param_hint="--format")
     if output is not None and fmt is None:
         raise typer.BadParameter("--output needs --format", param_hint="--output")
-    run_tables = [collect_run(root) for root in run_roots(runs or [])]
+    run_tables = collect_runs(run_roots(runs or []))  # a damaged file is left out, with a warning naming it
     tables = [mean_table(run_tables)] if mean else run_tables
     if fmt is None:
         print_compare(tables)

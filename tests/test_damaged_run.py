@@ -11,6 +11,7 @@ folder) or is a clean error: `error:` naming the path and `hint:` on stderr, exi
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from test_bad_input import check_clean_failure
 import jobs
 from clirun import kd
 from kdcli.errors import DataError
-from kdcli.rundir import RunDir, file_error
+from kdcli.rundir import RunDir, file_error, write_json
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +284,73 @@ def test_file_error_says_what_the_user_can_fix_and_leaves_the_rest_alone(tmp_pat
     assert file_error(OSError(errno.ENOENT, "No such file or directory", str(readable))) is None  # a bug, or a race
     assert file_error(OSError(errno.EEXIST, "File exists", str(readable))) is None  # nothing in the way: not ours
     assert file_error(ValueError("a bug")) is None
+
+
+# --------------------------------------------------------------------------- T13: kd compare with damaged files
+
+
+def write_results(root: Path) -> Path:
+    """A run directory as eval and bench leave it, for one teacher and the student."""
+    jobs.write_recipe(root / "recipe.resolved.toml", {
+        "name": root.name, "task": "classify", "student": {"ref": "tiny"}, "teachers": {"t": {"ref": "big"}},
+    })
+    for role, accuracy, ms in (("teacher:t", 0.9, 40.0), ("student", 0.85, 10.0)):
+        name = role.replace(":", "-")
+        write_json(root / "eval" / f"{name}.json", {"role": role, "model": role, "parameters": 1000,
+                                                    "metrics": {"accuracy": accuracy, "f1": accuracy - 0.1}})
+        write_json(root / "bench" / f"{name}.json", {"role": role, "model": role, "parameters": 1000, "batches": {
+            "1": {"latency_ms_per_example": {"p50": ms, "p95": ms, "mean": ms}}}})
+    return root
+
+
+RESULT_DAMAGE = {
+    "eval not JSON": ("eval/student.json", "{\"role\": \"stu", "not valid JSON (Unterminated string"),
+    "eval not text": ("eval/student.json", b"\xff\xfe\x00garbage", "not valid JSON ("),
+    "eval a list": ("eval/student.json", "[1, 2]", "not a kd eval result (the file is a list, not an object)"),
+    "eval a string": ("eval/student.json", '"student"', "not a kd eval result (the file is a string, not an object)"),
+    "eval metrics a string": ("eval/student.json", '{"role": "student", "metrics": "good"}',
+                              "not a kd eval result (metrics is a string, not an object)"),
+    "eval accuracy a string": ("eval/student.json", '{"role": "student", "metrics": {"accuracy": "0.9"}}',
+                               "not a kd eval result (metrics.accuracy is a string, not a number)"),
+    "eval without a role": ("eval/student.json", '{"metrics": {}}', "not a kd eval result (it names no role)"),
+    "bench not JSON": ("bench/student.json", "", "not valid JSON (Expecting value"),
+    "bench a list": ("bench/student.json", "[]", "not a kd bench result (the file is a list, not an object)"),
+    "bench latency a list": ("bench/student.json",
+                             '{"role": "student", "batches": {"1": {"latency_ms_per_example": [10]}}}',
+                             "not a kd bench result (batches.1.latency_ms_per_example is a list, not an object)"),
+    "bench batch size not a number": ("bench/student.json", '{"role": "student", "batches": {"one": {}}}',
+                                      "not a kd bench result (batch size 'one' is not a number)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RESULT_DAMAGE))
+def test_compare_leaves_a_damaged_result_out_with_a_warning_and_prints_the_rest(damage, here, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps nothing the asserts read
+    name, content, why = RESULT_DAMAGE[damage]
+    run = write_results(here / "runs" / "fin")
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = kd("compare", "--format", "json")
+    assert f"warning: skipped {Path('runs/fin') / name}: {why}" in result.stderr
+    rows = {row["role"]: row for row in json.loads(result.stdout)[0]["rows"]}
+    assert rows["teacher:t"]["accuracy"] == 0.9 and rows["teacher:t"]["ms_per_example"] == 40.0
+    measured = "accuracy" if name.startswith("eval") else "ms_per_example"
+    kept = "ms_per_example" if measured == "accuracy" else "accuracy"
+    assert rows["student"][measured] is None and rows["student"][kept] is not None
+    assert f"student: no {name.split('/')[0]}, run" in result.stdout  # the hint to write it again
+    table = kd("compare")  # the rich table, too
+    assert "warning: skipped" in table.stderr and "teacher:t" in table.stdout
+
+
+@pytest.mark.parametrize("recipe", ["name = \n", "not toml at all [", "task = 3\n",
+                                    'task = "classify"\nteachers = "t"\n'])
+def test_compare_leaves_a_run_with_a_damaged_recipe_out_and_compares_the_others(recipe, here):
+    write_results(here / "runs" / "good")
+    bad = write_results(here / "runs" / "bad")
+    (bad / "recipe.resolved.toml").write_text(recipe)
+    result = kd("compare", "--format", "json")
+    assert f"warning: skipped the run {Path('runs/bad')}: {Path('runs/bad/recipe.resolved.toml')} is not " in (
+        result.stderr)
+    assert [table["run"] for table in json.loads(result.stdout)] == ["good"]
+    alone = kd("compare", "runs/bad", code=None)
+    check_clean_failure(alone, "no run left to compare: every one was skipped")
+    assert "warning: skipped the run runs/bad" in alone.stderr
