@@ -46,12 +46,14 @@ def _error_boundary(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            from kdcli.rundir import is_disk_full, no_space
+            from kdcli.rundir import file_error
 
-            # The atomic writers report a full disk themselves; this catches every other write.
-            if os.environ.get("KD_DEBUG") or not is_disk_full(exc):
+            # The atomic writers name the output they were writing; this catches every other write (and
+            # read) the user can fix: a full disk, a read-only folder, a file in the way, a symlink loop.
+            error = None if os.environ.get("KD_DEBUG") else file_error(exc)
+            if error is None:
                 raise
-            _print_error(no_space(Path(exc.filename or ".")))
+            _print_error(error)
             raise typer.Exit(1) from None
         except KdError as exc:
             if os.environ.get("KD_DEBUG"):
@@ -340,7 +342,7 @@ def compare(
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
     from kdcli.report import (
-        collect_run,
+        collect_runs,
         mean_table,
         plot_losses,
         plot_quality_speed,
@@ -354,7 +356,7 @@ def compare(
         raise typer.BadParameter(f"{fmt!r} is not one of md, csv, json", param_hint="--format")
     if output is not None and fmt is None:
         raise typer.BadParameter("--output needs --format", param_hint="--output")
-    run_tables = [collect_run(root) for root in run_roots(runs or [])]
+    run_tables = collect_runs(run_roots(runs or []))  # a damaged file is left out, with a warning naming it
     tables = [mean_table(run_tables)] if mean else run_tables
     if fmt is None:
         print_compare(tables)

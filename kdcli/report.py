@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from kdcli.errors import KdError
 from kdcli.roles import Role, describe, solo_role, teacher_role
-from kdcli.tasks import task_kind
+from kdcli.tasks import KINDS, task_kind
 
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
@@ -282,14 +283,126 @@ def run_roots(paths: list[Path]) -> list[Path]:
     return roots
 
 
-def _read_role_files(directory: Path) -> dict[str, dict]:
+def print_warning(message: str) -> None:
+    """A `warning:` line on stderr: kd goes on, without what it names."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class DamagedRun(KdError):
+    """A run directory whose recipe.resolved.toml cannot be read: `kd compare` leaves the run out."""
+
+
+class _Shape(ValueError):
+    """A result file that is valid JSON but not what `kd eval` or `kd bench` writes."""
+
+
+def _kind_of(value: Any) -> str:
+    for kind, name in ((bool, "true/false"), (dict, "an object"), (list, "a list"), (str, "a string"),
+                       ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _table(value: Any, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Shape(f"{name} is {_kind_of(value)}, not an object")
+    return value
+
+
+def _number(table: dict, key: str, where: str = "", required: bool = False) -> float | None:
+    """``table[key]``: a number, or None where it was not measured (never a string or a list)."""
+    value = table.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Shape(f"{where}{key} is {_kind_of(value)}, not a number")
+    return value
+
+
+def _eval_summary(document: dict) -> dict[str, Any]:
+    """What compare shows of an eval result: its quality metrics."""
+    metrics = _table(document.get("metrics"), "metrics")
+    return {key: _number(metrics, key, "metrics.") for key in ("accuracy", "f1", "precision", "recall")}
+
+
+def _bench_summary(document: dict) -> dict[str, Any]:
+    """What compare shows of a bench result: the median latency at batch 1, and at its largest batch above 1."""
+    p50 = {}
+    for size, batch in _table(document.get("batches"), "batches").items():
+        if not size.isdigit():
+            raise _Shape(f"batch size {size!r} is not a number")
+        where = f"batches.{size}.latency_ms_per_example"
+        latency = _table(_table(batch, f"batches.{size}").get("latency_ms_per_example"), where)
+        p50[int(size)] = _number(latency, "p50", where + ".", required=True)
+    batched = max((size for size in p50 if size > 1), default=None)
+    return {"ms_per_example": p50.get(1), "batched_size": batched,
+            "ms_per_example_batched": p50[batched] if batched else None}
+
+
+def _read_role_files(directory: Path, summarise: Callable[[dict], dict[str, Any]],
+                     warn: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Each result file in ``directory`` (eval/ or bench/) by role: its model, parameters and what
+    ``summarise`` takes from it. A damaged file (edited, cut short, written by something else) is
+    left out with a warning naming it, so that it does not hide the rest of the run."""
     import json
 
     found = {}
     for path in sorted(directory.glob("*.json")):
-        document = json.loads(path.read_text(encoding="utf-8"))
-        found[document["role"]] = document
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+            warn(f"skipped {path}: not valid JSON ({exc})")
+            continue
+        try:
+            document = _table(document, "the file")
+            role, model = document.get("role"), document.get("model")
+            if not isinstance(role, str) or not role:
+                raise _Shape("it names no role")
+            if model is not None and not isinstance(model, str):
+                raise _Shape(f"model is {_kind_of(model)}, not a string")
+            found[role] = {"model": model, "parameters": _number(document, "parameters"), **summarise(document)}
+        except _Shape as exc:
+            warn(f"skipped {path}: not a kd {directory.name} result ({exc})")
     return found
+
+
+def _read_recipe(root: Path) -> dict[str, Any]:
+    """``root``'s recipe.resolved.toml as a dict; DamagedRun when it is not a recipe kd wrote."""
+    from kdcli.recipe import tomllib  # the standard library's, or tomli on Python 3.10
+
+    path = root / "recipe.resolved.toml"
+    if not path.is_file():
+        raise KdError(f"{root} is not a kd run directory (no recipe.resolved.toml)", "give a run directory or a recipe")
+    hint = "any kd command that writes the run (`kd eval RECIPE`, say) writes it again; or remove the run"
+    try:
+        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedRun(f"{path} is not valid TOML ({exc})", hint) from None
+    task, teachers = recipe.get("task"), recipe.get("teachers", {})
+    if not isinstance(task, str) or task not in KINDS:
+        raise DamagedRun(f"{path} is not a kd recipe (task is {task!r})", hint)
+    wrong = [key for key, kind in (("name", str), ("student", dict), ("teachers", dict))
+             if key in recipe and not isinstance(recipe[key], kind)]
+    wrong += [f"teachers.{name}" for name, spec in (teachers.items() if isinstance(teachers, dict) else [])
+              if not isinstance(spec, dict)]
+    if wrong:
+        raise DamagedRun(f"{path} is not a kd recipe ({', '.join(wrong)}: wrong type)", hint)
+    return recipe
+
+
+def collect_runs(roots: list[Path], warn: Callable[[str], None] = print_warning) -> list[RunTable]:
+    """The comparison tables of ``roots``; a run whose recipe is damaged is left out with a warning."""
+    tables = []
+    for root in roots:
+        try:
+            tables.append(collect_run(root, warn))
+        except DamagedRun as exc:
+            warn(f"skipped the run {root}: {exc.message}")
+    if not tables:
+        raise KdError("no run left to compare: every one was skipped (see the warnings above)",
+                      "fix or remove the files the warnings name, or name other runs")
+    return tables
 
 
 def _is_teacher(role: str) -> bool:
@@ -308,17 +421,15 @@ def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list
     return known + [r for r in measured if r not in known]
 
 
-def collect_run(root: Path) -> RunTable:
-    """The comparison table of one run directory, from its files alone."""
-    from kdcli.recipe import tomllib  # the standard library's, or tomli on Python 3.10
-
+def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunTable:
+    """The comparison table of one run directory, from its files alone; a damaged eval or bench file is
+    left out with a warning (``warn``), a damaged recipe raises DamagedRun."""
+    recipe = _read_recipe(root)
     recipe_path = root / "recipe.resolved.toml"
-    if not recipe_path.is_file():
-        raise KdError(f"{root} is not a kd run directory (no recipe.resolved.toml)", "give a run directory or a recipe")
-    recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
     task = recipe["task"]
     kind = task_kind(task)
-    evals, benches = _read_role_files(root / "eval"), _read_role_files(root / "bench")
+    evals = _read_role_files(root / "eval", _eval_summary, warn)
+    benches = _read_role_files(root / "bench", _bench_summary, warn)
     primary = kind.primary
     try:
         shown = recipe_path.resolve().relative_to(Path.cwd().resolve())
@@ -328,21 +439,15 @@ def collect_run(root: Path) -> RunTable:
     rows, hints = [], []
     for role in _ordered_roles(recipe, evals, benches, root):
         ev, be = evals.get(role), benches.get(role)
-        metrics = ev["metrics"] if ev else {}
-        batch1 = (be or {}).get("batches", {}).get("1")
-        ms = batch1["latency_ms_per_example"]["p50"] if batch1 else None
-        batched = _largest_batch((be or {}).get("batches", {}))
+        ms = (be or {}).get("ms_per_example")
         row = {
             "role": role,
             "model": (ev or be or {}).get("model") or describe(recipe, Role.parse(role)),
             "parameters": (ev or be or {}).get("parameters"),
-            "accuracy": metrics.get("accuracy"),
-            "f1": metrics.get("f1"),
-            "precision": metrics.get("precision"),
-            "recall": metrics.get("recall"),
+            **{key: (ev or {}).get(key) for key in ("accuracy", "f1", "precision", "recall")},
             "ms_per_example": ms,
-            "batched_size": batched["batch_size"] if batched else None,
-            "ms_per_example_batched": batched["latency_ms_per_example"]["p50"] if batched else None,
+            "batched_size": (be or {}).get("batched_size"),
+            "ms_per_example_batched": (be or {}).get("ms_per_example_batched"),
             "s_per_question": ms / 1000 if ms is not None else None,
             "questions_per_s": 1000 / ms if ms else None,
         }
@@ -369,12 +474,6 @@ def collect_run(root: Path) -> RunTable:
         at = next(i for i, c in enumerate(columns) if c.key == "ms_per_example") + 1
         columns.insert(at, Column("ms_per_example_batched", title, _fixed(3)))
     return RunTable(recipe.get("name", root.name), task, root, columns, rows, _best_row(rows, primary), hints)
-
-
-def _largest_batch(batches: dict[str, dict]) -> dict | None:
-    """A bench result's largest batch size above 1, or None."""
-    larger = [int(size) for size in batches if int(size) > 1]
-    return dict(batches[str(max(larger))], batch_size=max(larger)) if larger else None
 
 
 def _best_row(rows: list[dict[str, Any]], primary: str) -> int | None:

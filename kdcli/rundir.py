@@ -3,7 +3,9 @@
 ``compare`` reads only these files, so runs made on different days or machines
 can be compared. Writes go to a temporary sibling and are renamed into place when
 complete (``atomic_dir``/``write_json``), so a crash never leaves a half output
-that looks whole.
+that looks whole. A write that fails for a reason the user fixes (a full disk, a
+read-only folder, a file where kd keeps a folder, a symlink loop) is a KdError
+naming the output (``file_error``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ class RunDir:
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> "RunDir":
-        root = (Path(recipe.output_dir) / recipe.name).resolve()
+        path = Path(recipe.output_dir) / recipe.name
+        try:
+            root = path.resolve()
+        except RuntimeError:  # a symlink loop (Python 3.13 resolves what it can; the first write then says ELOOP)
+            raise symlink_loop(path) from None
         here = Path.cwd().resolve()
         if not recipe.allow_outside and not root.is_relative_to(here):
             raise KdError(
@@ -108,6 +114,9 @@ def role_filename(role: object) -> str:
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})(?:-.*)?$")
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A write the file system refuses: fixed by the user (chmod, a remount, another output_dir), not by kd.
+NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
 
 
 def _alive(pid: int) -> bool:
@@ -197,6 +206,94 @@ def no_space(where: Path) -> KdError:
     )
 
 
+def file_error(exc: BaseException, where: Path | None = None) -> KdError | None:
+    """The KdError for an OSError the user can fix, naming ``where`` (else the path the error names):
+    a full disk, a folder kd may not write, a file or a broken symlink where kd keeps a folder, a
+    symlink loop. None for any other error, which is a bug and keeps its traceback.
+    """
+    if is_disk_full(exc):
+        return no_space(where or Path(getattr(exc, "filename", None) or "."))
+    if not isinstance(exc, OSError) or not (where or isinstance(exc.filename, str)):
+        return None
+    path = where or Path(exc.filename)
+    if exc.errno in NOT_WRITABLE:
+        if where is None and _unreadable(path):  # outside the writers, a refused read looks the same
+            return KdError(f"cannot read {path}: permission denied", "make it readable, then run the command again")
+        return KdError(
+            f"cannot write {path}: {NOT_WRITABLE[exc.errno]}",
+            "make it writable (or set output_dir in the recipe to a folder you can write) and run the command again",
+        )
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = _in_the_way(path)
+        if blocker is not None and blocker.is_symlink():
+            return KdError(
+                f"{blocker} is a symlink to {os.readlink(blocker)}, which does not exist",
+                "create the folder it points to (or mount its disk), or remove the link; then run the command again",
+            )
+        if blocker is not None:
+            return KdError(f"{blocker} is a file, but kd keeps a folder there",
+                           "move or delete the file (kd makes the folder itself), then run the command again")
+    if exc.errno == errno.ELOOP:
+        return symlink_loop(path)
+    return None
+
+
+def _unreadable(path: Path) -> bool:
+    """True when ``path`` exists and may not be read: a permission error on it was a read, not a write."""
+    try:
+        return path.exists() and not os.access(path, os.R_OK)
+    except OSError:
+        return False
+
+
+def _in_the_way(path: Path) -> Path | None:
+    """The file, or symlink to nothing, at ``path`` or above it where kd needs a folder; None if none is."""
+    for candidate in (path, *path.parents):
+        if candidate.is_symlink() and not candidate.exists():
+            return candidate  # a link to a folder that is gone: a scratch disk not mounted, say
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def symlink_loop(path: Path) -> KdError:
+    """The KdError for ``path`` (a folder kd reads or writes) that cannot be reached for a symlink loop."""
+    link = path
+    for candidate in reversed([path, *path.parents]):  # the outermost link that leads back to itself
+        try:
+            os.stat(candidate)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and candidate.is_symlink():
+                link = candidate
+                break
+    return KdError(f"{link} is a symlink loop: following it leads back to itself",
+                   "remove the link or point it at a real folder (`ls -l` shows where it points), "
+                   "then run the command again")
+
+
+@contextmanager
+def writing(where: Path) -> Iterator[None]:
+    """Turn an OSError the user can fix (see ``file_error``), raised while writing ``where``, into a
+    KdError naming ``where``: the output the user knows, not a temporary sibling of it."""
+    try:
+        yield
+    except OSError as exc:
+        error = file_error(exc, where)
+        if error is None:
+            raise
+        raise error from None
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove everything in ``folder`` and keep the folder. It may be a symlink to another disk
+    (checkpoints on a scratch disk, say): the link is the user's, what is in the folder is kd's."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _tag() -> str:
     return f"{os.getpid()}.{_HOST}"
 
@@ -205,17 +302,13 @@ def _tag() -> str:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; it replaces ``final`` only if the block succeeds.
 
-    A full device while writing becomes a KdError naming ``final``; the previous ``final`` is
-    left as it was.
+    A full device, a read-only folder or a file in the way becomes a KdError naming ``final``; the
+    previous ``final`` is left as it was.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(final.parent)
-    try:
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_tag()}-", dir=final.parent))
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise no_space(final) from None
-        raise
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs should be as readable as any other file
@@ -228,13 +321,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             if is_disk_full(exc, final.parent):
                 raise no_space(final) from exc
             raise
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{_tag()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        with writing(final):
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{_tag()}")
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -243,20 +337,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary sibling and rename it over ``path``: ``path`` is never half written.
 
-    A full device becomes a KdError naming ``path``; the previous ``path`` is left as it was.
+    A full device, a read-only folder or a file in the way becomes a KdError naming ``path``; the
+    previous ``path`` is left as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{_tag()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise no_space(path) from None
-        raise
+        with writing(path):
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -340,15 +433,16 @@ def run_lock(run: RunDir) -> Iterator[None]:
         yield
         return
     created = [p for p in (run.root, *run.root.parents) if not p.exists()]
-    run.root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run.root / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise KdError(
-            f"another kd process is working on {run.root}",
-            "wait for it to finish (or stop it); if none is running, delete the .lock file in that folder",
-        ) from None
+    with writing(run.root):  # a locked command's first write: a read-only run stops here, before any work
+        run.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run.root / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise KdError(
+                f"another kd process is working on {run.root}",
+                "wait for it to finish (or stop it); if none is running, delete the .lock file in that folder",
+            ) from None
     failed = False
     try:
         yield

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from kdcli.errors import Interrupted, KdError
 from kdcli.job import Job
 from kdcli.metrics import MAXIMISED
-from kdcli.rundir import atomic_dir, read_json, write_json, write_text_atomic
+from kdcli.rundir import atomic_dir, clear_folder, read_json, write_json, write_text_atomic
 from kdcli.tasks import part_weights, task_kind
 
 if TYPE_CHECKING:
@@ -383,7 +383,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             raise cannot_resume(job.name, job.checkpoint_dir, problem)
         state = _load_checkpoint(job, accelerator, model, projections, optimizer, scheduler, console)
     elif _checkpoints(job.checkpoint_dir) and accelerator.is_main_process:
-        shutil.rmtree(job.checkpoint_dir)  # a fresh run; --resume would have continued them
+        # A fresh run; --resume would have continued them. The folder stays: it may be a link to a scratch disk.
+        clear_folder(job.checkpoint_dir)
     accelerator.wait_for_everyone()
     state = state or _State()
     if accelerator.is_main_process:

@@ -156,6 +156,21 @@ def _complete_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _read_splits(path: Path) -> tuple["datasets.DatasetDict | None", str | None]:
+    """The saved splits in ``path``, or None and why they cannot be read.
+
+    kd renames them into place whole, so a failure here means a file was changed or lost since
+    (edited, truncated, copied in part). Whatever datasets raises for that is the damage.
+    """
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_from_disk(str(path)), None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, pyarrow.ArrowException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def _why_prepare(old: dict[str, Any] | None, identity: dict[str, Any], force: bool, exists: bool) -> str:
     if force:
         return "--force"
@@ -242,10 +257,14 @@ def _plan_stage(
     identity = _identity(recipe, stage.data, source_files(stage.data))
     print_id = _fingerprint(identity)
     old = _complete_manifest(out)
+    damage = None
     if not force and old is not None and old["fingerprint"] == print_id:
-        return _result(stage.name, out, old, True, "up to date (no changes)", time.perf_counter() - started)
-    reason = _why_prepare(old, identity, force, out.exists())
-    if old is not None and not replace:
+        # Up to date, if it still reads: damaged prepared data is prepared again (it comes from the sources).
+        damage = _read_splits(out)[1]
+        if damage is None:
+            return _result(stage.name, out, old, True, "up to date (no changes)", time.perf_counter() - started)
+    reason = f"previous output damaged ({damage})" if damage else _why_prepare(old, identity, force, out.exists())
+    if old is not None and not damage and not replace:
         raise DataError(
             f"the prepared data of stage '{stage.name}' in {out} was made from another recipe ({reason})",
             "eval and bench read the data the run was made with and never rewrite it: drop the change, "
@@ -301,13 +320,13 @@ def _writing(out: Path) -> Iterator[None]:
         yield
 
 
-def _written_meanwhile(plan: _Pending, planned_at: float, force: bool) -> PrepareResult | None:
+def _written_meanwhile(plan: _Pending, planned_at: float) -> PrepareResult | None:
     """The result of another process that wrote this very data while we waited for the lock, else None."""
     manifest = _complete_manifest(plan.out)
     if manifest is None or manifest["fingerprint"] != plan.manifest["fingerprint"]:
         return None
-    if force and (plan.out / MANIFEST).stat().st_mtime < planned_at:
-        return None  # --force: the copy from before this command does not count
+    if (plan.out / MANIFEST).stat().st_mtime < planned_at:
+        return None  # the copy from before this command, which --force or its damage has us write again
     return _result(plan.manifest["stage"], plan.out, manifest, True, "up to date (prepared by another process)",
                    time.perf_counter() - plan.started)
 
@@ -329,7 +348,7 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
         for plan in plans:
             if isinstance(plan, _Pending):
                 with _writing(plan.out):
-                    done = _written_meanwhile(plan, planned_at, force)
+                    done = _written_meanwhile(plan, planned_at)
                     if done is None:
                         say(f"stage {plan.manifest['stage']}: saving {plan.out}")
                         plan = _write_stage(plan)
@@ -340,16 +359,13 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
 
 
 def load_prepared(run: RunDir, stage: str) -> tuple["datasets.DatasetDict", dict[str, Any]]:
-    """A stage's prepared splits and manifest; DataError when they are missing or incomplete."""
+    """A stage's prepared splits and manifest; DataError when they are missing, incomplete or damaged."""
     path = run.data(stage)
     manifest = _complete_manifest(path)
     if manifest is None:
         state = "incomplete" if path.exists() else "missing"
         raise DataError(f"prepared data for stage '{stage}' is {state} ({path})", "run kd prepare RECIPE")
-    import datasets
-
-    try:
-        splits = datasets.load_from_disk(str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"prepared data in {path} cannot be read ({exc})", "run kd prepare RECIPE --force") from None
+    splits, damage = _read_splits(path)
+    if splits is None:  # `prepare` would have found it; this is damage done since
+        raise DataError(f"the prepared data in {path} is damaged ({damage})", "run `kd prepare RECIPE --force`")
     return splits, manifest
