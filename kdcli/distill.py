@@ -111,8 +111,9 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     previous_fingerprint: str | None = None
     for stage, job_name in _stages(recipe, role, out):
         data = stage_data(recipe, run, stage)
+        rows = data.rows  # the stage's splits as prepared (and cached); a tune trial trains on a share of train
         if train_fraction < 1.0:
-            data.rows["train"] = _fraction(data.rows["train"], train_fraction, recipe.seed)
+            rows = {**rows, "train": _fraction(rows["train"], train_fraction, recipe.seed)}
         identity = _stage_identity(recipe, stage, role, data.fingerprint, previous_fingerprint)
         wanted = fingerprint(identity) + f"-{train_fraction:g}"
         output = out.stage_output(stage.name, role)
@@ -134,7 +135,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             if sources:
                 console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
         job = Job(
-            name=job_name, student=student, rows=data.rows, loss=loss, train=stage.train, seed=recipe.seed,
+            name=job_name, student=student, rows=rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template, checkpoint_dir=out.checkpoints(job_name),
             output_dir=output, metrics_path=out.metrics, label_prior=data.label_prior,
             extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []),

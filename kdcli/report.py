@@ -623,6 +623,8 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue  # not a record kd wrote
         records = jobs.setdefault(record.get("stage", "?"), [])
         if records and record["step"] < records[-1]["step"]:
             records[:] = [r for r in records if r["step"] < record["step"]]

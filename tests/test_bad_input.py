@@ -190,6 +190,10 @@ RECIPE_CASES = [
 
 DATA_CASES = [
     Case("data file missing", "data file not found: missing.jsonl", _set("data.path", "missing.jsonl")),
+    Case("integer labels far beyond a class index", "label 1000000000000 would make 1,000,000,000,001 classes",
+         _set("data.label_names", DELETE),
+         files={"s.jsonl": "".join(json.dumps({"text": f"row {i}", "label": i % 3}) + "\n" for i in range(30))
+                + json.dumps({"text": "an amount", "label": 10**12}) + "\n"}),
     Case("files without a train split", "files needs a train split",
          _edits(_set("data.path", DELETE), _set("data.files", {"test": "s.jsonl"}))),
     Case("hub without hub_name", "format = 'hub' needs hub_name",

@@ -169,7 +169,9 @@ def test_read_metrics_keeps_the_latest_attempt(tmp_path):
         {"stage": "t", "kind": "train", "step": 1, "samples": 1, "loss": 3.0},  # started again from scratch
     ]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"stage\": \"main\", \"ki")  # a torn last line
+    others = ["[1, 2]", '"text"', '{"stage": "main"}', '{"stage": "main", "step": "3"}']  # JSON, but not records
+    path.write_text("\n".join([json.dumps(line) for line in lines] + others)
+                    + "\n{\"stage\": \"main\", \"ki")  # a torn last line
     jobs = read_metrics(path)
     assert [(r["step"], r["loss"]) for r in jobs["main"]] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5), (5, 0.5)]
     assert [(r["step"], r["loss"]) for r in jobs["t"]] == [(1, 3.0)]

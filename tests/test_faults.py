@@ -491,6 +491,21 @@ def test_a_damaged_stage_output_is_not_up_to_date(damage, trained, tmp_path, mon
     assert "up to date" in kd("distill", "recipe.toml").output
 
 
+@pytest.mark.slow
+def test_a_damaged_fine_tuned_teacher_is_fine_tuned_again(bert, tmp_path, monkeypatch):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=2, eval_every=400, log_every=400)
+    monkeypatch.chdir(root)
+    finetune = "teachers.t.finetune={epochs = 1, batch_size = 8, lr = 1e-3}"
+    kd("cache-teachers", "recipe.toml", "--set", finetune)
+    teacher = root / "runs" / "f" / "teachers" / "t"
+    (teacher / "config.json").unlink()
+    again = "".join(kd("cache-teachers", "recipe.toml", "--set", finetune).output.split())  # rich wraps anywhere
+    assert "".join(f"the fine-tuned teacher t in {teacher} is not whole (config.json is missing)".split()) in again
+    assert (teacher / "config.json").is_file()
+    assert "fine-tuning" not in kd("cache-teachers", "recipe.toml", "--set", finetune).output
+
+
 def test_a_checkpoint_without_state_json_is_incomplete_and_ignored(trained, tmp_path, monkeypatch):
     """state.json is written last: a step folder without it (and a dead process's temporary one) are skipped."""
     checkpoints = _copy(trained, tmp_path, monkeypatch)

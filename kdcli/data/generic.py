@@ -27,6 +27,9 @@ def _column(row: RawRow, column: str, key: str) -> Any:
     return row.data[column]
 
 
+MAX_INFERRED_CLASSES = 10_000
+
+
 def _infer_class_names(rows: list[RawRow], column: str) -> list[str]:
     values = [_column(row, column, "label") for row in rows]
     for row, value in zip(rows, values):
@@ -38,7 +41,15 @@ def _infer_class_names(rows: list[RawRow], column: str) -> list[str]:
             )
     indices = [int_like(v) for v in values]
     if values and all(i is not None for i in indices):
-        return [str(i) for i in range(max(indices) + 1)]  # type: ignore[type-var]
+        top = max(indices)  # type: ignore[type-var]
+        if top >= MAX_INFERRED_CLASSES:  # a column of ids or amounts, not of class indices
+            row = rows[indices.index(top)]
+            raise DataError(
+                f"{row.where}: label {top} would make {top + 1:,} classes (integer labels are read as 0-based "
+                f"class indices; at most {MAX_INFERRED_CLASSES:,} are inferred)",
+                "point data.columns.label at the class column, or list the classes in data.label_names",
+            )
+        return [str(i) for i in range(top + 1)]
     return sorted({str(v).strip() for v in values})
 
 
