@@ -158,14 +158,31 @@ class TaskModel:
 
     # ----------------------------------------------------------------- inputs
 
+    def prompt(self, example: dict, template: str | None = None) -> str:
+        """generate: the text the model is asked. In chat format (the example has ``messages``) its turns
+        rendered by this model's own chat template, ending where the assistant's answer starts; else
+        the prompt template filled in."""
+        if example.get("messages"):
+            return self.chat_text(example["messages"])
+        return render_prompt(example, template or GENERATE_TEMPLATE)
+
+    def chat_text(self, turns: list[dict[str, str]], answer: str | None = None) -> str:
+        """``turns`` through the tokenizer's chat template: up to the assistant's turn, or with ``answer`` as it."""
+        check_chat_template(self.tokenizer, f"model {self.model.name_or_path}")
+        if answer is None:
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": answer}], tokenize=False)
+
     def encode_prompts(self, examples: list[dict], max_length: int | None = None,
                        template: str | None = None) -> dict[str, Tensor]:
         """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one)."""
-        prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
+        prompts = [self.prompt(ex, template) for ex in examples]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
         try:
-            return self.tokenize(prompts, max_length=max_length or self.max_length)
+            # A chat template writes the special tokens (BOS) itself.
+            return self.tokenize(prompts, max_length=max_length or self.max_length,
+                                 add_special_tokens=not any(ex.get("messages") for ex in examples))
         finally:
             self.tokenizer.padding_side = side
 
@@ -200,10 +217,10 @@ class TaskModel:
             self.model.train(was_training)
         return answers
 
-    def tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int) -> dict[str, Tensor]:
-        return dict(
-            self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        )
+    def tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int,
+                 add_special_tokens: bool = True) -> dict[str, Tensor]:
+        return dict(self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length,
+                                   return_tensors="pt", add_special_tokens=add_special_tokens))
 
     def encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:
         """[B, C, L] inputs for a multiple-choice encoder.
@@ -303,6 +320,16 @@ def pad_rows(rows: list[list[int]], value: int) -> Tensor:
     """Right-pad lists of ids to one [B, T] tensor (T >= 1)."""
     width = max([len(r) for r in rows] + [1])
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def check_chat_template(tokenizer: transformers.PreTrainedTokenizerBase, who: str) -> None:
+    """Chat format needs each model's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"{who}: its tokenizer has no chat template, and the data is in chat format (data.chat = true or "
+            "format = 'messages')",
+            "use an instruct model (or give its tokenizer with `tokenizer = ...`), or set data.chat = false",
+        )
 
 
 def render_prompt(example: dict, template: str | None = None) -> str:
@@ -666,12 +693,13 @@ def tokenizer_fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> st
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{special}\n{body}".encode()).hexdigest()[:16]
+    chat = getattr(tokenizer, "chat_template", None) or ""  # it decides the prompt's tokens in chat format
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{special}\n{body}\n{chat}".encode()).hexdigest()[:16]
 
 
 __all__ = [
     "TaskModel", "TaskOutput", "resolve_ref", "load_task_model", "pick_head", "render_prompt", "option_token_ids",
     "student_from_teacher", "check_compatible", "weights_fingerprint", "tokenizer_fingerprint", "load_tokenizer",
-    "load_config", "check_label_count", "check_shared_vocabulary", "answer_target", "clean_answer", "GENERATE_TEMPLATE",
-    "pad_rows", "parameter_count", "place",
+    "load_config", "check_label_count", "check_shared_vocabulary", "check_chat_template", "answer_target",
+    "clean_answer", "GENERATE_TEMPLATE", "pad_rows", "parameter_count", "place",
 ]

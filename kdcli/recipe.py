@@ -97,11 +97,13 @@ class Columns(Section):
 
 
 class DataConfig(Section):
-    format: Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "csv", "jsonl", "parquet", "hub"] = Field(
+    format: Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "messages", "csv", "jsonl", "parquet",
+                    "hub"] = Field(
         ...,
         description="Source format: a built-in adapter for the study's datasets (fpb, winogrande, "
-        "socialiqa, aqua, triviaqa), a generic file (csv, jsonl, parquet, with `columns`), or `hub` "
-        "(datasets.load_dataset, needs network).",
+        "socialiqa, aqua, triviaqa), `messages` (jsonl conversations: system/user/assistant turns, the "
+        "last assistant turn the answer; generate), a generic file (csv, jsonl, parquet, with `columns`), "
+        "or `hub` (datasets.load_dataset, needs network).",
     )
     path: str | None = Field(
         None,
@@ -147,6 +149,13 @@ class DataConfig(Section):
     )
     max_length: int = Field(128, gt=0, description="Maximum input length in tokens; longer inputs are truncated.")
     answer_max_length: int = Field(32, gt=0, description="Maximum answer length in tokens (generate).")
+    chat: bool = Field(
+        False,
+        description="generate: put each prompt in a user turn and render it with each model's own chat "
+        "template (instruct models); the loss falls on the assistant's answer only. Format `messages` is "
+        "always chat.",
+    )
+    system: str | None = Field(None, description="A system turn before every prompt (with chat = true).")
 
     @field_validator("template")
     @classmethod
@@ -190,6 +199,9 @@ class DataConfig(Section):
             problems.append(f"split fractions sum to {total:g}, not 1")
         if any(v < 0 for v in self.split.values()):
             problems.append("split fractions must be >= 0")
+        if self.system is not None and not self.chat:
+            problems.append("system needs chat = true (a format = 'messages' conversation carries its own "
+                            "system turn)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -503,6 +515,10 @@ class Recipe(Section):
                     f"{where}.alpha: {stage.loss.alpha:g} gives weight to a teacher term, but the stage has no "
                     "teachers (set alpha = 1 to train on labels only)"
                 )
+            if self.task != "generate" and (stage.data.chat or stage.data.format == "messages"):
+                what = "chat = true" if stage.data.chat else "format = 'messages'"
+                problems.append(f"{'stages.' + str(i) + '.' if self.stages else ''}data: {what} needs task "
+                                f"'generate' (the task is '{self.task}')")
         for key in self.search:
             if not _has_path(self, key.split(".")):
                 problems.append(f"search.{key}: no such recipe key")

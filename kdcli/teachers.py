@@ -161,6 +161,21 @@ def check_vocabularies(recipe: Recipe) -> None:
             check_shared_vocabulary(student_tokenizer, load_tokenizer(recipe.teachers[name]), name)
 
 
+def check_chat_templates(recipe: Recipe) -> None:
+    """Chat format: the student and every teacher of a chat stage render prompts with their own chat
+    template, so each must have one (checked on the tokenizers, before any model is loaded)."""
+    from kdcli.models import check_chat_template, load_tokenizer
+
+    chat = [s for s in recipe.resolved_stages() if s.data.chat or s.data.format == "messages"]
+    if not chat:
+        return
+    origin = recipe.student.from_teacher
+    check_chat_template(load_tokenizer(recipe.teachers[origin] if origin else recipe.student),
+                        f"student {recipe.student.ref or 'cut from ' + str(origin)}")
+    for name in sorted({n for s in chat for n in s.teachers or []}):
+        check_chat_template(load_tokenizer(recipe.teachers[name]), f"teacher {name} ({recipe.teachers[name].ref})")
+
+
 def preflight(recipe: Recipe, run: RunDir) -> None:
     """Check label counts, the student's layers and every layer map against the models' configs,
     before any training or caching (configs are cheap; a mistake found after an hour is not)."""
@@ -177,6 +192,7 @@ def preflight(recipe: Recipe, run: RunDir) -> None:
             )
     layers = student_layers(recipe)
     check_vocabularies(recipe)
+    check_chat_templates(recipe)
     for stage in recipe.resolved_stages():
         data = stage_data(recipe, run, stage)
         for name in stage.teachers or []:

@@ -551,7 +551,7 @@ def test_prepare_writes_datasets_and_manifest(here):
     splits, manifest = load_prepared(run, "main")
     assert result.path == run.data("main") and not result.skipped and result.reason == "first prepare"
     assert {name: len(ds) for name, ds in splits.items()} == result.counts == manifest["counts"]
-    assert set(splits["train"].features) == {"id", "text", "options", "label", "answers"}
+    assert set(splits["train"].features) == {"id", "text", "options", "label", "answers", "messages"}
     assert (
         manifest["format"] == "fpb"
         and manifest["sources"][0]["sha256"]

@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     ["kdcli.data.read", "kdcli.data.split"],
     ["kdcli.data.generic"],
     ["kdcli.data.hub", "kdcli.data.fpb", "kdcli.data.winogrande", "kdcli.data.socialiqa", "kdcli.data.aqua",
-     "kdcli.data.triviaqa"],
+     "kdcli.data.triviaqa", "kdcli.data.messages"],
     ["kdcli.data.fields"],
     ["kdcli.data.files"],
     ["kdcli.losses", "kdcli.rundir", "kdcli.runtime"],

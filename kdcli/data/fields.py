@@ -4,7 +4,7 @@ with errors that name the line."""
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kdcli.data.files import RawRow, SourceFile, excerpt, label_lines
@@ -21,10 +21,13 @@ class Example:
     label: int
     answers: list[str]
     where: str  # "file:line" of the source row, for error messages; not saved
+    # generate in chat format: the turns before the answer ({"role", "content"}); empty otherwise
+    messages: list[dict[str, str]] = field(default_factory=list)
 
     def key(self) -> tuple:
         """Identity of an exact duplicate: everything but the id."""
-        return (self.text, tuple(self.options), self.label, tuple(self.answers))
+        turns = tuple((m["role"], m["content"]) for m in self.messages)
+        return (self.text, tuple(self.options), self.label, tuple(self.answers), turns)
 
 
 def string_field(row: RawRow, key: str, hint: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -101,13 +102,18 @@ def _to_datasets(splits: dict[str, list[Example]]) -> "datasets.DatasetDict":
             "options": datasets.Sequence(datasets.Value("string")),
             "label": datasets.Value("int64"),
             "answers": datasets.Sequence(datasets.Value("string")),
+            "messages": datasets.Value("string"),  # JSON: a list of turns has no stable Arrow type across datasets
         }
     )
+
+    def column(examples: list[Example], name: str) -> list:
+        if name == "messages":
+            return [json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "" for ex in examples]
+        return [getattr(ex, name) for ex in examples]
+
     return datasets.DatasetDict(
         {
-            name: datasets.Dataset.from_dict(
-                {column: [getattr(ex, column) for ex in examples] for column in features}, features=features
-            )
+            name: datasets.Dataset.from_dict({c: column(examples, c) for c in features}, features=features)
             for name, examples in splits.items()
         }
     )

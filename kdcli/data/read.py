@@ -9,6 +9,7 @@ from kdcli.data.fields import Example
 from kdcli.data.files import SourceFile, source_files
 from kdcli.data.fpb import read_fpb
 from kdcli.data.generic import read_generic
+from kdcli.data.messages import read_messages
 from kdcli.data.socialiqa import read_socialiqa
 from kdcli.data.triviaqa import read_triviaqa
 from kdcli.data.winogrande import read_winogrande
@@ -29,6 +30,7 @@ FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "socialiqa": ("choice",),
     "aqua": ("choice", "generate"),
     "triviaqa": ("generate",),
+    "messages": ("generate",),
 }
 
 
@@ -38,6 +40,7 @@ ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], list[Example]]
     "socialiqa": read_socialiqa,
     "aqua": read_aqua,
     "triviaqa": read_triviaqa,
+    "messages": read_messages,
 }
 
 

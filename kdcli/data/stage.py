@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) 
     with process_state().main_process_first():
         prepare_recipe(recipe, quiet=True, replace=replace)
     splits, manifest = load_prepared(run, stage.name)
-    rows = {name: [dict(row, idx=i) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
+    rows = {name: [_row(row, i, stage) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
     num_classes = task_kind(recipe.task).num_classes(manifest)
     histogram = [0] * num_classes
     for row in rows.get("train", []):
@@ -41,3 +42,17 @@ def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) 
     total = sum(histogram)
     prior = [count / total for count in histogram] if total else None
     return StageData(rows, manifest, num_classes, prior)
+
+
+def _row(row: dict, idx: int, stage: Stage) -> dict:
+    """A prepared row as the models read it: its index in the split (`idx`, for cache lookups) and, in
+    chat format, the turns before the answer (`messages`; empty otherwise)."""
+    turns = json.loads(row["messages"]) if row.get("messages") else []
+    if stage.data.chat and not turns:
+        from kdcli.models import render_prompt
+
+        system = [{"role": "system", "content": stage.data.system}] if stage.data.system is not None else []
+        # The prompt template is optional in chat: an instruct model is asked the question itself.
+        question = render_prompt(row, stage.data.template) if stage.data.template else row["text"]
+        turns = [*system, {"role": "user", "content": question}]
+    return dict(row, idx=idx, messages=turns)

@@ -52,15 +52,13 @@ class Generate(TaskKind):
         import torch
 
         from kdcli.models import (
-            GENERATE_TEMPLATE,
             answer_target,
             pad_rows,
-            render_prompt,
         )
 
         max_length = max_length or model.max_length
         limit = answer_max_length or model.answer_max_length
-        prompts = [render_prompt(ex, template or GENERATE_TEMPLATE) for ex in examples]
+        prompts = [model.prompt(ex, template) for ex in examples]
         targets = [answer_target(ex) for ex in examples]
         if model.kind == "seq2seq":
             batch = model.tokenize(prompts, max_length=max_length)
@@ -75,9 +73,14 @@ class Generate(TaskKind):
         if model.kind != "causal":
             raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{model.kind}'")
         sequences, labels = [], []
-        for prompt, target in zip(prompts, targets):
-            prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
-            answer = _answer_ids(model, prompt_ids, prompt, target, limit)
+        for example, prompt, target in zip(examples, prompts, targets):
+            if example.get("messages"):  # the chat template writes the special tokens itself
+                prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length,
+                                             add_special_tokens=False)["input_ids"]
+                answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
+            else:
+                prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+                answer = _answer_ids(model, prompt_ids, prompt, target, limit)
             sequences.append(prompt_ids + answer)
             labels.append([-100] * len(prompt_ids) + answer)
         input_ids = pad_rows(sequences, model.tokenizer.pad_token_id)
@@ -276,6 +279,22 @@ class Generate(TaskKind):
 def _teacher_targets(examples: list[dict], answer: TeacherBatch) -> list[dict]:
     """Sequence-level KD: the examples with a teacher's greedy answer as the target."""
     return [dict(ex, target=text) for ex, text in zip(examples, answer.texts)]
+
+
+def _chat_answer_ids(model: "TaskModel", turns: list[dict[str, str]], prompt: str, answer: str,
+                     limit: int) -> list[int]:
+    """The assistant turn's tokens as the model's chat template writes them after ``prompt``: the
+    answer and its end-of-turn token (EOS), cut to ``limit`` (EOS kept)."""
+    tokenizer = model.tokenizer
+    full = model.chat_text(turns, answer)
+    if not full.startswith(prompt):
+        raise ModelError(f"model {model.model.name_or_path}: its chat template writes the conversation with the "
+                         "answer differently from the one without it, so the answer's tokens cannot be found",
+                         "use a chat template whose generation prompt is a prefix of the full conversation")
+    ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids = ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]  # what follows the turn's end is not the answer
+    return ids if len(ids) <= limit else ids[: max(limit - 1, 0)] + [eos]
 
 
 def _answer_ids(model: "TaskModel", prompt_ids: list[int] | None, prompt: str | None, answer: str,

@@ -1,0 +1,40 @@
+"""Conversations (jsonl, generate): ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line,
+the chat format of instruct models. The last turn is the assistant's answer, the turns before it
+the prompt; every model renders them with its own chat template."""
+
+from __future__ import annotations
+
+from kdcli.data.fields import Example
+from kdcli.data.files import SourceFile, excerpt, json_rows
+from kdcli.errors import DataError
+from kdcli.recipe import DataConfig
+
+ROLES = ("system", "user", "assistant")
+MESSAGES_HINT = (
+    'each line is {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}: '
+    "roles system, user or assistant, the last turn the assistant's answer"
+)
+
+
+def read_messages(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
+    examples = []
+    for row in json_rows(source.path, data.encoding or "utf-8"):
+        turns = row.data.get("messages")
+        if not isinstance(turns, list) or len(turns) < 2:
+            raise DataError(f"{row.where}: 'messages' should be a list of at least two turns, got "
+                            f"{excerpt(repr(turns))}", MESSAGES_HINT)
+        for turn in turns:
+            if (not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str)
+                    or set(turn) - {"role", "content"}):
+                raise DataError(f"{row.where}: not a turn of role system, user or assistant with text content: "
+                                f"{excerpt(repr(turn))}", MESSAGES_HINT)
+        *prompt, answer = turns
+        if answer["role"] != "assistant" or not answer["content"].strip():
+            raise DataError(f"{row.where}: the last turn should be the assistant's answer, got "
+                            f"{excerpt(repr(answer))}", MESSAGES_HINT)
+        users = [turn["content"] for turn in prompt if turn["role"] == "user"]
+        if not users:
+            raise DataError(f"{row.where}: no user turn before the answer", MESSAGES_HINT)
+        examples.append(Example(str(row.data.get("id", row.default_id)), users[-1], [], -1,
+                                [answer["content"].strip()], row.where, messages=prompt))
+    return examples

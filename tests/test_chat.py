@@ -1,0 +1,197 @@
+"""Chat format (task generate): conversations (`format = "messages"`) and `data.chat = true`, rendered
+by each model's own chat template, with the loss on the assistant's answer only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+
+import jobs
+import kit
+from clirun import kd
+from kdcli.errors import ModelError
+from kdcli.models import load_task_model
+from kdcli.recipe import TeacherConfig
+from kdcli.tasks import task_kind
+
+GENERATE = task_kind("generate")
+# Two templates over one vocabulary: teacher and student may render the same turns differently.
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+          "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# A different prompt markup, the answer again straight after a line break: the same answer tokens.
+ALT = ("{% for m in messages %}### {{ m['role'] | capitalize }}:{{ '\\n' }}{{ m['content'] }}"
+       "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+       "{% if add_generation_prompt %}### Assistant:{{ '\\n' }}{% endif %}")
+# Llama 2 style: the answer after a space, so its first token differs from the other two templates'.
+INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
+        "{% elif m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% else %}[INST] {{ m['content'] }} [/INST]"
+        "{% endif %}{% endfor %}")
+TURNS = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]
+
+
+def _with_template(path: Path, template: str | None) -> Path:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """The same tiny causal Llama with each template above, and with none."""
+    made = {}
+    for name, template in (("chatml", CHATML), ("alt", ALT), ("inst", INST), ("plain", None)):
+        path = kit.make_model_dir(tmp_path_factory.mktemp(name), "llama", "causal", layers=2)
+        made[name] = _with_template(path, template)
+    return made
+
+
+def _model(path: Path):
+    return load_task_model(TeacherConfig(ref=str(path)), "generate", 0)
+
+
+def test_each_model_renders_the_turns_with_its_own_template(llamas):
+    example = {"text": "Capital of France?", "answers": ["Paris"], "messages": TURNS}
+    assert _model(llamas["chatml"]).prompt(example) == (
+        "<|system|>\nAnswer in one word.\n<|user|>\nCapital of France?\n<|assistant|>\n")
+    assert _model(llamas["inst"]).prompt(example) == (
+        "<s><<SYS>>Answer in one word.<</SYS>>[INST] Capital of France? [/INST]")
+    # Without turns, the prompt template as before.
+    assert _model(llamas["chatml"]).prompt({"text": "Capital of France?", "options": []}) == (
+        "Question: Capital of France?\nAnswer:")
+
+
+@pytest.mark.parametrize("name", ["chatml", "alt", "inst"])
+def test_the_loss_falls_on_the_answer_and_its_end_of_turn_only(llamas, name):
+    model = _model(llamas[name])
+    example = {"text": "Capital of France?", "answers": ["Paris"], "messages": TURNS}
+    batch = GENERATE.encode(model, [example], max_length=64, answer_max_length=8)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    answer = [i for i, label in zip(ids, labels) if label != -100]
+    prompt = [i for i, label in zip(ids, labels) if label == -100]
+    assert labels == [-100] * len(prompt) + answer  # the answer is the end of the sequence, all of it targets
+    assert model.tokenizer.decode(answer).strip() == "Paris" + model.tokenizer.eos_token
+    assert model.tokenizer.decode(prompt) == model.prompt(example)  # the template's text, once: no second <s>
+    # A long answer is cut to answer_max_length with its end kept.
+    long = GENERATE.encode(model, [dict(example, answers=["Paris " * 20])], max_length=64, answer_max_length=4)
+    kept = [i for i in long["labels"][0].tolist() if i != -100]
+    assert len(kept) == 4 and kept[-1] == model.tokenizer.eos_token_id
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_clear_error_naming_the_model(llamas):
+    with pytest.raises(ModelError, match="has no chat template") as error:
+        _model(llamas["plain"]).prompt({"text": "x", "messages": TURNS})
+    assert str(llamas["plain"]) in error.value.message and "data.chat = false" in error.value.hint
+
+
+# --------------------------------------------------------------------------- data and the CLI
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"},
+                  {"role": "assistant", "content": str(i + 1)}]}
+    for i in range(40)
+]
+
+
+def _recipe(teacher: Path, student: Path, data: dict, **loss) -> Path:
+    return jobs.write_recipe("chat.toml", {
+        "name": "chat", "task": "generate",
+        "data": {"max_length": 48, "answer_max_length": 6} | data,
+        "student": {"ref": str(student)},
+        "teachers": {"t": {"ref": str(teacher)}},
+        "loss": {"alpha": 0.5, "temperature": 2.0, "top_k": 8} | loss,
+        "train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "eval_every": 10_000, "eval_batch_size": 16},
+        "eval": {"max_new_tokens": 4, "batch_size": 16},
+        "bench": {"batch_sizes": [1], "iters": 1, "warmup": 1, "threads": 1},
+    })
+
+
+def test_a_messages_file_is_prepared_with_its_turns(here, llamas):
+    Path("c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    recipe = _recipe(llamas["chatml"], llamas["chatml"], {"format": "messages", "path": "c.jsonl"})
+    kd("prepare", recipe)
+    from kdcli import recipe as recipe_mod
+    from kdcli.data.stage import stage_data
+    from kdcli.rundir import RunDir
+
+    loaded = recipe_mod.load(Path(recipe), [])
+    data = stage_data(loaded, RunDir.for_recipe(loaded), loaded.resolved_stages()[0])
+    row = data.rows["train"][0]
+    number = int(row["text"].split()[2])
+    assert row["messages"] == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": f"What is {number} + 1?"}]
+    assert row["answers"] == [str(number + 1)]
+
+
+@pytest.mark.parametrize("line, says", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' should be a list of at least two turns"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
+     "the last turn should be the assistant's answer"),
+    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "not a turn of role system, user or assistant"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "yo"}]},
+     "no user turn before the answer"),
+])
+def test_a_bad_conversation_is_a_clean_error_naming_the_line(here, llamas, line, says):
+    Path("c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS[:5]) + json.dumps(line) + "\n")
+    recipe = _recipe(llamas["chatml"], llamas["chatml"], {"format": "messages", "path": "c.jsonl"})
+    result = kd("prepare", recipe, code=1)
+    assert f"c.jsonl:6: {says}" in result.stderr and "hint:" in result.stderr
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"format": "messages", "path": "c.jsonl"}, "format = 'messages' needs task 'generate'"),
+    ({"format": "jsonl", "path": "c.jsonl", "chat": True}, "chat = true needs task 'generate'"),
+])
+def test_chat_is_refused_for_other_tasks(here, data, says):
+    jobs.write_recipe("r.toml", {"name": "r", "task": "classify", "data": data, "student": {"ref": "m"}})
+    assert says in kd("check", "r.toml", code=1).stderr
+
+
+def test_a_system_prompt_without_chat_is_refused(here):
+    jobs.write_recipe("r.toml", {"name": "r", "task": "generate", "student": {"ref": "m"},
+                                 "data": {"format": "triviaqa", "path": "t.jsonl", "system": "Be brief."}})
+    assert "system needs chat = true" in kd("check", "r.toml", code=1).stderr
+
+
+def _trivia() -> None:
+    with open("trivia.jsonl", "w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"context": f"Question: what is number {i}?\nAnswer:", "answer": str(i),
+                                     "aliases": [str(i)]}) + "\n")
+
+
+def test_a_teacher_without_a_chat_template_is_refused_before_any_work(here, llamas):
+    _trivia()
+    recipe = _recipe(llamas["plain"], llamas["chatml"], {"format": "triviaqa", "path": "trivia.jsonl",
+                                                         "chat": True})
+    result = kd("distill", recipe, code=1)
+    assert f"teacher t ({llamas['plain']}): its tokenizer has no chat template" in result.stderr
+    assert not Path("runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student, kd_level", [("alt", "token"), ("inst", "sequence")])
+def test_chat_distillation_with_two_templates_through_the_cli(here, llamas, student, kd_level):
+    """Teacher and student render prompts differently; token-level KD lines up their answer tokens."""
+    _trivia()
+    recipe = _recipe(llamas["chatml"], llamas[student], {"format": "triviaqa", "path": "trivia.jsonl",
+                                                         "chat": True, "system": "Answer with a number."},
+                     kd_level=kd_level)
+    assert "t (live)" in kd("distill", recipe).output
+    assert "built" in kd("cache-teachers", recipe).output
+    assert "t (cache)" in kd("distill", recipe, "--set", "train.lr=5e-4").output
+    result = json.loads(kd("eval", recipe, "--json").stdout)
+    assert result["n"] > 0 and 0 <= result["metrics"]["f1"] <= 1 and "t" in result["agreement"]
+    bench = json.loads(kd("bench", recipe, "--json").stdout)["results"][0]
+    assert bench["batches"]["1"]["throughput"] > 0
+
+
+def test_templates_that_tokenize_the_answer_differently_need_sequence_level_kd(here, llamas):
+    _trivia()
+    recipe = _recipe(llamas["chatml"], llamas["inst"], {"format": "triviaqa", "path": "trivia.jsonl", "chat": True})
+    result = kd("distill", recipe, code=1)
+    assert "answer tokens per example" in result.stderr and 'loss.kd_level = "sequence"' in result.stderr
