@@ -195,6 +195,15 @@ def cache_teachers(
     from kdcli.teachers import cache_teachers as build
 
     recipe = _load(recipe_path, overrides)
+    taught = [s for s in recipe.resolved_stages() if s.teachers]
+    if taught and all(s.loss.kd_level == "on_policy" for s in taught):
+        from kdcli.errors import CacheError
+
+        raise CacheError(
+            "every stage with teachers distils on-policy: the teachers score the student's own samples, new at "
+            "every step, so there is nothing to cache",
+            "run `kd distill RECIPE`, which runs the teachers live; a cache serves kd_level = 'token' or 'sequence'",
+        )
     with _locked(recipe):
         reports = build(recipe, force=force, quiet=as_json)  # quiet: nothing but the JSON on stdout
     if as_json:

@@ -25,8 +25,8 @@ class TeacherSettings:
     pooling: str = "mean"
     max_length: int = 128
     template: str | None = None
-    kd_level: str = "token"  # generate: token-level distributions, or greedy answers ("sequence")
-    top_k: int | None = None  # generate, token level: log-probs kept per answer token
+    kd_level: str = "token"  # generate: token-level distributions, greedy answers ("sequence"), or "on_policy"
+    top_k: int | None = None  # generate, token level: log-probs kept per answer token (None: all of them)
     temperature: float = 1.0  # generate, token level: the log-probs are softened at it
     answer_max_length: int = 32  # generate: answer tokens (EOS included)
 

@@ -37,6 +37,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -188,6 +189,23 @@ class TaskModel:
 
     def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """Greedy decoding of an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]."""
+        return self._new_tokens(batch, max_new_tokens, do_sample=False)
+
+    def sample_ids(self, batch: dict[str, Tensor], max_new_tokens: int, temperature: float) -> Tensor:
+        """Sampled answers (on-policy KD) to an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]
+        after the decoder's start, drawn from the full distribution at ``temperature`` with torch's RNG, in eval
+        mode (no dropout), without gradients."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                new = self._new_tokens(batch, max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
+                                       top_p=1.0)
+        finally:
+            self.model.train(was_training)
+        return new if self.kind == "causal" else new[:, 1:]
+
+    def _new_tokens(self, batch: dict[str, Tensor], max_new_tokens: int, **decoding: Any) -> Tensor:
         inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         head = self.model.get_output_embeddings()
         rows = head.weight.shape[0] if head is not None else self.model.config.vocab_size
@@ -195,9 +213,8 @@ class TaskModel:
         # they decode to nothing, and an untrained student may well favour one.
         padding_ids = list(range(self.vocab_size, rows)) or None
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            suppress_tokens=padding_ids,
+            **inputs, max_new_tokens=max_new_tokens, num_beams=1, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, suppress_tokens=padding_ids, **decoding,
         )
         return out[:, inputs["input_ids"].shape[1]:] if self.kind == "causal" else out
 

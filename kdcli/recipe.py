@@ -348,14 +348,30 @@ class LossConfig(Section):
         description="How several teachers' distributions are mixed: static weights, per example by the "
         "teacher's probability of the gold answer, or by inverse entropy.",
     )
-    kd_level: Literal["token", "sequence"] = Field(
+    kd_level: Literal["token", "sequence", "on_policy"] = Field(
         "token",
-        description="generate: token-level KD on the teacher's next-token distribution, or sequence-level "
-        "(the teacher's greedy answers become the targets).",
+        description="generate: token-level KD on the teacher's next-token distribution, sequence-level "
+        "(the teacher's greedy answers become the targets), or on-policy (the student samples answers "
+        "and the live teachers score every sampled token, over the full vocabulary; GKD).",
     )
     top_k: int = Field(
         32, gt=0, description="generate: teacher log-probs kept per token in the cache (plus one tail bucket)."
     )
+    on_policy_fraction: float = Field(
+        1.0, ge=0, le=1,
+        description="on_policy: the share of steps (GKD's lambda) trained on the student's own samples, drawn "
+        "per step from the seed; the other steps are token-level KD on the data's answers.",
+    )
+    sampling_temperature: float = Field(
+        1.0, gt=0, description="on_policy: the temperature the student samples its answers at."
+    )
+
+    @model_validator(mode="after")
+    def _on_policy_divergence(self) -> "LossConfig":
+        """On-policy distillation measures the student on its own samples: reverse KL unless told otherwise."""
+        if self.kd_level == "on_policy" and "divergence" not in self.model_fields_set:
+            object.__setattr__(self, "divergence", "reverse_kl")
+        return self
 
 
 class TrainConfig(Section):
@@ -515,6 +531,8 @@ class Recipe(Section):
                     f"{where}.alpha: {stage.loss.alpha:g} gives weight to a teacher term, but the stage has no "
                     "teachers (set alpha = 1 to train on labels only)"
                 )
+            if self.task != "generate" and stage.loss.kd_level == "on_policy":
+                problems.append(f"{where}.kd_level: on_policy needs task 'generate' (the task is '{self.task}')")
             if self.task != "generate" and (stage.data.chat or stage.data.format == "messages"):
                 what = "chat = true" if stage.data.chat else "format = 'messages'"
                 problems.append(f"{'stages.' + str(i) + '.' if self.stages else ''}data: {what} needs task "

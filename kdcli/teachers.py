@@ -110,7 +110,9 @@ def settings(recipe: Recipe, stage: Stage, name: str, hidden_layers: list[int]) 
     return TeacherSettings(
         hidden_layers=tuple(sorted(set(hidden_layers))), pooling=hidden.pooling if hidden else "mean",
         max_length=stage.data.max_length, template=stage.data.template, kd_level=stage.loss.kd_level,
-        top_k=stage.loss.top_k, temperature=stage.loss.temperature, answer_max_length=stage.data.answer_max_length,
+        # On-policy: the teacher scores the student's samples live, over the whole vocabulary.
+        top_k=None if stage.loss.kd_level == "on_policy" else stage.loss.top_k, temperature=stage.loss.temperature,
+        answer_max_length=stage.data.answer_max_length,
     )
 
 
@@ -150,7 +152,7 @@ def check_vocabularies(recipe: Recipe) -> None:
     from kdcli.models import check_shared_vocabulary, load_tokenizer
 
     token_level = task_kind(recipe.task).token_distributions
-    names = sorted({n for s in recipe.resolved_stages() if token_level and s.loss.kd_level == "token"
+    names = sorted({n for s in recipe.resolved_stages() if token_level and s.loss.kd_level != "sequence"
                     for n in s.teachers or []})
     if not names:
         return
@@ -224,6 +226,10 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
     for stage in recipe.resolved_stages():
+        if stage.loss.kd_level == "on_policy":
+            if not quiet:
+                console.print(f"stage {stage.name}: on-policy, its teachers run live (nothing to cache)")
+            continue
         data = stage_data(recipe, run, stage)
         for name in stage.teachers or []:
             path = run.cache(stage.name, name)
@@ -291,13 +297,15 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
         identity, asked = cache_identity(recipe, run, stage, name, data)
         pooling[name] = asked.pooling
         path = run.cache(stage.name, name)
-        try:
-            check_cache(path, identity, name, cached_rows(data))
-            teachers[name] = CachedTeacher(path, accelerator.device)
-            sources[name] = "cache"
-        except CacheError as exc:
-            if (path / "manifest.json").exists():
-                console.print(f"[yellow]{exc.message}: using the live teacher ({exc.hint})[/]")
+        if stage.loss.kd_level != "on_policy":  # an on-policy teacher scores samples that do not exist yet
+            try:
+                check_cache(path, identity, name, cached_rows(data))
+                teachers[name] = CachedTeacher(path, accelerator.device)
+                sources[name] = "cache"
+            except CacheError as exc:
+                if (path / "manifest.json").exists():
+                    console.print(f"[yellow]{exc.message}: using the live teacher ({exc.hint})[/]")
+        if name not in teachers:
             model = load_teacher(recipe, run, name, data.num_classes)
             model.model.to(accelerator.device)
             live_models[name] = model

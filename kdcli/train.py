@@ -95,6 +95,14 @@ def micro_batches(rows: list[dict], indices: list[int], batch_size: int, grad_ac
     return chunks
 
 
+def on_policy_step(job: Job, step: int) -> bool:
+    """Whether optimizer step ``step`` trains on the student's own samples (on-policy KD): drawn from
+    (seed, step) alone, so a resumed run draws as the uninterrupted one did."""
+    if job.loss.kd_level != "on_policy" or not job.teachers:
+        return False
+    return random.Random(job.seed * 1_000_003 + step).random() < job.loss.on_policy_fraction
+
+
 def teacher_answers(job: Job, examples: list[dict], split: str) -> dict[str, Any]:
     """What each teacher says about a micro-batch (none when the loss reads no teacher)."""
     wants_hidden = job.loss.beta > 0 and bool(job.hidden_pairs)
@@ -451,6 +459,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             step_started = time.perf_counter()
             indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
             chunks = micro_batches(train_rows, indices, cfg.batch_size, cfg.grad_accum, world, rank)
+            if on_policy_step(job, state.step):
+                chunks = [task.with_student_samples(job, examples) for examples in chunks]
             answers = [teacher_answers(job, examples, "train") for examples in chunks]
             shares = _step_shares(job, chunks, answers, accelerator)
             for micro, examples in enumerate(chunks):

@@ -123,3 +123,21 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+QUESTIONS = [
+    ("What is the capital of France", ["Paris", "Paris city"]),
+    ("Which planet is known as the red planet", ["Mars"]),
+    ("Who wrote Hamlet", ["William Shakespeare", "Shakespeare"]),
+    ("How many legs does a spider have", ["eight", "8"]),
+    ("Which river flows through Egypt", ["the Nile", "Nile"]),
+]
+
+
+def qa_rows(n: int) -> list[dict]:
+    """Normalised generate examples (what `prepare` makes of a TriviaQA file)."""
+    out = []
+    for i in range(n):
+        question, answers = QUESTIONS[i % len(QUESTIONS)]
+        out.append({"id": str(i), "text": f"{question} {i}?", "options": [], "label": -1, "answers": answers, "idx": i})
+    return out

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import jobs
 import kit
 from clirun import kd
+from jobs import qa_rows
 from kdcli import losses, train
 from kdcli.cache import CACHE_FORMAT, CachedTeacher, LiveTeacher, build_cache
 from kdcli.job import Job, TeacherSettings
@@ -25,24 +26,6 @@ from kdcli.tasks import task_kind
 
 GENERATE = task_kind("generate")
 HEADS = {"t5": "seq2seq", "llama": "causal"}
-QUESTIONS = [
-    ("What is the capital of France", ["Paris", "Paris city"]),
-    ("Which planet is known as the red planet", ["Mars"]),
-    ("Who wrote Hamlet", ["William Shakespeare", "Shakespeare"]),
-    ("How many legs does a spider have", ["eight", "8"]),
-    ("Which river flows through Egypt", ["the Nile", "Nile"]),
-]
-
-
-def qa_rows(n: int) -> list[dict]:
-    """Normalised generate examples (what `prepare` makes of a TriviaQA file)."""
-    out = []
-    for i in range(n):
-        question, answers = QUESTIONS[i % len(QUESTIONS)]
-        out.append({"id": str(i), "text": f"{question} {i}?", "options": [], "label": -1, "answers": answers, "idx": i})
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen-models")

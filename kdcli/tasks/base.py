@@ -93,6 +93,11 @@ class TaskKind(ABC):
                  metric: str | None, answer_max_length: int) -> dict[str, float]:
         """Validation scores of a student: the loss on gold answers, and the metrics the recipe can select."""
 
+    def with_student_samples(self, job: "Job", examples: list[dict]) -> list[dict]:
+        """On-policy KD: the examples with answers the student sampled (``sample_ids``) to be trained on.
+        Only free-text answers can be sampled; the recipe allows on-policy KD for task generate alone."""
+        raise NotImplementedError(f"on-policy distillation samples free-text answers; task {self.name} has none")
+
     # ----------------------------------------------------------------- teachers
 
     @abstractmethod

@@ -61,8 +61,11 @@ class Generate(TaskKind):
         prompts = [model.prompt(ex, template) for ex in examples]
         targets = [answer_target(ex) for ex in examples]
         if model.kind == "seq2seq":
-            batch = model.tokenize(prompts, max_length=max_length)
-            labels = pad_rows([_answer_ids(model, None, None, target, limit) for target in targets], -100)
+            batch = model.tokenize(prompts, max_length=max_length,
+                                   add_special_tokens=not any(ex.get("messages") for ex in examples))
+            labels = pad_rows([list(ex["sample_ids"]) if "sample_ids" in ex
+                               else _answer_ids(model, None, None, target, limit)
+                               for ex, target in zip(examples, targets)], -100)
             batch["labels"] = labels
             if hasattr(model.model, "prepare_decoder_input_ids_from_labels"):
                 batch["decoder_input_ids"] = model.model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -77,9 +80,13 @@ class Generate(TaskKind):
             if example.get("messages"):  # the chat template writes the special tokens itself
                 prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length,
                                              add_special_tokens=False)["input_ids"]
-                answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
             else:
                 prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            if "sample_ids" in example:  # on-policy: what the student generated, token for token
+                answer = list(example["sample_ids"])
+            elif example.get("messages"):
+                answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
+            else:
                 answer = _answer_ids(model, prompt_ids, prompt, target, limit)
             sequences.append(prompt_ids + answer)
             labels.append([-100] * len(prompt_ids) + answer)
@@ -117,10 +124,13 @@ class Generate(TaskKind):
     # ----------------------------------------------------------------- training
 
     def units(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch]) -> dict[str, float]:
-        """Gold answer tokens; for sequence-level KD, the tokens of the teachers' answers (teacher-weighted)."""
-        gold = self.answer_tokens(job, examples)
+        """Gold answer tokens; for sequence-level KD, the tokens of the teachers' answers (teacher-weighted);
+        on an on-policy step, the tokens the student sampled."""
+        gold = self.answer_tokens(job, _gold(examples))
         kd = gold
-        if answers and job.loss.kd_level == "sequence":
+        if any("sample_ids" in ex for ex in examples):
+            kd = sum(len(ex["sample_ids"]) for ex in examples)
+        elif answers and job.loss.kd_level == "sequence":
             kd = sum(job.teacher_weights.get(n, 1.0) * self.answer_tokens(job, _teacher_targets(examples, answers[n]))
                      for n in job.teachers)
         return {"ce": gold, "kd": kd}
@@ -131,8 +141,13 @@ class Generate(TaskKind):
 
         cfg = job.loss
         student = job.student
-        output = self.forward(student, self.encode(student, examples, job.max_length, job.template,
-                                                   job.answer_max_length))
+
+        def run(batch: list[dict]) -> "TaskOutput":
+            return self.forward(student, self.encode(student, batch, job.max_length, job.template,
+                                                     job.answer_max_length))
+
+        sampled = any("sample_ids" in ex for ex in examples)
+        output = run(_gold(examples))
         parts: dict[str, torch.Tensor] = {}
         if cfg.alpha > 0:
             parts["ce"] = losses.cross_entropy(output.logits, output.labels)
@@ -140,9 +155,22 @@ class Generate(TaskKind):
             weights = [job.teacher_weights.get(name, 1.0) for name in job.teachers]
             if cfg.kd_level == "sequence":
                 parts["kd"] = self._sequence_kd(job, examples, answers, weights, output)
-            else:
-                parts["kd"] = self._token_kd(job, answers, weights, output)
+            else:  # token level, and on-policy: on the student's samples when the step drew them
+                parts["kd"] = self._token_kd(job, answers, weights, run(examples) if sampled else output)
         return losses.weighted_sum(parts, part_weights(cfg)), parts, output
+
+    def with_student_samples(self, job: "Job", examples: list[dict]) -> list[dict]:
+        """The student's sampled answer to each prompt (no gradient, KV cache, ``loss.sampling_temperature``,
+        up to ``answer_max_length`` tokens), as ``sample_ids``: its tokens up to and with EOS."""
+        student = job.student
+        batch = student.encode_prompts(examples, job.max_length, job.template)
+        new = student.sample_ids(batch, job.answer_max_length, job.loss.sampling_temperature)
+        eos = student.tokenizer.eos_token_id
+        samples = []
+        for row in new.tolist():
+            ids = row[: row.index(eos) + 1] if eos in row else row  # after EOS: padding
+            samples.append(ids or [eos])
+        return [dict(ex, sample_ids=ids) for ex, ids in zip(examples, samples)]
 
     def _sequence_kd(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch], weights: list[float],
                      output: "TaskOutput") -> "torch.Tensor":
@@ -274,6 +302,11 @@ class Generate(TaskKind):
         return (lambda batch: model.generate_ids(batch, max_new_tokens),
                 f"greedy generation of up to {max_new_tokens} new tokens on tokenised prompts already on the device "
                 "(tokenisation and decoding excluded)")
+
+
+def _gold(examples: list[dict]) -> list[dict]:
+    """The examples with their data answers (an on-policy step adds the student's samples to them)."""
+    return [{k: v for k, v in ex.items() if k != "sample_ids"} for ex in examples]
 
 
 def _teacher_targets(examples: list[dict], answer: TeacherBatch) -> list[dict]:
