@@ -10,6 +10,7 @@ The torchrun tests start the real `kd` (``torchrun -m kdcli.cli``) and are marke
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -260,3 +261,32 @@ def test_a_checkpoint_that_one_rank_cannot_load_is_skipped_by_every_rank(bert, t
         pytest.fail("the ranks resumed from different checkpoints and hung")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming main from step-00000008" in resumed.stdout
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_on_policy_distillation_runs_on_two_processes(tiny, tmp_path):
+    """Each rank samples its own micro-batches; the teachers score them live; DDP averages the gradients."""
+    root = tmp_path / "work"
+    root.mkdir()
+    llama = tiny("llama", "causal", layers=2)
+    with open(root / "trivia.jsonl", "w") as handle:
+        for row in jobs.qa_rows(40):
+            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
+                                     "aliases": row["answers"]}) + "\n")
+    jobs.write_recipe(root / "op.toml", {
+        "name": "op", "task": "generate",
+        "data": {"format": "triviaqa", "path": "trivia.jsonl", "max_length": 32, "answer_max_length": 6},
+        "student": {"from_teacher": "big", "layers": [0]},
+        "teachers": {"big": {"ref": str(llama)}, "small": {"ref": str(llama), "weight": 0.5}},
+        "loss": {"alpha": 0.5, "kd_level": "on_policy"},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 10_000, "eval_batch_size": 16},
+    })
+    done = torchrun(root, "distill", "op.toml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = root / "runs" / "op"
+    assert json.loads((run / "env.json").read_text())["processes"] == 2
+    assert (run / "student" / "config.json").is_file()
+    kd_losses = [json.loads(line)["kd"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+    assert kd_losses and all(math.isfinite(x) for x in kd_losses)
