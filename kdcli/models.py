@@ -44,6 +44,7 @@ import transformers
 from torch import Tensor, nn
 
 from kdcli.errors import ModelError
+from kdcli.lora import is_lora, merge_adapter, save_merged
 from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
 
 # kd reports what matters itself (a missing head is an error, progress is one rich bar): the
@@ -69,15 +70,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # --------------------------------------------------------------------------- references
 
 
-def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = False) -> str:
+def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = False, adapter: bool = False) -> str:
     """Where ``from_pretrained`` should look: an absolute directory, or a Hub id unchanged.
 
     ``package:MODULE[/subdir]`` is a directory inside an installed package (found without
     importing it); an existing path, or one written like a path, must be a model directory
-    (config.json, or ``gguf_file``; tokenizer_config.json for a ``tokenizer`` ref); anything
-    else is taken as a Hub id.
+    (config.json, or ``gguf_file``; tokenizer_config.json for a ``tokenizer`` ref,
+    adapter_config.json for an ``adapter``); anything else is taken as a Hub id.
     """
-    needed = gguf_file or ("tokenizer_config.json" if tokenizer else "config.json")
+    needed = gguf_file or ("tokenizer_config.json" if tokenizer else "adapter_config.json" if adapter
+                           else "config.json")
     if ref.startswith("package:"):
         module, _, sub = ref.removeprefix("package:").partition("/")
         try:
@@ -294,7 +296,10 @@ class TaskModel:
         if label_names and self.kind == "sequence-classification":
             self.model.config.id2label = dict(enumerate(label_names))
             self.model.config.label2id = {name: i for i, name in enumerate(label_names)}
-        self.model.save_pretrained(path)
+        if is_lora(self.model):
+            save_merged(self.model, path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -424,6 +429,8 @@ def load_task_model(
 
     if spec.gguf_file:
         _forget_gguf(model)
+    if getattr(spec, "adapter", None):
+        model = merge_adapter(model, resolve_ref(spec.adapter, adapter=True), ref)
     tokenizer = load_tokenizer(spec, path_override)
     if model.config.pad_token_id is None:
         # Causal sequence classifiers find each row's last real token through pad_token_id.

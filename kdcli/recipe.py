@@ -280,8 +280,22 @@ class HiddenMap(Section):
         return self
 
 
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scale of the adapter's update: alpha / r * B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: names such as ['q_proj', 'v_proj'], or 'all-linear' (every "
+        "linear layer but the output head).",
+    )
+
+
 class TeacherConfig(ModelSpec):
     weight: float = Field(1.0, gt=0, description="Static mixing weight among teachers (normalised to sum to 1).")
+    adapter: str | None = Field(
+        None, description="A LoRA adapter folder (peft) merged into `ref` at load time, e.g. a student's adapter/."
+    )
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune this teacher on the train split first; kept under runs/NAME/teachers/."
     )
@@ -301,6 +315,11 @@ class StudentConfig(ModelSpec):
     )
     layers: list[int] = Field(
         default_factory=list, description="Teacher layers (0-based) copied into the student, for from_teacher."
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters (needs peft) instead of every weight; the student is saved merged, "
+        "and its adapter under adapter/.",
     )
 
     @model_validator(mode="after")

@@ -94,7 +94,9 @@ def teacher_spec(recipe: Recipe, run: RunDir, name: str) -> ModelSpec:
     spec = recipe.teachers[name]
     if spec.finetune is None:
         return spec
-    return spec.model_copy(update={"ref": str(run.teacher(name)), "revision": None, "gguf_file": None})
+    # The fine-tuned weights already hold the adapter (if any) it was fine-tuned from.
+    return spec.model_copy(update={"ref": str(run.teacher(name)), "revision": None, "gguf_file": None,
+                                   "adapter": None})
 
 
 def _require_finetuned(recipe: Recipe, run: RunDir, name: str) -> None:
@@ -120,11 +122,19 @@ def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Pat
 
     seed_everything(recipe.seed)  # a student with a new head draws it while loading
     if previous is not None:
-        return load_task_model(_saved_student(recipe, previous), recipe.task, num_classes)
-    if recipe.student.from_teacher:
+        student = load_task_model(_saved_student(recipe, previous), recipe.task, num_classes)
+    elif recipe.student.from_teacher:
         teacher = load_teacher(recipe, run, recipe.student.from_teacher, num_classes)
-        return student_from_teacher(teacher, recipe.student.layers)
-    return load_task_model(recipe.student, recipe.task, num_classes)
+        student = student_from_teacher(teacher, recipe.student.layers)
+    else:
+        student = load_task_model(recipe.student, recipe.task, num_classes)
+    if recipe.student.lora is None:
+        return student
+    from dataclasses import replace
+
+    from kdcli.lora import with_lora
+
+    return replace(student, model=with_lora(student.model, student.kind, recipe.student.lora))
 
 
 def _saved_student(recipe: Recipe, path: Path) -> ModelSpec:

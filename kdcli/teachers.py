@@ -129,6 +129,8 @@ def cache_identity(recipe: Recipe, run: RunDir, stage: Stage, name: str,
     local = resolved.is_dir()
     weights = (weights_fingerprint(resolved / spec.gguf_file if spec.gguf_file else resolved) if local
                else f"hub:{spec.ref}@{spec.revision or 'main'}")
+    if spec.adapter:
+        weights += "+" + weights_fingerprint(resolve_ref(spec.adapter, adapter=True))
     loaded_tokenizer = load_tokenizer(spec)
     layers = []
     if stage.loss.beta > 0 and recipe.teachers[name].hidden is not None and task_kind(recipe.task).hidden_states:
