@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
@@ -21,3 +22,13 @@ def kd(*args: str | os.PathLike, env: dict[str, str] | None = None, code: int | 
     if code is not None:
         assert result.exit_code == code, f"exit {result.exit_code} (expected {code})\n{result.output}"
     return result
+
+
+def kd_in(directory: Path, *args: str | os.PathLike, code: int | None = 0) -> Result:
+    """``kd ARGS`` run in ``directory`` (module fixtures cannot use monkeypatch.chdir)."""
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        return kd(*args, code=code)
+    finally:
+        os.chdir(cwd)

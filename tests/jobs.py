@@ -141,3 +141,13 @@ def qa_rows(n: int) -> list[dict]:
         question, answers = QUESTIONS[i % len(QUESTIONS)]
         out.append({"id": str(i), "text": f"{question} {i}?", "options": [], "label": -1, "answers": answers, "idx": i})
     return out
+
+
+def write_trivia(path: Path | str, n: int = 40) -> Path:
+    """``qa_rows(n)`` as a TriviaQA file (the llm-foundry subset: context, answer, aliases)."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in qa_rows(n):
+            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
+                                     "aliases": row["answers"]}) + "\n")
+    return path

@@ -157,15 +157,8 @@ def test_a_system_prompt_without_chat_is_refused(here):
     assert "system needs chat = true" in kd("check", "r.toml", code=1).stderr
 
 
-def _trivia() -> None:
-    with open("trivia.jsonl", "w") as handle:
-        for i in range(40):
-            handle.write(json.dumps({"context": f"Question: what is number {i}?\nAnswer:", "answer": str(i),
-                                     "aliases": [str(i)]}) + "\n")
-
-
 def test_a_teacher_without_a_chat_template_is_refused_before_any_work(here, llamas):
-    _trivia()
+    jobs.write_trivia("trivia.jsonl")
     recipe = _recipe(llamas["plain"], llamas["chatml"], {"format": "triviaqa", "path": "trivia.jsonl",
                                                          "chat": True})
     result = kd("distill", recipe, code=1)
@@ -177,7 +170,7 @@ def test_a_teacher_without_a_chat_template_is_refused_before_any_work(here, llam
 @pytest.mark.parametrize("student, kd_level", [("alt", "token"), ("inst", "sequence")])
 def test_chat_distillation_with_two_templates_through_the_cli(here, llamas, student, kd_level):
     """Teacher and student render prompts differently; token-level KD lines up their answer tokens."""
-    _trivia()
+    jobs.write_trivia("trivia.jsonl")
     recipe = _recipe(llamas["chatml"], llamas[student], {"format": "triviaqa", "path": "trivia.jsonl",
                                                          "chat": True, "system": "Answer with a number."},
                      kd_level=kd_level)
@@ -191,7 +184,7 @@ def test_chat_distillation_with_two_templates_through_the_cli(here, llamas, stud
 
 
 def test_templates_that_tokenize_the_answer_differently_need_sequence_level_kd(here, llamas):
-    _trivia()
+    jobs.write_trivia("trivia.jsonl")
     recipe = _recipe(llamas["chatml"], llamas["inst"], {"format": "triviaqa", "path": "trivia.jsonl", "chat": True})
     result = kd("distill", recipe, code=1)
     assert "answer tokens per example" in result.stderr and 'loss.kd_level = "sequence"' in result.stderr

@@ -20,7 +20,7 @@ import pytest
 from test_bad_input import check_clean_failure
 
 import jobs
-from clirun import kd
+from clirun import kd, kd_in
 from kdcli.errors import DataError
 from kdcli.rundir import RunDir, file_error, write_json
 
@@ -52,14 +52,8 @@ def trained(tmp_path_factory, bert) -> Path:
     """A finished run: data prepared, teacher cached, student distilled (checkpoint step 2), evaluated, benched."""
     root = tmp_path_factory.mktemp("trained")
     write_run(root, bert)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        kd("distill", "recipe.toml")
-        kd("eval", "recipe.toml")
-        kd("bench", "recipe.toml")
-    finally:
-        os.chdir(cwd)
+    for command in ("distill", "eval", "bench"):
+        kd_in(root, command, "recipe.toml")
     return root
 
 

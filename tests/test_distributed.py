@@ -270,10 +270,7 @@ def test_on_policy_distillation_runs_on_two_processes(tiny, tmp_path):
     root = tmp_path / "work"
     root.mkdir()
     llama = tiny("llama", "causal", layers=2)
-    with open(root / "trivia.jsonl", "w") as handle:
-        for row in jobs.qa_rows(40):
-            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
-                                     "aliases": row["answers"]}) + "\n")
+    jobs.write_trivia(root / "trivia.jsonl")
     jobs.write_recipe(root / "op.toml", {
         "name": "op", "task": "generate",
         "data": {"format": "triviaqa", "path": "trivia.jsonl", "max_length": 32, "answer_max_length": 6},

@@ -19,15 +19,16 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import jobs
-from clirun import kd
+from clirun import kd, kd_in
 from kdcli.errors import KdError
 from kdcli.rundir import RunDir, atomic_dir, clean_leftovers, leftovers, read_json, write_json
 
@@ -181,10 +182,9 @@ def test_sigkill_during_distill_then_resume_equals_the_uninterrupted_run(point, 
     assert json.loads((run / "student" / "done.json").read_text())["steps"] == STEPS
 
 
-@pytest.mark.slow
-def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(bert, tmp_path):
-    root = tmp_path / "work"
-    write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+@contextmanager
+def distilling(root: Path) -> Iterator[Path]:
+    """A `kd distill` of the run in ``root`` that holds the lock (it trains on) until SIGKILLed on exit."""
     run = root / "runs" / "f"
     first = start(root, "distill", "recipe.toml")
     try:
@@ -192,14 +192,22 @@ def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(be
         while train_lines(run) < 1 and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, output(first)
+        yield run
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_stale_lock_and_a_second_kd_on_the_same_run_refuses(bert, tmp_path):
+    root = tmp_path / "work"
+    write_run(root, bert, max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+    with distilling(root) as run:
         for command in ("distill", "prepare", "cache-teachers"):
             second = kd_process(root, command, "recipe.toml")
             assert second.returncode == 1, second.stdout + second.stderr
             assert f"error: another kd process is working on {run}" in second.stderr
             assert "hint:" in second.stderr and "Traceback" not in second.stderr
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
     # The kernel released the dead process's lock: the next command runs.
     after = kd_process(root, "prepare", "recipe.toml")
     assert after.returncode == 0, after.stdout + after.stderr
@@ -213,19 +221,11 @@ def test_readers_take_the_lock_too_and_never_rewrite_the_run(bert, tmp_path, mon
     run = root / "runs" / "f"
     kd("prepare", "recipe.toml")
     kept = {p: p.read_bytes() for p in (run / "data" / "main" / "manifest.json", run / "recipe.resolved.toml")}
-    first = start(root, "distill", "recipe.toml")
-    try:
-        deadline = time.monotonic() + 120
-        while train_lines(run) < 1 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, output(first)
+    with distilling(root):
         for args in (["eval", "recipe.toml", "--model", "teacher:t", "--set", "seed=5"],
                      ["bench", "recipe.toml", "--model", "teacher:t"], ["compare", "runs/f", "--plots"]):
             busy = kd(*args, code=1)
             assert f"error: another kd process is working on {run}" in busy.stderr, args
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
     # With the run free, a reader with a recipe that would prepare other data refuses instead.
     other = kd("eval", "recipe.toml", "--model", "teacher:t", "--set", "seed=5", code=1)
     assert "was made from another recipe (changed: seed)" in " ".join(other.stderr.split())
@@ -352,12 +352,7 @@ def trained(tmp_path_factory, bert) -> Path:
     """A finished 8-step run with checkpoints at steps 6 and 8 (keep_last = 2)."""
     root = tmp_path_factory.mktemp("trained")
     write_run(root, bert, max_steps=8, checkpoint_every=8, eval_every=400, log_every=400)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        kd("distill", "recipe.toml")
-    finally:
-        os.chdir(cwd)
+    kd_in(root, "distill", "recipe.toml")
     assert sorted(p.name for p in (root / "runs/f/checkpoints/main").iterdir()) == ["step-00000006", "step-00000008"]
     return root
 
@@ -426,13 +421,22 @@ def test_resume_after_the_recipe_changed_is_refused_naming_the_keys(trained, tmp
     assert "resuming" not in fresh.output
 
 
-@pytest.mark.slow
-def test_a_teacher_fine_tuned_under_another_recipe_is_fine_tuned_again_not_resumed(bert, tmp_path, monkeypatch):
+FINETUNE = "teachers.t.finetune={epochs = 1, batch_size = 8, lr = 1e-3}"
+
+
+@pytest.fixture
+def finetuned(bert, tmp_path, monkeypatch) -> Path:
+    """A run (in the current directory) whose teacher was fine-tuned with --set FINETUNE."""
     root = tmp_path / "work"
     write_run(root, bert, max_steps=2, eval_every=400, log_every=400)
     monkeypatch.chdir(root)
-    finetune = "teachers.t.finetune={epochs = 1, batch_size = 8, lr = 1e-3}"
-    kd("cache-teachers", "recipe.toml", "--set", finetune)
+    kd("cache-teachers", "recipe.toml", "--set", FINETUNE)
+    return root
+
+
+@pytest.mark.slow
+def test_a_teacher_fine_tuned_under_another_recipe_is_fine_tuned_again_not_resumed(finetuned):
+    root, finetune = finetuned, FINETUNE
     weights = root / "runs" / "f" / "teachers" / "t" / "model.safetensors"
     first = weights.read_bytes()
     again = " ".join(kd("cache-teachers", "recipe.toml", "--set", finetune.replace("1e-3", "5e-2")).output.split())
@@ -492,13 +496,9 @@ def test_a_damaged_stage_output_is_not_up_to_date(damage, trained, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_a_damaged_fine_tuned_teacher_is_fine_tuned_again(bert, tmp_path, monkeypatch):
-    root = tmp_path / "work"
-    write_run(root, bert, max_steps=2, eval_every=400, log_every=400)
-    monkeypatch.chdir(root)
-    finetune = "teachers.t.finetune={epochs = 1, batch_size = 8, lr = 1e-3}"
-    kd("cache-teachers", "recipe.toml", "--set", finetune)
-    teacher = root / "runs" / "f" / "teachers" / "t"
+def test_a_damaged_fine_tuned_teacher_is_fine_tuned_again(finetuned):
+    finetune = FINETUNE
+    teacher = finetuned / "runs" / "f" / "teachers" / "t"
     (teacher / "config.json").unlink()
     again = "".join(kd("cache-teachers", "recipe.toml", "--set", finetune).output.split())  # rich wraps anywhere
     assert "".join(f"the fine-tuned teacher t in {teacher} is not whole (config.json is missing)".split()) in again

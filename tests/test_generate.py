@@ -302,10 +302,7 @@ def test_a_padded_teacher_vocabulary_is_trimmed_and_a_real_mismatch_is_refused(m
 
 @pytest.fixture
 def workdir(here) -> Path:
-    with open("trivia.jsonl", "w") as handle:
-        for row in qa_rows(40):
-            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
-                                     "aliases": row["answers"]}) + "\n")
+    jobs.write_trivia("trivia.jsonl")
     return here
 
 

@@ -75,10 +75,7 @@ def test_a_bad_adapter_or_target_is_a_clear_error(llama, tmp_path):
 
 @pytest.fixture
 def workdir(here) -> Path:
-    with open("trivia.jsonl", "w") as handle:
-        for row in qa_rows(40):
-            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
-                                     "aliases": row["answers"]}) + "\n")
+    jobs.write_trivia("trivia.jsonl")
     jobs.write_sentences(here / "s.jsonl", 60)
     return here
 

@@ -131,10 +131,7 @@ def test_several_teachers_are_weighted_on_the_students_samples(llama, tmp_path):
 
 @pytest.fixture
 def workdir(here) -> Path:
-    with open("trivia.jsonl", "w") as handle:
-        for row in qa_rows(40):
-            handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
-                                     "aliases": row["answers"]}) + "\n")
+    jobs.write_trivia("trivia.jsonl")
     return here
 
 

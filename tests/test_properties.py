@@ -276,22 +276,16 @@ CHANGES = {
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, tiny) -> Path:
     """A 4-step run with checkpoints at steps 2 and 4, made to look killed after step 2."""
-    import os
     import shutil
 
-    from clirun import kd
+    from clirun import kd_in
 
     root = tmp_path_factory.mktemp("interrupted")
     bert = tiny("bert", "sequence-classification", num_labels=3, layers=2)
     jobs.write_classify_run(root, bert, name="r", rows=40, loss={"alpha": 0.5, "temperature": 2.0},
                             train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "eval_every": 10_000,
                                    "checkpoint_every": 8, "log_every": 4, "keep_last": 5})
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        kd("distill", "recipe.toml")
-    finally:
-        os.chdir(cwd)
+    kd_in(root, "distill", "recipe.toml")
     run = root / "runs" / "r"
     shutil.rmtree(run / "checkpoints" / "main" / "step-00000004")
     (run / "stages" / "main" / "student" / "done.json").unlink()
