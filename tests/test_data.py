@@ -115,6 +115,12 @@ def test_fpb_label_names_set_the_class_order(tmp_path):
     assert [r.label for r in parts["all"]] == [0, 1]
 
 
+def test_fpb_as_generation_answers_with_the_class_name_and_keeps_the_label_for_the_split(tmp_path):
+    path = write_fpb(tmp_path / "s.txt", [("Up .", "positive"), ("Down .", "negative")])
+    parts, names = read_examples(cfg("generate", format="fpb", path=str(path)), "generate")
+    assert names == [] and [(r.answers, r.label) for r in parts["all"]] == [(["positive"], 2), (["negative"], 0)]
+
+
 def test_winogrande_labels_from_row_from_sibling_file_and_from_labels_path(tmp_path):
     rows = wino_rows(4)
     path = write_jsonl(tmp_path / "train_xs.jsonl", rows)

@@ -1,4 +1,4 @@
-"""Financial PhraseBank: latin-1 lines `sentence@label` (classify)."""
+"""Financial PhraseBank: latin-1 lines `sentence@label` (classify; for generate the label's name is the answer)."""
 
 from __future__ import annotations
 

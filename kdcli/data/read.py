@@ -25,7 +25,7 @@ DEFAULT_LABEL_NAMES: dict[str, list[str]] = {
 
 
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
-    "fpb": ("classify",),
+    "fpb": ("classify", "generate"),
     "winogrande": ("choice",),
     "socialiqa": ("choice",),
     "aqua": ("choice", "generate"),
@@ -70,6 +70,12 @@ def read_examples(
             parts[source.split] = ADAPTERS[data.format](source, data, names)
     else:
         parts, names = read_generic(sources, data, task, say)
+    if task == "generate":
+        for ex in (ex for examples in parts.values() for ex in examples):
+            if not ex.answers and 0 <= ex.label < len(names):
+                # A labelled dataset asked as generation: the class name is the answer (the label stays, so
+                # the split is still stratified).
+                ex.answers = [names[ex.label]]
     _check(parts, task, data)
     if task == "choice":
         most = max(len(ex.options) for examples in parts.values() for ex in examples)
