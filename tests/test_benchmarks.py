@@ -139,11 +139,24 @@ def check_cache_verify(s: dict) -> None:
     assert s["check_megabytes_per_second"] == pytest.approx(s["megabytes"] / s["check_seconds"], rel=0.02)
 
 
+def check_llm_step_cost(s: dict) -> None:
+    kinds = ["sft", "token_cached", "token_live", "on_policy"]
+    assert list(s["seconds_per_step"]) == kinds
+    for kind in kinds:
+        runs = s["all_seconds_per_step"][kind]
+        assert len(runs) == s["rounds"] and positive(*runs), kind
+        assert s["seconds_per_step"][kind] == pytest.approx(statistics.median(runs), abs=0.0011), kind
+        assert s["tokens_per_second"][kind] == pytest.approx(
+            s["student_tokens_per_example"] * s["batch_size"] / s["seconds_per_step"][kind], rel=0.02), kind
+    assert s["vs_sft"]["sft"] == 1.0 and positive(s["student_tokens_per_example"], s["teacher_parameters"])
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "quickstart.py": check_quickstart,
     "distill_speed.py": check_distill_speed,
+    "llm_step_cost.py": check_llm_step_cost,
     "teacher_8bit.py": check_teacher_8bit,
     "topk_cache.py": check_topk_cache,
     "trainer_baseline.py": check_trainer_baseline,
