@@ -151,11 +151,23 @@ def check_llm_step_cost(s: dict) -> None:
     assert s["vs_sft"]["sft"] == 1.0 and positive(s["student_tokens_per_example"], s["teacher_parameters"])
 
 
+def check_fpb_generate(s: dict) -> None:
+    rows = ["teacher:smollm2", "baseline", "dataset", "student", "on_policy", "sequence"]
+    assert list(s["table"]) == rows and s["seeds"] == ["0"]
+    for role in rows:
+        mean, std = s["table"][role]["accuracy"]
+        assert share(mean) and std == 0.0 and share(s["table"][role]["macro_f1"][0]), role
+        assert positive(s["table"][role]["answers_per_s_batch_1"][0], s["table"][role]["parameters"][0]), role
+        assert s["per_seed"]["0"]["rows"][role]["n"] > 0, role
+    assert s["best_distilled"] in ("student", "on_policy", "sequence") and s["speedup_batch_1"] > 0
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "quickstart.py": check_quickstart,
     "distill_speed.py": check_distill_speed,
+    "fpb_generate.py": check_fpb_generate,
     "llm_step_cost.py": check_llm_step_cost,
     "teacher_8bit.py": check_teacher_8bit,
     "topk_cache.py": check_topk_cache,
