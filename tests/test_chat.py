@@ -191,9 +191,15 @@ def test_templates_that_tokenize_the_answer_differently_need_sequence_level_kd(h
 
 
 @pytest.mark.slow
-def test_the_real_smollm2_instruct_template_renders_and_answers(smollm2_gguf):
-    spec = TeacherConfig(ref=f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
-    model = load_task_model(spec, "generate", 0)
+def test_the_real_smollm2_instruct_template_renders_and_targets_the_answer(smollm2_gguf, llamas):
+    """SmolLM2-Instruct's own tokenizer and chat template (read from its GGUF file; the weights are not
+    needed to render and to mask)."""
+    from dataclasses import replace
+
+    from kdcli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(TeacherConfig(ref=f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name))
+    model = replace(_model(llamas["chatml"]), tokenizer=tokenizer)
     turns = [{"role": "system", "content": "Answer with one word: negative, neutral or positive."},
              {"role": "user", "content": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."}]
     example = {"text": turns[1]["content"], "answers": ["positive"], "messages": turns}
@@ -201,6 +207,4 @@ def test_the_real_smollm2_instruct_template_renders_and_answers(smollm2_gguf):
     assert prompt.startswith("<|im_start|>system\nAnswer with one word") and prompt.endswith("<|im_start|>assistant\n")
     batch = GENERATE.encode(model, [example], max_length=128, answer_max_length=8)
     answer = [i for i in batch["labels"][0].tolist() if i != -100]
-    assert model.tokenizer.decode(answer) == "positive<|im_end|>" and answer[-1] == model.tokenizer.eos_token_id
-    (said,) = model.generate([example], max_new_tokens=8, max_length=128)
-    assert said.strip()  # the instruct model, asked in its own format, answers something
+    assert tokenizer.decode(answer) == "positive<|im_end|>" and answer[-1] == tokenizer.eos_token_id

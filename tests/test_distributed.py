@@ -270,14 +270,14 @@ def test_on_policy_distillation_runs_on_two_processes(tiny, tmp_path):
     root = tmp_path / "work"
     root.mkdir()
     llama = tiny("llama", "causal", layers=2)
-    jobs.write_trivia(root / "trivia.jsonl")
+    jobs.write_trivia(root / "trivia.jsonl", n=24)
     jobs.write_recipe(root / "op.toml", {
         "name": "op", "task": "generate",
         "data": {"format": "triviaqa", "path": "trivia.jsonl", "max_length": 32, "answer_max_length": 6},
         "student": {"from_teacher": "big", "layers": [0]},
         "teachers": {"big": {"ref": str(llama)}, "small": {"ref": str(llama), "weight": 0.5}},
         "loss": {"alpha": 0.5, "kd_level": "on_policy"},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "eval_every": 10_000, "eval_batch_size": 16},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 10_000, "eval_batch_size": 16},
     })
     done = torchrun(root, "distill", "op.toml")
     assert done.returncode == 0, done.stdout + done.stderr
