@@ -17,3 +17,59 @@ def finish(summary: dict[str, Any], out: Path | None = None) -> Path:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return out
+
+
+def kd(work: Path, *args: str) -> None:
+    """``kd ARGS`` in ``work``, in this process (torch and transformers are imported once, not per
+    command); a failure ends the benchmark, its error printed above."""
+    import os
+    import sys
+    import time
+
+    from kdcli.cli import app
+
+    started, cwd = time.perf_counter(), os.getcwd()
+    os.chdir(work)
+    try:
+        code = app(list(args), standalone_mode=False, prog_name="kd")
+    finally:
+        os.chdir(cwd)
+    print(f"kd {' '.join(args)}: exit {code or 0} in {time.perf_counter() - started:.0f} s", flush=True)
+    if code:
+        sys.exit(f"kd {' '.join(args)} failed (exit {code}); its error is above")
+
+
+def write_recipe(raw: dict[str, Any], path: Path) -> Path:
+    """``raw`` validated and written as a recipe file."""
+    from kdcli import recipe
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe.to_toml(recipe.validate(raw, source=str(path))))
+    return path
+
+
+def write_variant(base: Path, variant: str, loss: dict[str, Any], teachers: dict[str, Path]) -> Path:
+    """``base`` distilled another way (``loss`` overrides), from teachers the base run already
+    fine-tuned (``teachers``: name -> folder), as ``BASE-VARIANT.toml`` beside it."""
+    from kdcli import recipe
+
+    raw = recipe.load_raw(base)
+    raw["name"] = f"{raw['name']}-{variant.replace('_', '-')}"
+    for name, folder in teachers.items():
+        raw["teachers"][name] = {"ref": str(folder), "head": raw["teachers"][name].get("head", "auto")}
+    raw["loss"].update(loss)
+    return write_recipe(raw, base.with_name(f"{raw['name']}.toml"))
+
+
+def tiny_chat_llama(folder: Path) -> Path:
+    """A tiny Llama built in code (tests/kit.py) whose tokenizer has a chat template, for --quick runs."""
+    import transformers
+
+    import kit
+
+    model = kit.make_model_dir(folder, "llama", "causal", layers=3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(model)
+    return model

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import RESULTS, finish  # noqa: E402
+from _common import RESULTS, finish, kd, tiny_chat_llama, write_recipe, write_variant  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.metrics import squad_normalize  # noqa: E402
@@ -51,42 +50,13 @@ ROWS = ["teacher:smollm2", "baseline", "dataset", "student", "on_policy", "seque
 VARIANTS = {"on_policy": {"kd_level": "on_policy", "divergence": "reverse_kl"}, "sequence": {"kd_level": "sequence"}}
 
 
-def kd(work: Path, *args: str) -> None:
-    """``kd ARGS`` in ``work``, in this process (torch and transformers are imported once, not per command)."""
-    from kdcli.cli import app
-
-    started, cwd = time.perf_counter(), os.getcwd()
-    os.chdir(work)
-    try:
-        code = app(list(args), standalone_mode=False, prog_name="kd")
-    finally:
-        os.chdir(cwd)
-    print(f"kd {' '.join(args)}: exit {code or 0} in {time.perf_counter() - started:.0f} s", flush=True)
-    if code:
-        sys.exit(f"kd {' '.join(args)} failed (exit {code}); its error is above")
-
-
-def write_recipe(raw: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(recipe_mod.to_toml(recipe_mod.validate(raw, source=str(path))))
-    return path
-
-
 def base_recipe(work: Path, seed: int, quick: bool) -> Path:
     """The recipe of the seed (in quick mode: a tiny Llama with a chat template on 60 made-up sentences)."""
     raw = recipe_mod.load_raw(RECIPE, [f"seed={seed}"])
     raw["name"] = f"fpb-generate-s{seed}"
     raw["data"]["path"] = str((ROOT / raw["data"]["path"]).resolve())
     if quick:
-        import kit
-
-        model = kit.make_model_dir(work / "models", "llama", "causal", layers=3)
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-        tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
-                                   "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-        tokenizer.save_pretrained(model)
+        model = tiny_chat_llama(work / "models")
         (work / "fpb.txt").write_bytes("".join(f"Sales in unit {i} were {['down', 'flat', 'up'][i % 3]} .@"
                                                f"{CLASSES[i % 3]}\r\n" for i in range(60)).encode("latin-1"))
         raw["data"].update(path=str(work / "fpb.txt"), limit=40)
@@ -94,15 +64,6 @@ def base_recipe(work: Path, seed: int, quick: bool) -> Path:
         raw["student"]["layers"] = [0]
         raw["bench"].update(iters=1, max_examples=8)
     return write_recipe(raw, work / "runs" / f"{raw['name']}.toml")
-
-
-def write_variant(base: Path, variant: str, teacher_dir: Path) -> Path:
-    """The seed's recipe, distilled another way, from the teacher the base run fine-tuned."""
-    raw = recipe_mod.load_raw(base)
-    raw["name"] = f"{raw['name']}-{variant.replace('_', '-')}"
-    raw["teachers"]["smollm2"] = {"ref": str(teacher_dir), "head": "causal"}
-    raw["loss"].update(VARIANTS[variant])
-    return write_recipe(raw, base.with_name(f"{raw['name']}.toml"))
 
 
 def macro_f1(predictions: list[str], gold: list[str]) -> float:
@@ -142,7 +103,7 @@ def run_seed(work: Path, seed: int, quick: bool) -> dict:
     base = work / "runs" / recipe.stem
     rows = {role: row(base, role) for role in ROWS[:4]}
     for variant in VARIANTS:
-        other = write_variant(recipe, variant, base / "teachers" / "smollm2")
+        other = write_variant(recipe, variant, VARIANTS[variant], {"smollm2": base / "teachers" / "smollm2"})
         kd(work, "distill", str(other))
         kd(work, "eval", str(other))
         kd(work, "bench", str(other))

@@ -10,9 +10,9 @@ The saved JSON (what ``kd compare`` reads) has: ``role``, ``model`` (a descripti
 ``split``, ``data_fingerprint``, ``n``, ``parameters``, ``seconds``, ``examples_per_second``,
 ``max_new_tokens``, ``metrics`` (classify and choice: accuracy, f1, precision, recall, per_class,
 confusion, label_names; generate: exact_match, f1, precision, recall, SQuAD-normalised, best alias
-per question), ``shortcut`` (a warning or null), ``answer_histogram`` and ``gold_histogram``
-(choice), ``predictions`` (generate), ``agreement`` ({teacher: rate}), ``agreement_skipped``
-({teacher: why}), ``disagreements`` and ``env``.
+per question, and loss, the cross-entropy per gold answer token), ``shortcut`` (a warning or null),
+``answer_histogram`` and ``gold_histogram`` (choice), ``predictions`` (generate), ``agreement``
+({teacher: rate}), ``agreement_skipped`` ({teacher: why}), ``disagreements`` and ``env``.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
         "disagreements": [],
         "env": {**environment(), "device": str(device), "dtype": str(model.model.dtype).removeprefix("torch.")},
     }
+    loss = task.gold_loss(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template,
+                          stage.data.answer_max_length)
+    if loss is not None:
+        result["metrics"]["loss"] = loss
     del model  # teachers load next; one model in memory at a time
 
     for name in stage.teachers or []:

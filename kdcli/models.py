@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -484,13 +485,28 @@ def load_tokenizer(spec: ModelSpec, path_override: str | None = None) -> transfo
                           spec.tokenizer, **common)
     else:
         ref = path_override or spec.ref
+        where = resolve_ref(ref, spec.gguf_file)
         if spec.gguf_file:
-            common["gguf_file"] = spec.gguf_file
-        tokenizer = _load(transformers.AutoTokenizer.from_pretrained, resolve_ref(ref, spec.gguf_file), ref, **common)
+            local = Path(where) / spec.gguf_file
+            version = (local.stat().st_mtime_ns, local.stat().st_size) if local.is_file() else None  # else a Hub id
+            tokenizer = copy.deepcopy(_gguf_tokenizer(where, spec.gguf_file, ref, spec.revision, spec.trust_remote_code,
+                                                      version))
+        else:
+            tokenizer = _load(transformers.AutoTokenizer.from_pretrained, where, ref, **common)
     if tokenizer.pad_token is None:
         # Decoders often ship without one; padding with EOS is safe because of the attention mask.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(where: str, gguf_file: str, ref: str, revision: str | None, trust_remote_code: bool,
+                    version: tuple[int, int] | None) -> transformers.PreTrainedTokenizerBase:
+    """A GGUF file's tokenizer, built once per file (and version of it) in a process: converting its
+    vocabulary takes seconds to tens of seconds, and a run reads it for every check and model load.
+    Callers get copies, so none sees another's changes."""
+    return _load(transformers.AutoTokenizer.from_pretrained, where, ref, gguf_file=gguf_file, revision=revision,
+                 trust_remote_code=trust_remote_code)
 
 
 def load_config(spec: ModelSpec) -> transformers.PretrainedConfig:

@@ -162,6 +162,18 @@ def check_fpb_generate(s: dict) -> None:
     assert s["best_distilled"] in ("student", "on_policy", "sequence") and s["speedup_batch_1"] > 0
 
 
+def check_trivia_chat(s: dict) -> None:
+    rows = ["teacher:smollm2", "baseline", "dataset", "student", "sequence"]
+    assert list(s["table"]) == rows
+    for role in rows:
+        r = s["table"][role]
+        assert share(r["f1"]) and share(r["exact_match"]) and share(r["agreement"]) and share(r["f1_vs_teacher"]), role
+        assert positive(r["gold_loss"], r["parameters"], r["n"]), role
+    teacher = s["table"]["teacher:smollm2"]
+    assert teacher["agreement"] == 1.0 and teacher["f1_vs_teacher"] == 1.0
+    assert set(s["agrees_more_than_sft"]) == {"student", "sequence"} == set(s["lower_gold_loss_than_sft"])
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
@@ -172,6 +184,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "teacher_8bit.py": check_teacher_8bit,
     "topk_cache.py": check_topk_cache,
     "trainer_baseline.py": check_trainer_baseline,
+    "trivia_chat.py": check_trivia_chat,
 }
 
 

@@ -81,6 +81,29 @@ def test_the_loss_falls_on_the_answer_and_its_end_of_turn_only(llamas, name):
     assert len(kept) == 4 and kept[-1] == model.tokenizer.eos_token_id
 
 
+def test_eval_gold_loss_is_the_cross_entropy_per_answer_token_of_the_rendered_conversation(llamas):
+    """`kd eval`'s loss, checked against the model run by hand on each conversation alone (no padding)."""
+    import torch
+
+    model = _model(llamas["chatml"])
+    rows = [{"text": q, "answers": [a], "messages": [*TURNS[:1], {"role": "user", "content": q}]}
+            for q, a in (("Capital of France?", "Paris"), ("Largest planet?", "Jupiter, the gas giant"))]
+    token_losses = []
+    for row in rows:
+        prompt = model.tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        answer = {"role": "assistant", "content": row["answers"][0]}
+        full = model.tokenizer.apply_chat_template([*row["messages"], answer], tokenize=False)
+        ids = model.tokenizer(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        start = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        end = ids[0].tolist().index(model.tokenizer.eos_token_id, start) + 1  # the answer and its end of turn
+        with torch.no_grad():
+            logits = model.model(input_ids=ids[:, :end]).logits[0].float()
+        token_losses += torch.nn.functional.cross_entropy(logits[start - 1 : end - 1], ids[0, start:end],
+                                                          reduction="none").tolist()
+    loss = GENERATE.gold_loss(model, rows, batch_size=2, max_length=64, template=None, answer_max_length=16)
+    assert loss == pytest.approx(sum(token_losses) / len(token_losses), rel=1e-4)
+
+
 def test_a_tokenizer_without_a_chat_template_is_a_clear_error_naming_the_model(llamas):
     with pytest.raises(ModelError, match="has no chat template") as error:
         _model(llamas["plain"]).prompt({"text": "x", "messages": TURNS})
@@ -179,6 +202,7 @@ def test_chat_distillation_with_two_templates_through_the_cli(here, llamas, stud
     assert "t (cache)" in kd("distill", recipe, "--set", "train.lr=5e-4").output
     result = json.loads(kd("eval", recipe, "--json").stdout)
     assert result["n"] > 0 and 0 <= result["metrics"]["f1"] <= 1 and "t" in result["agreement"]
+    assert result["metrics"]["loss"] > 0  # the gold answers' cross-entropy
     bench = json.loads(kd("bench", recipe, "--json").stdout)["results"][0]
     assert bench["batches"]["1"]["throughput"] > 0
 
@@ -198,7 +222,8 @@ def test_the_real_smollm2_instruct_template_renders_and_targets_the_answer(smoll
 
     from kdcli.models import load_tokenizer
 
-    tokenizer = load_tokenizer(TeacherConfig(ref=f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name))
+    spec = TeacherConfig(ref=f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
+    tokenizer = load_tokenizer(spec)
     model = replace(_model(llamas["chatml"]), tokenizer=tokenizer)
     turns = [{"role": "system", "content": "Answer with one word: negative, neutral or positive."},
              {"role": "user", "content": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."}]
@@ -208,3 +233,9 @@ def test_the_real_smollm2_instruct_template_renders_and_targets_the_answer(smoll
     batch = GENERATE.encode(model, [example], max_length=128, answer_max_length=8)
     answer = [i for i in batch["labels"][0].tolist() if i != -100]
     assert tokenizer.decode(answer) == "positive<|im_end|>" and answer[-1] == tokenizer.eos_token_id
+    # The GGUF vocabulary is converted once per process (it takes seconds): later loads are copies.
+    again = load_tokenizer(spec)
+    again.padding_side = "left" if tokenizer.padding_side == "right" else "right"
+    assert again is not tokenizer and again.padding_side != tokenizer.padding_side
+    assert again(prompt)["input_ids"] == tokenizer(prompt)["input_ids"]
+    assert again.chat_template == tokenizer.chat_template

@@ -465,23 +465,16 @@ def test_4bit_is_nf4_as_the_recipe_says(minilm_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_as_sequence_classifier(smollm2_gguf):
-    start = time.perf_counter()
+def test_smollm2_gguf_as_sequence_classifier_saves_and_reloads_like_any_other(smollm2_gguf, tmp_path):
+    """A fine-tuned GGUF teacher is kept under the run: its (dequantised) weights must save. One test,
+    as loading the GGUF file takes most of a minute here."""
     spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
     tm = load_task_model(spec, "classify", 3)
-    print(f"SmolLM2 GGUF load: {time.perf_counter() - start:.1f} s")
     assert tm.model.config.pad_token_id is not None and tm.num_layers == 30
-    assert forward(tm, encode(tm, SENTENCES, 32)).logits.shape == (2, 3)
+    batch = encode(tm, SENTENCES, 32)
+    assert forward(tm, batch).logits.shape == (2, 3)
     ids, suffix = option_token_ids(tm.tokenizer, "causal", 5)
     assert tm.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"] and suffix == " "
-
-
-@pytest.mark.slow
-def test_a_model_loaded_from_gguf_saves_and_reloads_like_any_other(smollm2_gguf, tmp_path):
-    """A fine-tuned GGUF teacher is kept under the run: its (dequantised) weights must save."""
-    spec = student(f"package:{smollm2_gguf.parent.name}", gguf_file=smollm2_gguf.name)
-    tm = load_task_model(spec, "classify", 3)
     tm.save(tmp_path / "saved", label_names=["negative", "neutral", "positive"])
     again = load_task_model(student(str(tmp_path / "saved")), "classify", 3)
-    batch = encode(tm, SENTENCES, 32)
     assert torch.allclose(forward(tm, batch).logits, forward(again, batch).logits, atol=1e-4)

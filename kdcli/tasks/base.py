@@ -93,6 +93,12 @@ class TaskKind(ABC):
                  metric: str | None, answer_max_length: int) -> dict[str, float]:
         """Validation scores of a student: the loss on gold answers, and the metrics the recipe can select."""
 
+    def gold_loss(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int,
+                  template: str | None, answer_max_length: int) -> float | None:
+        """`kd eval`'s loss of a model on the gold answers, where one number compares every model that
+        answers (free text, teacher-forced); None where teachers may order their classes differently."""
+        return None
+
     def with_student_samples(self, job: "Job", examples: list[dict]) -> list[dict]:
         """On-policy KD: the examples with answers the student sampled (``sample_ids``) to be trained on.
         Only free-text answers can be sampled; the recipe allows on-policy KD for task generate alone."""

@@ -248,6 +248,12 @@ class Generate(TaskKind):
         model.model.train(was_training)
         return scores
 
+    def gold_loss(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int,
+                  template: str | None, answer_max_length: int) -> float:
+        """The cross-entropy per gold answer token (EOS included), teacher-forced: what distillation
+        moves even where the answers are rarely right."""
+        return self.validate(model, rows, batch_size, max_length, template, None, answer_max_length)["loss"]
+
     # ----------------------------------------------------------------- teachers
 
     def teacher_answer(self, model: "TaskModel", examples: list[dict], settings: "TeacherSettings") -> TeacherBatch:
