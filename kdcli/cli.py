@@ -196,7 +196,7 @@ def cache_teachers(
 
     recipe = _load(recipe_path, overrides)
     taught = [s for s in recipe.resolved_stages() if s.teachers]
-    if taught and all(s.loss.kd_level == "on_policy" for s in taught):
+    if taught and all(s.loss.live_teachers_only for s in taught):
         from kdcli.errors import CacheError
 
         raise CacheError(

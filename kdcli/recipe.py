@@ -392,6 +392,12 @@ class LossConfig(Section):
             object.__setattr__(self, "divergence", "reverse_kl")
         return self
 
+    @property
+    def live_teachers_only(self) -> bool:
+        """On-policy: the teachers score the student's own samples, new at every step, so no cache can
+        hold what they say."""
+        return self.kd_level == "on_policy"
+
 
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the train split.")

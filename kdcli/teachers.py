@@ -228,7 +228,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
     for stage in recipe.resolved_stages():
-        if stage.loss.kd_level == "on_policy":
+        if stage.loss.live_teachers_only:
             if not quiet:
                 console.print(f"stage {stage.name}: on-policy, its teachers run live (nothing to cache)")
             continue
@@ -299,7 +299,7 @@ def open_teachers(recipe: Recipe, run: RunDir, stage: Stage, data: StageData, st
         identity, asked = cache_identity(recipe, run, stage, name, data)
         pooling[name] = asked.pooling
         path = run.cache(stage.name, name)
-        if stage.loss.kd_level != "on_policy":  # an on-policy teacher scores samples that do not exist yet
+        if not stage.loss.live_teachers_only:
             try:
                 check_cache(path, identity, name, cached_rows(data))
                 teachers[name] = CachedTeacher(path, accelerator.device)

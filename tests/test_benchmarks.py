@@ -174,6 +174,24 @@ def check_trivia_chat(s: dict) -> None:
     assert set(s["agrees_more_than_sft"]) == {"student", "sequence"} == set(s["lower_gold_loss_than_sft"])
 
 
+def check_trl_gkd(s: dict) -> None:
+    assert s["steps"] > 0 and s["train_rows"] >= s["steps"] * s["batch_size"] and s["trl"]
+    assert s["prompts_longer_than_max_length"]["train"] == 0  # both sides read whole prompts
+    for side in ("kd", "trl"):
+        runs = s["all_seconds_per_step"][side]
+        assert len(runs) == s["steps"] and positive(*runs), side
+        assert s["seconds_per_step"][side] == pytest.approx(statistics.median(runs[1:]), abs=0.0011), side
+        assert s["loop_seconds"][side] == pytest.approx(sum(runs), abs=0.02), side
+        assert positive(s["step_only_seconds_per_step"][side], s["command_seconds"][side]), side
+        quality = s["quality"][side]
+        assert quality["n"] > 0 and all(share(quality[k]) for k in ("accuracy", "macro_f1", "agreement_with_teacher"))
+    ratio(s, "kd_speedup", s["seconds_per_step"]["trl"], s["seconds_per_step"]["kd"])
+    ratio(s, "kd_speedup_step_only", s["step_only_seconds_per_step"]["trl"], s["step_only_seconds_per_step"]["kd"])
+    kd_only, trl_only = s["discordant"]["kd_right_trl_wrong"], s["discordant"]["trl_right_kd_wrong"]
+    assert s["accuracy_difference"] == pytest.approx((kd_only - trl_only) / s["quality"]["kd"]["n"], abs=1e-4)
+    assert share(s["mcnemar_p"]) and (kd_only != trl_only or s["mcnemar_p"] == 1.0)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
@@ -185,7 +203,10 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "topk_cache.py": check_topk_cache,
     "trainer_baseline.py": check_trainer_baseline,
     "trivia_chat.py": check_trivia_chat,
+    "trl_gkd.py": check_trl_gkd,
 }
+# Scripts that compare kd with another library, which CI does not install: skipped without it.
+NEEDS = {"trl_gkd.py": "trl"}
 
 
 def test_every_benchmark_has_a_check():
@@ -195,6 +216,8 @@ def test_every_benchmark_has_a_check():
 @pytest.mark.slow  # each script loads models and trains or times them: tens of seconds
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_runs_in_quick_mode_and_reports_sane_numbers(script, tmp_path):
+    if script in NEEDS:
+        pytest.importorskip(NEEDS[script])
     out = tmp_path / "result.json"
     # PYTHONPATH: the scripts import the kdcli of this checkout, not whichever one is installed.
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
