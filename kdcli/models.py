@@ -179,16 +179,29 @@ class TaskModel:
 
     def encode_prompts(self, examples: list[dict], max_length: int | None = None,
                        template: str | None = None) -> dict[str, Tensor]:
-        """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one)."""
+        """generate: the prompts alone, left-padded for causal models (new tokens follow the last real one),
+        and for them a prompt longer than ``max_length`` loses its start, not the end the answer follows
+        (a chat template's assistant header)."""
         prompts = [self.prompt(ex, template) for ex in examples]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
+        sides = self.tokenizer.padding_side, self.tokenizer.truncation_side
+        causal = self.kind == "causal"
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "left" if causal else "right"
         try:
             # A chat template writes the special tokens (BOS) itself.
             return self.tokenize(prompts, max_length=max_length or self.max_length,
                                  add_special_tokens=not any(ex.get("messages") for ex in examples))
         finally:
-            self.tokenizer.padding_side = side
+            self.tokenizer.padding_side, self.tokenizer.truncation_side = sides
+
+    def cut_prompt(self, prompt: str, max_length: int, add_special_tokens: bool) -> list[int]:
+        """A causal model's tokens of a prompt longer than ``max_length``, cut as ``encode_prompts`` cuts it."""
+        side = self.tokenizer.truncation_side
+        self.tokenizer.truncation_side = "left"
+        try:
+            return self.tokenizer(prompt, truncation=True, max_length=max_length,
+                                  add_special_tokens=add_special_tokens)["input_ids"]
+        finally:
+            self.tokenizer.truncation_side = side
 
     def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """Greedy decoding of an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]."""

@@ -81,6 +81,24 @@ def test_the_loss_falls_on_the_answer_and_its_end_of_turn_only(llamas, name):
     assert len(kept) == 4 and kept[-1] == model.tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("name", ["chatml", "plain"])
+def test_a_prompt_longer_than_max_length_loses_its_start_not_the_end_the_answer_follows(llamas, name):
+    model = _model(llamas[name])
+    question = "Capital of France? " + "Think of rivers, bridges and old streets. " * 8
+    example = {"text": question, "answers": ["Paris"], "options": [],
+               "messages": [*TURNS[:1], {"role": "user", "content": question}] if name == "chatml" else []}
+    whole = model.tokenizer(model.prompt(example), add_special_tokens=name == "plain")["input_ids"]
+    assert len(whole) > 24
+    batch = GENERATE.encode(model, [example], max_length=24, answer_max_length=8)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    cut = whole[:1] + whole[-23:] if name == "plain" else whole[-24:]  # a BOS the tokenizer adds stays
+    assert [i for i, label in zip(ids, labels) if label == -100] == cut  # chatml: up to "<|assistant|>"
+    answer = [i for i in labels if i != -100]
+    assert model.tokenizer.decode(answer).strip() == "Paris" + model.tokenizer.eos_token
+    assert model.encode_prompts([example], max_length=24)["input_ids"][0].tolist() == cut
+    assert model.tokenizer.truncation_side == "right"  # as it was
+
+
 def test_eval_gold_loss_is_the_cross_entropy_per_answer_token_of_the_rendered_conversation(llamas):
     """`kd eval`'s loss, checked against the model run by hand on each conversation alone (no padding)."""
     import torch

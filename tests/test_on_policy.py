@@ -53,8 +53,8 @@ def on_policy_job(llama: Path, out: Path, *, fraction: float = 1.0, kd_level: st
     return Job(
         name="main", student=student,
         rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
-        loss=LossConfig(alpha=0.5, temperature=1.0, kd_level=kd_level, top_k=vocab, on_policy_fraction=fraction,
-                        **loss),
+        loss=LossConfig(**{"alpha": 0.5, **loss}, temperature=1.0, kd_level=kd_level, top_k=vocab,
+                        on_policy_fraction=fraction),
         train=TrainConfig(max_steps=max_steps, batch_size=8, grad_accum=1, lr=1e-3, eval_every=10_000,
                           checkpoint_every=checkpoint_every, log_every=8, eval_batch_size=8),
         seed=0, max_length=32, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",
@@ -98,6 +98,26 @@ def test_samples_are_the_students_tokens_up_to_eos_and_they_are_the_kd_targets(l
     assert units["kd"] == sum(len(ex["sample_ids"]) for ex in sampled)  # normalised by generated tokens
     assert units["ce"] == GENERATE.units(job, examples, {})["ce"]  # CE stays on the gold answers
     assert answers["t0"].token_logprobs.shape[-1] == job.student.vocab_size  # the full vocabulary
+
+
+def test_without_ce_an_on_policy_step_runs_the_student_on_its_samples_alone(llama, tmp_path, monkeypatch):
+    """alpha = 0: the gold answers are never read, so the student is not run on them (TRL's GKD does
+    the same work); the loss is the KD on the samples either way."""
+    examples = GENERATE.with_student_samples(on_policy_job(llama, tmp_path), qa_rows(4))
+    losses = {}
+    for alpha in (0.0, 0.5):
+        job = on_policy_job(llama, tmp_path / str(alpha), alpha=alpha)
+        answers = train.teacher_answers(job, examples, "train")
+        seen = []
+        forward = GENERATE.forward
+        monkeypatch.setattr(GENERATE, "forward",
+                            lambda model, batch, **kw: seen.append(batch) or forward(model, batch, **kw))
+        _, parts, _ = train.compute_loss(job, examples, "train", None, answers)
+        monkeypatch.undo()
+        losses[alpha] = float(parts["kd"])
+        sampled = [[t for t in row if t != -100] for row in seen[-1]["labels"].tolist()]
+        assert sampled == [ex["sample_ids"] for ex in examples] and len(seen) == (1 if alpha == 0 else 2)
+    assert losses[0.0] == pytest.approx(losses[0.5], rel=1e-6)
 
 
 def test_sampling_is_seeded_and_a_resumed_run_equals_the_uninterrupted_one(llama, tmp_path):

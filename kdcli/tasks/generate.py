@@ -77,17 +77,15 @@ class Generate(TaskKind):
             raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{model.kind}'")
         sequences, labels = [], []
         for example, prompt, target in zip(examples, prompts, targets):
-            if example.get("messages"):  # the chat template writes the special tokens itself
-                prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length,
-                                             add_special_tokens=False)["input_ids"]
-            else:
-                prompt_ids = model.tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            special = not example.get("messages")  # a chat template writes the special tokens itself
+            whole = model.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+            prompt_ids = whole if len(whole) <= max_length else model.cut_prompt(prompt, max_length, special)
             if "sample_ids" in example:  # on-policy: what the student generated, token for token
                 answer = list(example["sample_ids"])
             elif example.get("messages"):
                 answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
             else:
-                answer = _answer_ids(model, prompt_ids, prompt, target, limit)
+                answer = _answer_ids(model, whole, prompt, target, limit)
             sequences.append(prompt_ids + answer)
             labels.append([-100] * len(prompt_ids) + answer)
         input_ids = pad_rows(sequences, model.tokenizer.pad_token_id)
@@ -147,7 +145,8 @@ class Generate(TaskKind):
                                                      job.answer_max_length))
 
         sampled = any("sample_ids" in ex for ex in examples)
-        output = run(_gold(examples))
+        # An on-policy step without CE never reads the gold answers: one forward pass fewer.
+        output = run(examples) if sampled and cfg.alpha == 0 else run(_gold(examples))
         parts: dict[str, torch.Tensor] = {}
         if cfg.alpha > 0:
             parts["ce"] = losses.cross_entropy(output.logits, output.labels)
@@ -156,7 +155,8 @@ class Generate(TaskKind):
             if cfg.kd_level == "sequence":
                 parts["kd"] = self._sequence_kd(job, examples, answers, weights, output)
             else:  # token level, and on-policy: on the student's samples when the step drew them
-                parts["kd"] = self._token_kd(job, answers, weights, run(examples) if sampled else output)
+                on_samples = run(examples) if sampled and cfg.alpha > 0 else output
+                parts["kd"] = self._token_kd(job, answers, weights, on_samples)
         return losses.weighted_sum(parts, part_weights(cfg)), parts, output
 
     def with_student_samples(self, job: "Job", examples: list[dict]) -> list[dict]:
