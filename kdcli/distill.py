@@ -18,6 +18,7 @@ from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
 from kdcli.rundir import RunDir, atomic_dir, done_state, mark_done, record_recipe, write_json
+from kdcli.tasks import cut_warning, task_kind
 from kdcli.teachers import finetune_teachers, open_teachers, preflight
 from kdcli.train import JobResult, cannot_resume, identity_changes, run_job
 
@@ -126,6 +127,10 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             console.print(f"[yellow]stage {stage.name} ({role}): {output} is not whole ({damage}); "
                           "training it again[/]")
         student = initial_student(recipe, run, data.num_classes, previous)
+        cut = cut_warning(task_kind(recipe.task), student, rows["train"], stage.data.max_length, stage.data.template,
+                          f"stage {stage.name}, train")
+        if cut and accelerator.is_main_process:
+            console.print(f"[yellow]{cut}[/]")
         loss, sources, taught = stage.loss, {}, {}
         if role == DATASET or not stage.teachers:
             loss = stage.loss.model_copy(update={"alpha": 1.0, "beta": 0.0})

@@ -8,11 +8,12 @@ are pure functions (``kdcli.metrics``).
 The saved JSON (what ``kd compare`` reads) has: ``role``, ``model`` (a description),
 ``ref`` (the weights loaded; a baseline cut from a teacher shows that teacher's), ``task``, ``stage``,
 ``split``, ``data_fingerprint``, ``n``, ``parameters``, ``seconds``, ``examples_per_second``,
-``max_new_tokens``, ``metrics`` (classify and choice: accuracy, f1, precision, recall, per_class,
-confusion, label_names; generate: exact_match, f1, precision, recall, SQuAD-normalised, best alias
-per question, and loss, the cross-entropy per gold answer token), ``shortcut`` (a warning or null),
-``answer_histogram`` and ``gold_histogram`` (choice), ``predictions`` (generate), ``agreement``
-({teacher: rate}), ``agreement_skipped`` ({teacher: why}), ``disagreements`` and ``env``.
+``max_new_tokens``, ``inputs_cut`` (a warning or null), ``metrics`` (classify and choice: accuracy,
+f1, precision, recall, per_class, confusion, label_names; generate: exact_match, f1, precision,
+recall, SQuAD-normalised, best alias per question, and loss, the cross-entropy per gold answer
+token), ``shortcut`` (a warning or null), ``answer_histogram`` and ``gold_histogram`` (choice),
+``predictions`` (generate), ``agreement`` ({teacher: rate}), ``agreement_skipped``
+({teacher: why}), ``disagreements`` and ``env``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kdcli.models import place
 from kdcli.recipe import Recipe
 from kdcli.roles import Role, load, result_header, teacher_role
 from kdcli.rundir import RunDir, write_json
-from kdcli.tasks import task_kind
+from kdcli.tasks import cut_warning, task_kind
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -60,6 +61,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
 
     model = load(recipe, role, data.num_classes)
     device = place(model)
+    cut = cut_warning(task, model, rows, stage.data.max_length, stage.data.template, f"{role}, {split}")
     started = time.perf_counter()
     mine = answer(model)
     seconds = time.perf_counter() - started
@@ -71,6 +73,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
         "examples_per_second": len(rows) / seconds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "max_new_tokens": cfg.max_new_tokens,
+        "inputs_cut": cut,
         **task.score(rows, mine, data.manifest),
         "agreement": {},
         "agreement_skipped": {},

@@ -135,8 +135,9 @@ def print_eval(result: dict, console: Console | None = None) -> None:
         console.print("answers given: " + "  ".join(
             f"{escape(k)}: {v} (gold {result['gold_histogram'][k]})" for k, v in result["answer_histogram"].items()
         ))
-    if result.get("shortcut"):
-        console.print(f"[bold yellow]warning:[/] {escape(result['shortcut'])}")
+    for warning in (result.get("inputs_cut"), result.get("shortcut")):
+        if warning:
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for teacher, rate in result.get("agreement", {}).items():
         console.print(f"agreement with teacher {escape(teacher)}: {rate:.1%}")
     for teacher, why in result.get("agreement_skipped", {}).items():

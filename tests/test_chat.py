@@ -15,7 +15,7 @@ from clirun import kd
 from kdcli.errors import ModelError
 from kdcli.models import load_task_model
 from kdcli.recipe import TeacherConfig
-from kdcli.tasks import task_kind
+from kdcli.tasks import cut_warning, task_kind
 
 GENERATE = task_kind("generate")
 # Two templates over one vocabulary: teacher and student may render the same turns differently.
@@ -97,6 +97,13 @@ def test_a_prompt_longer_than_max_length_loses_its_start_not_the_end_the_answer_
     assert model.tokenizer.decode(answer).strip() == "Paris" + model.tokenizer.eos_token
     assert model.encode_prompts([example], max_length=24)["input_ids"][0].tolist() == cut
     assert model.tokenizer.truncation_side == "right"  # as it was
+    # kd distill and kd eval say so.
+    turns = [{"role": "user", "content": "Capital?"}] if example["messages"] else []
+    short = dict(example, text="Capital?", messages=turns)
+    assert cut_warning(GENERATE, model, [example, short], 24, None, "stage main, train") == (
+        f"stage main, train: 1 of 2 inputs are longer than data.max_length = 24 tokens (the longest has {len(whole)}) "
+        "and lose their start; raise data.max_length to keep them whole")
+    assert cut_warning(GENERATE, model, [short], 24, None, "stage main, train") is None
 
 
 def test_eval_gold_loss_is_the_cross_entropy_per_answer_token_of_the_rendered_conversation(llamas):

@@ -6,7 +6,7 @@ starts; everything below works with the kind's methods (see ``kdcli.tasks.base``
 
 from __future__ import annotations
 
-from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights, pooled_layers
+from kdcli.tasks.base import TaskKind, TeacherBatch, cut_warning, part_weights, pooled_layers
 from kdcli.tasks.choice import Choice
 from kdcli.tasks.classify import Classify
 from kdcli.tasks.generate import Generate
@@ -19,4 +19,4 @@ def task_kind(name: str) -> TaskKind:
     return KINDS[name]
 
 
-__all__ = ["KINDS", "TaskKind", "TeacherBatch", "part_weights", "pooled_layers", "task_kind"]
+__all__ = ["KINDS", "TaskKind", "TeacherBatch", "cut_warning", "part_weights", "pooled_layers", "task_kind"]

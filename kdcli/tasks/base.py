@@ -93,6 +93,12 @@ class TaskKind(ABC):
                  metric: str | None, answer_max_length: int) -> dict[str, float]:
         """Validation scores of a student: the loss on gold answers, and the metrics the recipe can select."""
 
+    def inputs_cut(self, model: "TaskModel", rows: list[dict], max_length: int,
+                   template: str | None) -> tuple[int, int] | None:
+        """How many rows' inputs are longer than ``max_length`` tokens (and so are cut), and the longest
+        length; None where it is not counted."""
+        return None
+
     def gold_loss(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int,
                   template: str | None, answer_max_length: int) -> float | None:
         """`kd eval`'s loss of a model on the gold answers, where one number compares every model that
@@ -137,6 +143,18 @@ class TaskKind(ABC):
     @abstractmethod
     def bench_call(self, model: "TaskModel", max_new_tokens: int) -> tuple[Callable[[dict], Any], str]:
         """The timed call and a sentence saying what it times."""
+
+
+def cut_warning(task: TaskKind, model: "TaskModel", rows: list[dict], max_length: int, template: str | None,
+                where: str) -> str | None:
+    """A warning when some of ``rows``' inputs are longer than ``max_length`` (what is cut, and how to avoid it)."""
+    counted = task.inputs_cut(model, rows, max_length, template)
+    if not counted or not counted[0]:
+        return None
+    cut, longest = counted
+    lost = "start" if model.kind == "causal" else "end"
+    return (f"{where}: {cut} of {len(rows)} inputs are longer than data.max_length = {max_length} tokens "
+            f"(the longest has {longest}) and lose their {lost}; raise data.max_length to keep them whole")
 
 
 def pooled_layers(output: "TaskOutput", layers: list[int], pooling: str, batch_size: int) -> dict[int, "torch.Tensor"]:
