@@ -8,7 +8,8 @@ a hidden-state map holds) from a stand-in teacher that answers with random numbe
 on the bytes alone), then times, median of ``--repeats``:
 
   check_seconds    check_cache: the manifest, each shard's header and its sha256
-  load_seconds     CachedTeacher: reading every shard into memory, what training does next
+  load_seconds     CachedTeacher: opening the cache, what training does next (the shards' headers
+                   and row index; before issue 15, reading every shard into memory)
 
     python benchmarks/cache_verify.py            # 200,000 rows (about 620 MB)
     python benchmarks/cache_verify.py --quick    # 2,000 rows (CI)

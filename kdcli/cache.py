@@ -27,6 +27,11 @@ the shard files). ``temperature`` and ``top_k`` are part of the cache's identity
 answers in the same form (fp16-rounded top k), so live and cached losses agree. With
 ``kd_level = "sequence"`` the cache holds the teacher's greedy answers instead
 (``SPLIT-answers.json``).
+
+Reading is out of core (issue 15): ``CachedTeacher`` keeps an index built from the shards'
+headers (and the top-k shards' ``lengths``), at most 8 bytes a row, and reads each batch's rows
+from the files with positional reads; no shard is loaded whole or concatenated, so a process's
+memory does not grow with the cache. Only the sequence-level answers (text) are held in memory.
 """
 
 from __future__ import annotations
@@ -95,11 +100,20 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """Reads a verified cache; rows are addressed by each example's ``idx`` in its split."""
+    """Reads a verified cache out of core; rows are addressed by each example's ``idx`` in its split.
+
+    Opening reads each shard's safetensors header and, for top-k shards, its per-row ``lengths``
+    into a small index (which shard holds a row, where each tensor's bytes lie, at which token each
+    answer starts: 8 bytes a row). A call then reads exactly its rows' bytes with positional reads
+    (consecutive rows in one read), so resident memory does not grow with the cache: no shard is ever
+    loaded whole or concatenated. Not memory-mapped: the pages of a mapped file count as the
+    process's resident memory once touched, and the kernel maps the cached pages around each touched
+    one as well, so a mapped shard read at random soon shows up whole in the process's RSS
+    (safetensors' ``get_slice`` and numpy's memmap both did, measured). Sequence-level answers (one
+    JSON list of strings per split) are held in memory, parsed once.
+    """
 
     def __init__(self, path: Path, device: "torch.device | str" = "cpu"):
-        from safetensors.torch import load_file
-
         self.path = path
         self.manifest = read_json(path / "manifest.json")
         if self.manifest.get("cache_format") != CACHE_FORMAT:  # check_cache refuses it first; never misread one
@@ -108,35 +122,30 @@ class CachedTeacher:
                 "run `kd cache-teachers RECIPE` to rebuild it",
             )
         self.device = device
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.splits: dict[str, _RowSplit | _TokenSplit] = {}
         self.answers: dict[str, list[str]] = {}
         try:
-            self._load(path, load_file)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged after check_cache
-            raise CacheError(f"the cache at {path} cannot be read ({type(exc).__name__}: {exc})",
-                             "run `kd cache-teachers RECIPE --force` to rebuild it") from None
+            self._open()
+        except _READ_ERRORS as exc:  # damaged after check_cache
+            raise self._unreadable(exc) from None
 
-    def _load(self, path: Path, load_file) -> None:
-        import torch
-
+    def _open(self) -> None:
+        generate = self.manifest.get("task") == "generate"
         for split, info in self.manifest["splits"].items():
             if self.manifest.get("kd_level") == "sequence":
-                self.answers[split] = [a for shard in info["shards"] for a in read_json(path / shard)]
+                # The one parse of the answers: check_cache takes their count from the manifest.
+                answers = [a for shard in info["shards"] for a in read_json(self.path / shard)]
+                if "rows" in info and len(answers) != info["rows"]:
+                    raise ValueError(f"{split} holds {len(answers)} answers, its manifest says {info['rows']}")
+                self.answers[split] = answers
                 continue
-            parts = [load_file(path / shard) for shard in info["shards"]]
-            if self.manifest.get("task") == "generate":
-                # Shards keep their own row lengths; on load they become global starts and lengths per row.
-                logprobs, ids = zip(*(unpack_topk(p["logprobs"], p["ids"]) for p in parts)) if parts else ((), ())
-                lengths = (torch.cat([p["lengths"].to(torch.long) for p in parts]) if parts
-                           else torch.zeros(0, dtype=torch.long))
-                self.tensors[split] = {
-                    "logprobs": torch.cat(logprobs) if parts else torch.zeros(0),
-                    "ids": torch.cat(ids) if parts else torch.zeros(0),
-                    "starts": lengths.cumsum(0) - lengths,
-                    "lengths": lengths,
-                }
-                continue
-            self.tensors[split] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
+            shards = [_Shard(self.path / name) for name in info["shards"]]
+            self.splits[split] = (_TokenSplit(shards) if generate
+                                  else _RowSplit(shards, ["logits", *(f"hidden.{layer}" for layer in self.layers)]))
+
+    def _unreadable(self, exc: Exception) -> CacheError:
+        return CacheError(f"the cache at {self.path} cannot be read ({type(exc).__name__}: {exc})",
+                          "run `kd cache-teachers RECIPE --force` to rebuild it")
 
     @property
     def layers(self) -> list[int]:
@@ -145,27 +154,242 @@ class CachedTeacher:
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         import torch
 
-        if split not in self.tensors and split not in self.answers:
+        if split not in self.splits and split not in self.answers:
             raise CacheError(
                 f"the cache at {self.path} has no '{split}' split",
                 "run `kd cache-teachers RECIPE` again",
             )
         if split in self.answers:
             return TeacherBatch(texts=[self.answers[split][ex["idx"]] for ex in examples])
-        if self.manifest.get("task") == "generate":
-            stored = self.tensors[split]
-            spans = [(int(stored["starts"][ex["idx"]]), int(stored["lengths"][ex["idx"]])) for ex in examples]
-            index = (torch.cat([torch.arange(start, start + n) for start, n in spans]) if spans
-                     else torch.zeros(0, dtype=torch.long))
-            return TeacherBatch(
-                token_logprobs=stored["logprobs"][index].float().to(self.device),
-                token_ids=stored["ids"][index].to(torch.long).to(self.device),
-                lengths=[n for _, n in spans],
-            )
-        rows = torch.tensor([ex["idx"] for ex in examples])
-        stored = self.tensors[split]
-        hidden = {layer: stored[f"hidden.{layer}"][rows].to(self.device) for layer in self.layers}
-        return TeacherBatch(stored["logits"][rows].to(self.device), hidden)
+        stored = self.splits[split]
+        rows = [ex["idx"] for ex in examples]
+        try:
+            if isinstance(stored, _TokenSplit):
+                packed, packed_ids, lengths = stored.read(rows)
+                logprobs, ids = unpack_topk(packed, packed_ids)
+                return TeacherBatch(token_logprobs=logprobs.float().to(self.device),
+                                    token_ids=ids.to(torch.long).to(self.device), lengths=lengths)
+            read = stored.read(rows)
+        except _READ_ERRORS as exc:  # a shard changed on disk since it was opened
+            raise self._unreadable(exc) from None
+        hidden = {layer: read[f"hidden.{layer}"].to(self.device) for layer in self.layers}
+        return TeacherBatch(read["logits"].to(self.device), hidden)
+
+
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+# safetensors' dtype names, as torch dtype names
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+           "BOOL": "bool"}
+
+
+class _Stored:
+    """Where one tensor of a shard lies in its file: ``offset`` of its first byte, its dtype and shape."""
+
+    def __init__(self, offset: int, dtype: "torch.dtype", shape: tuple[int, ...]):
+        import math
+
+        self.offset, self.dtype, self.shape = offset, dtype, shape
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize  # one entry of the first dimension
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+
+class _Shard:
+    """One safetensors shard: its tensors' places in the file, from its header (nothing else is read)."""
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(path, "pt"):  # safetensors checks the header (offsets, dtypes, size) or raises
+            pass
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        self.path = path
+        self.tensors: dict[str, _Stored] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if not shape:
+                raise ValueError(f"{path.name}: {name} is a scalar, not one entry a row")
+            stored = _Stored(8 + size + begin, getattr(torch, _DTYPES[entry["dtype"]]), shape)
+            if stored.rows * stored.row_bytes != end - begin:
+                raise ValueError(f"{path.name}: {name} takes {end - begin} bytes for shape {list(shape)}")
+            self.tensors[name] = stored
+
+    def get(self, name: str) -> _Stored:
+        if name not in self.tensors:
+            raise KeyError(f"{self.path.name} holds no {name!r}")
+        return self.tensors[name]
+
+
+def _read_at(handle: Any, offset: int, into: memoryview) -> None:
+    """Fill ``into`` with the file's bytes from ``offset`` on (a positional read: nothing else of the file)."""
+    handle.seek(offset)
+    done = 0
+    while done < len(into):
+        got = handle.readinto(into[done:])
+        if not got:
+            raise EOFError(f"{Path(handle.name).name} ends before byte {offset + len(into)}")
+        done += got
+
+
+class _Reader:
+    """The shard files one read opens, each once, all closed when the read ends (so a CachedTeacher holds
+    no open files between calls)."""
+
+    def __init__(self, shards: list[_Shard]):
+        self.shards, self.files = shards, {}
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def __call__(self, shard_no: int, name: str, first: int, count: int, into: memoryview) -> None:
+        """Rows ``first .. first + count`` of tensor ``name`` of shard ``shard_no`` into ``into``."""
+        if shard_no not in self.files:
+            self.files[shard_no] = open(self.shards[shard_no].path, "rb", buffering=0)
+        stored = self.shards[shard_no].get(name)
+        _read_at(self.files[shard_no], stored.offset + first * stored.row_bytes, into[: count * stored.row_bytes])
+
+
+def _buffer(nbytes: int) -> tuple["torch.Tensor", memoryview]:
+    import torch
+
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    return data, memoryview(data.numpy())
+
+
+def _same_rows(shards: list[_Shard], name: str) -> _Stored:
+    """The form of ``name`` shared by every shard (row shape and dtype), or ValueError."""
+    forms = {(shard.get(name).shape[1:], shard.get(name).dtype) for shard in shards}
+    if len(forms) > 1:
+        raise ValueError(f"the shards hold {name} in {len(forms)} shapes or dtypes")
+    return shards[0].get(name)
+
+
+class _Split:
+    """A split's shards, and which holds each row (``firsts``: each shard's first row in the split)."""
+
+    def __init__(self, shards: list[_Shard], counts: list[int]):
+        import itertools
+
+        self.shards = shards
+        self.firsts = [0, *itertools.accumulate(counts)]
+        self.rows = self.firsts[-1]
+
+    def runs(self, rows: list[int]) -> list[tuple[int, int, int]]:
+        """``rows`` as (shard, first row in it, rows): consecutive rows of one shard are one run."""
+        import bisect
+        import operator
+
+        runs: list[list[int]] = []
+        for row in map(operator.index, rows):
+            if not 0 <= row < self.rows:
+                raise KeyError(f"row {row}: the split holds rows 0 to {self.rows - 1}")
+            shard = bisect.bisect_right(self.firsts, row) - 1
+            local = row - self.firsts[shard]
+            if runs and runs[-1][0] == shard and runs[-1][1] + runs[-1][2] == local:
+                runs[-1][2] += 1
+            else:
+                runs.append([shard, local, 1])
+        return [(shard, first, count) for shard, first, count in runs]
+
+
+class _RowSplit(_Split):
+    """classify and choice: tensors with one fixed-size entry per row (``logits``, ``hidden.L``)."""
+
+    def __init__(self, shards: list[_Shard], names: list[str]):
+        counts = []
+        for shard in shards:
+            held = {shard.get(name).rows for name in names}
+            if len(held) != 1:
+                raise ValueError(f"{shard.path.name} holds {sorted(held)} rows in its tensors")
+            counts.append(held.pop())
+        super().__init__(shards, counts)
+        self.names = names
+        self.forms = {name: _same_rows(shards, name) for name in names} if shards else {}
+
+    def read(self, rows: list[int]) -> dict[str, "torch.Tensor"]:
+        runs = self.runs(rows)
+        out = {}
+        with _Reader(self.shards) as read:
+            for name, form in self.forms.items():
+                data, view = _buffer(len(rows) * form.row_bytes)
+                at = 0
+                for shard, first, count in runs:
+                    read(shard, name, first, count, view[at:])
+                    at += count * form.row_bytes
+                out[name] = data.view(form.dtype).view(len(rows), *form.shape[1:])
+        return out
+
+
+class _TokenSplit(_Split):
+    """generate, token level: per shard the packed top-k ``logprobs`` [T, k], ``ids`` [T, k'] and
+    ``lengths`` [rows]; the index keeps each row's first token in its shard (``starts``, int64)."""
+
+    def __init__(self, shards: list[_Shard]):
+        import torch
+
+        self.starts = []
+        with _Reader(shards) as read:
+            for shard_no, shard in enumerate(shards):
+                lengths = shard.get("lengths")
+                if len(lengths.shape) != 1 or lengths.dtype not in (torch.uint16, torch.int32):
+                    raise ValueError(f"{shard.path.name}: lengths of shape {list(lengths.shape)}, {lengths.dtype}")
+                data, view = _buffer(lengths.rows * lengths.row_bytes)
+                read(shard_no, "lengths", 0, lengths.rows, view)
+                starts = torch.zeros(lengths.rows + 1, dtype=torch.int64)
+                torch.cumsum(data.view(lengths.dtype).to(torch.int64), 0, out=starts[1:])
+                tokens = {int(starts[-1]), shard.get("logprobs").rows, shard.get("ids").rows}
+                if len(tokens) != 1:
+                    raise ValueError(f"{shard.path.name}: its lengths, log-probs and ids count {sorted(tokens)} tokens")
+                self.starts.append(starts)
+        super().__init__(shards, [len(starts) - 1 for starts in self.starts])
+        self.logprobs = _same_rows(shards, "logprobs") if shards else None
+        self.ids = _same_rows(shards, "ids") if shards else None
+        if self.logprobs is not None:
+            lp, ids = self.logprobs, self.ids
+            if (lp.dtype != torch.float16 or ids.dtype not in (torch.uint16, torch.int32) or len(lp.shape) != 2
+                    or len(ids.shape) != 2 or ids.shape[1] != lp.shape[1] - lp.shape[1] // (8 * ids.dtype.itemsize)):
+                raise ValueError(f"log-probs {lp.dtype} {list(lp.shape)} and ids {ids.dtype} {list(ids.shape)} "
+                                 "are not a packed top-k")
+
+    def read(self, rows: list[int]) -> tuple["torch.Tensor", "torch.Tensor", list[int]]:
+        """The packed log-probs and ids of ``rows``' answer tokens, row after row, and each row's length."""
+        import torch
+
+        if self.logprobs is None:  # a split without shards holds no rows (runs refuses any row)
+            self.runs(rows)
+            return torch.zeros(0, 0, dtype=torch.float16), torch.zeros(0, 0, dtype=torch.uint16), []
+        spans, lengths = [], []
+        for shard, first, count in self.runs(rows):
+            starts = self.starts[shard][first : first + count + 1]
+            lengths += (starts[1:] - starts[:-1]).tolist()
+            spans.append((shard, int(starts[0]), int(starts[-1] - starts[0])))
+        tokens = sum(n for _, _, n in spans)
+        out = []
+        with _Reader(self.shards) as read:
+            for name, form in (("logprobs", self.logprobs), ("ids", self.ids)):
+                data, view = _buffer(tokens * form.row_bytes)
+                at = 0
+                for shard, first, count in spans:
+                    read(shard, name, first, count, view[at:])
+                    at += count * form.row_bytes
+                out.append(data.view(form.dtype).view(tokens, *form.shape[1:]))
+        return out[0], out[1], lengths
 
 
 def expected_manifest(*, teacher_ref: str, revision: str | None, weights: str, tokenizer: str, data_fingerprint: str,
@@ -241,17 +465,23 @@ def check_cache(path: Path, expected: dict[str, Any], teacher_name: str, rows: d
                 raise damaged(f"{shard} is missing")
             if sha256_file(path / shard) != hashes.get(shard):
                 raise damaged(f"{shard} is not the file that was written (its sha256 differs)")
-            held += _shard_rows(path / shard)
+            held += 0 if shard.endswith(".json") else _shard_rows(path / shard)
+        answers = [shard for shard in info["shards"] if shard.endswith(".json")]
+        if answers:
+            # Sequence level: the split's one JSON list of answers is as written (its sha256), so it holds
+            # the rows the manifest recorded with it; CachedTeacher checks that count when it parses the
+            # list, the only time the list is parsed.
+            if len(answers) != 1 or not isinstance(info.get("rows"), int):
+                raise damaged(f"manifest.json lists {len(answers)} answer files and no row count for {split}")
+            held += info["rows"]
         if rows is not None and held != rows[split]:
             raise damaged(f"its {split} shards hold {held} rows, the {split} split has {rows[split]}")
 
 
 def _shard_rows(shard: Path) -> int:
-    """Rows in one shard, from the safetensors header alone (or the answers' JSON list)."""
+    """Rows in one safetensors shard, from its header alone."""
     from safetensors import safe_open
 
-    if shard.suffix == ".json":
-        return len(read_json(shard))
     with safe_open(shard, "pt") as handle:
         name = "lengths" if "lengths" in handle.keys() else "logits"
         return handle.get_slice(name).get_shape()[0]

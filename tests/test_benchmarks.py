@@ -139,6 +139,25 @@ def check_cache_verify(s: dict) -> None:
     assert s["check_megabytes_per_second"] == pytest.approx(s["megabytes"] / s["check_seconds"], rel=0.02)
 
 
+def check_cache_memory(s: dict) -> None:
+    assert list(s["caches"]) == ["classify", "generate"] and s["target_megabytes"] == 100
+    assert positive(s["batches"], s["batch_size"]) and s["top_k"] == 32 and s["old_reader"] is None
+    for kind, sizes in s["caches"].items():
+        assert list(sizes) == ["small", "large"], kind
+        small, large = sizes["small"], sizes["large"]
+        assert 0 < small["rows"] < large["rows"] and 0 < small["megabytes"] < large["megabytes"], kind
+        assert 1 <= small["shards"] <= large["shards"] and (small["tokens"] is None) == (kind == "classify"), kind
+        for size in (small, large):
+            # a peak never falls: after imports <= once the cache is open <= after the batches
+            assert 0 < size["start_rss_megabytes"] <= size["opened_rss_megabytes"] <= size["peak_rss_megabytes"]
+            assert positive(size["open_seconds"], size["read_ms_per_batch"]), (kind, size)
+        growth = large["peak_rss_megabytes"] - small["peak_rss_megabytes"]
+        assert s["growth_megabytes"][kind] == pytest.approx(growth, abs=0.11), kind
+        assert s["within_target"][kind] == (s["growth_megabytes"][kind] < 100), kind
+    # The quick caches are small, but the large ones are 10x the small: reading them must not show.
+    assert all(s["within_target"].values()), s["growth_megabytes"]
+
+
 def check_llm_step_cost(s: dict) -> None:
     kinds = ["sft", "token_cached", "token_live", "on_policy"]
     assert list(s["seconds_per_step"]) == kinds
@@ -193,6 +212,7 @@ def check_trl_gkd(s: dict) -> None:
 
 
 CHECKS: dict[str, Callable[[dict], None]] = {
+    "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "quickstart.py": check_quickstart,
