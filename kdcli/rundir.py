@@ -334,6 +334,37 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def scratch(folder: Path, name: str, output: Path) -> Iterator[Any]:
+    """A function that makes (on its first call) and returns a temporary folder in ``folder``, for
+    work too large for memory; the folder goes at the end, with the folders made for it.
+
+    It is named as a partial output (``.NAME.tmp-PID.HOST-...``), so one that a killed process left
+    is removed like any other (``clean_leftovers``). A write the file system refuses becomes a
+    KdError naming ``output``, the output the work is for.
+    """
+    made: list[Path] = []
+
+    def get() -> Path:
+        if not made:
+            with writing(output):
+                parents = [p for p in (folder, *folder.parents) if not p.exists()]
+                folder.mkdir(parents=True, exist_ok=True)
+                made.extend([Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_tag()}-", dir=folder)), *parents])
+        return made[0]
+
+    try:
+        yield get
+    finally:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+            for parent in made[1:]:  # innermost first; one that holds something now stays, and so do those above it
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary sibling and rename it over ``path``: ``path`` is never half written.
 

@@ -158,6 +158,25 @@ def check_cache_memory(s: dict) -> None:
     assert all(s["within_target"].values()), s["growth_megabytes"]
 
 
+def check_prepare_scale(s: dict) -> None:
+    runs = s["runs"]
+    assert [r["rows"] for r in runs] == sorted(r["rows"] for r in runs) and len(runs) >= 2 and "commit" in s
+    for r in runs:
+        assert positive(r["csv_megabytes"], r["wall_seconds"], r["prepare_seconds"], r["peak_rss_megabytes"],
+                        r["ru_maxrss_megabytes"]), r
+        assert r["prepare_seconds"] <= r["wall_seconds"] and sum(r["counts"].values()) == r["rows"], r
+        assert r["rows_per_second"] == pytest.approx(r["rows"] / r["wall_seconds"], abs=1), r
+        assert r["prepare_rows_per_second"] == pytest.approx(r["rows"] / r["prepare_seconds"], abs=1), r
+        # VmHWM is the process's own; ru_maxrss also counts the small parent's memory at the fork.
+        assert r["peak_rss_megabytes"] <= r["ru_maxrss_megabytes"] + 1, r
+        assert r["target_megabytes"] == (500 if r["rows"] <= 1_000_000 else 1000)
+        assert r["memory_within_target"] == (r["peak_rss_megabytes"] < r["target_megabytes"]), r
+        assert r["speed_within_target"] is None if r["rows"] < 1_000_000 else isinstance(r["speed_within_target"], bool)
+    assert [(m["from_rows"], m["to_rows"]) for m in s["marginal"]] == [(a["rows"], b["rows"]) for a, b in
+                                                                        zip(runs, runs[1:])]
+    assert all(r["memory_within_target"] for r in runs)  # the quick sizes are far below the targets
+
+
 def check_llm_step_cost(s: dict) -> None:
     kinds = ["sft", "token_cached", "token_live", "on_policy"]
     assert list(s["seconds_per_step"]) == kinds
@@ -219,6 +238,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "distill_speed.py": check_distill_speed,
     "fpb_generate.py": check_fpb_generate,
     "llm_step_cost.py": check_llm_step_cost,
+    "prepare_scale.py": check_prepare_scale,
     "teacher_8bit.py": check_teacher_8bit,
     "topk_cache.py": check_topk_cache,
     "trainer_baseline.py": check_trainer_baseline,

@@ -578,7 +578,7 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_earlier_checkp
 
 
 def test_a_full_disk_while_preparing_keeps_the_previous_data(bert, tmp_path, monkeypatch):
-    import datasets
+    from datasets.arrow_writer import ArrowWriter
 
     root = tmp_path / "work"
     write_run(root, bert)
@@ -586,7 +586,7 @@ def test_a_full_disk_while_preparing_keeps_the_previous_data(bert, tmp_path, mon
     kd("prepare", "recipe.toml")
     data = root / "runs" / "f" / "data" / "main"
     before = {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()}
-    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", _enospc)
+    monkeypatch.setattr(ArrowWriter, "write_table", _enospc)
     result = kd("prepare", "recipe.toml", "--force", code=1)
     assert isinstance(result.exception, SystemExit), result.output
     assert result.stderr.startswith(f"error: no space left on the device writing {data.resolve()}")

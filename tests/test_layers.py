@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["kdcli.data"],
     ["kdcli.data.prepare"],
     ["kdcli.data.read", "kdcli.data.split"],
-    ["kdcli.data.generic"],
+    ["kdcli.data.generic", "kdcli.data.store"],
     ["kdcli.data.hub", "kdcli.data.fpb", "kdcli.data.winogrande", "kdcli.data.socialiqa", "kdcli.data.aqua",
      "kdcli.data.triviaqa", "kdcli.data.messages"],
     ["kdcli.data.fields"],

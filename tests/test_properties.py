@@ -254,12 +254,13 @@ def test_any_rows_through_cleaning_and_splitting(tmp_path, rows, on_conflict, se
     data = validate(dict(VALID, data={"format": "jsonl", "path": str(path), "on_conflict": on_conflict, "split": split,
                                       "limit": 3})).data
     try:
-        prepared = _build(data, "classify", seed, lambda message: None)
+        prepared = _build(data, "classify", seed, lambda message: None, lambda: tmp_path)
     except KdError as exc:
         assert exc.hint
         return
+    prepared.store.close()
     assert set(prepared.splits) == {name for name, f in split.items() if f > 0}
-    assert all(1 <= len(examples) <= 3 for examples in prepared.splits.values())
+    assert all(1 <= len(rows) <= 3 for rows in prepared.splits.values())
 
 
 # --------------------------------------------------------------------------- resume under a changed recipe

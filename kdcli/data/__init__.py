@@ -4,8 +4,10 @@ Sources are the study's five datasets in their exact release formats (see
 shared/data/README.md), each read by a module of its own (``fpb``, ``winogrande``,
 ``socialiqa``, ``aqua``, ``triviaqa``); generic csv/jsonl/parquet files mapped by
 ``data.columns`` (``generic``); or a Hugging Face Hub dataset (``hub``, needs network).
-``read`` picks the reader, ``split`` cleans and splits, ``prepare`` saves, and ``stage``
-serves a stage's prepared rows to the commands.
+``read`` picks the reader and fills a ``store`` (the rows as Arrow batches, in memory or a
+scratch file, and a few numbers a row), ``split`` cleans and splits on arrays of row numbers,
+``prepare`` saves, and ``stage`` serves a stage's prepared rows to the commands. No step holds
+a Python object per row (issue 15).
 
 Every example becomes one row of the common schema:
 
@@ -22,10 +24,10 @@ names); choice labels are a 0-based option index or an option letter ``A``, ``B`
 The built-in adapters read their release's own convention (WinoGrande ``"1"``/``"2"``,
 Social IQA 1-3, AQuA ``A``-``E``).
 
-Prepared data lives in ``runs/NAME/data/STAGE/`` (``DatasetDict.save_to_disk`` plus
-``manifest.json``). The manifest carries a fingerprint of everything that shapes the data
-(data config, task, seed, source file hashes, kd version), so an unchanged second run is a
-no-op. Every problem with the input is a DataError raised before anything is written.
+Prepared data lives in ``runs/NAME/data/STAGE/`` (the files ``DatasetDict.save_to_disk``
+writes, written a batch at a time, plus ``manifest.json``). The manifest carries a fingerprint
+of everything that shapes the data (data config, task, seed, source file hashes, kd version),
+so an unchanged second run is a no-op. Every problem with the input is a DataError raised before anything is written.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Iterator
 
 from kdcli.data.fields import LETTERS, Example, string_field, string_list_field
 from kdcli.data.files import SourceFile, excerpt, json_rows
@@ -15,8 +16,7 @@ AQUA_HINT = "AQuA-RAT rows have question, options ['A)...', ...] and correct; ch
 AQUA_OPTION = re.compile(r"\s*([A-Z])\s*\)\s*(.*)", re.DOTALL)
 
 
-def read_aqua(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
-    examples = []
+def read_aqua(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
     for row in json_rows(source.path, data.encoding or "utf-8"):
         question = string_field(row, "question", AQUA_HINT)
         options = []
@@ -34,5 +34,4 @@ def read_aqua(source: SourceFile, data: DataConfig, names: list[str]) -> list[Ex
                 "fix that line of the file",
             )
         label = LETTERS.index(correct)
-        examples.append(Example(row.default_id, question, options, label, [options[label]], row.where))
-    return examples
+        yield Example(row.default_id, question, options, label, [options[label]], row.where)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from kdcli.data.files import RawRow, SourceFile, excerpt, label_lines
 from kdcli.errors import DataError
@@ -127,13 +127,14 @@ def answer_list(value: Any, where: str) -> list[str]:
     )
 
 
-def aligned_labels(source: SourceFile, rows: list[RawRow]) -> list[tuple[str, str]] | None:
+def aligned_labels(source: SourceFile, rows: int) -> Iterator[tuple[str, str]] | None:
+    """The data file's labels from its label file, one per row (``rows`` of them), in order; None without one."""
     if source.labels is None:
         return None
-    labels = label_lines(source.labels)
-    if len(labels) != len(rows):
+    labels = sum(1 for _ in label_lines(source.labels))
+    if labels != rows:
         raise DataError(
-            f"{source.labels} has {len(labels)} labels for {len(rows)} rows in {source.path}",
+            f"{source.labels} has {labels} labels for {rows} rows in {source.path}",
             "the label file must have one line per row of its data file, in the same order",
         )
-    return labels
+    return label_lines(source.labels)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
-import io
 import json
 import re
 import sys
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -106,52 +107,154 @@ def excerpt(text: str, width: int = 80) -> str:
     return repr(text if len(text) <= width else text[:width] + "...")
 
 
-def read_text(path: Path, encoding: str) -> str:
+BLOCK_BYTES = 1 << 20  # files are read this much at a time: a source is never held whole
+
+
+def blocks(path: Path) -> Iterator[bytes]:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            while block := handle.read(BLOCK_BYTES):
+                yield block
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None
-    if b"\0" in raw:
-        raise DataError(f"{path} is not a text file (it contains NUL bytes)", "check data.path and data.format")
+
+
+def _decoder(encoding: str) -> codecs.IncrementalDecoder:
     try:
-        text = raw.decode(encoding)
+        return codecs.getincrementaldecoder(encoding)()
     except LookupError:
         raise DataError(
             f"unknown text encoding '{encoding}'", "set data.encoding to e.g. 'utf-8' or 'latin-1'"
         ) from None
+
+
+def _not_decodable(path: Path, encoding: str, byte: int, line: int) -> DataError:
+    return DataError(
+        f"{path}:{line}: not valid {encoding} text (byte {byte:#04x})",
+        "set data.encoding to the file's encoding, e.g. encoding = 'latin-1'",
+    )
+
+
+def _first_undecodable(path: Path, encoding: str) -> DataError:
+    """The error for the first byte the whole file does not decode at (for decoders that do not say
+    where in the file they stopped): the file read whole, once, on this error path only."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path}:{line}: not valid {encoding} text (byte {raw[exc.start]:#04x})",
-            "set data.encoding to the file's encoding, e.g. encoding = 'latin-1'",
-        ) from None
-    return text.removeprefix("\ufeff")
+        return _not_decodable(path, encoding, raw[exc.start], raw.count(b"\n", 0, exc.start) + 1)
+    raise AssertionError(f"{path} decodes whole but not in blocks")  # pragma: no cover
 
 
-def _check_length(path: Path, number: int, line: str) -> None:
-    if len(line) > MAX_LINE_CHARS:
+def _decoded(path: Path, encoding: str) -> Iterator[str]:
+    """The file's text in pieces, as ``raw.decode(encoding)`` without a leading BOM would give it whole.
+
+    A byte that does not decode is a DataError naming its line. The caller checks for NUL bytes first.
+    """
+    decoder = _decoder(encoding)
+    newlines = 0  # in the bytes given to the decoder so far
+    first = True
+    for block in chain(blocks(path), [b""]):
+        pending = getattr(decoder, "buffer", b"")  # the undecoded end of the last block, if the codec keeps one
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            data = pending + block
+            if not isinstance(exc.object, bytes) or exc.object != data:
+                raise _first_undecodable(path, encoding) from None
+            line = newlines - pending.count(b"\n") + data.count(b"\n", 0, exc.start) + 1
+            raise _not_decodable(path, encoding, data[exc.start], line) from None
+        newlines += block.count(b"\n")
+        if first and text:
+            text, first = text.removeprefix("\ufeff"), False
+        if text:
+            yield text
+
+
+def _split_lines(pieces: Iterator[str]) -> Iterator[tuple[int, str | None, int]]:
+    """Lines split on "\\n" only, numbered from 1, with their lengths: (number, line, length).
+
+    A line longer than MAX_LINE_CHARS comes as None with its length: it is never held whole.
+    """
+    number, carry, carried = 1, [], 0
+    for piece in pieces:
+        parts = piece.split("\n")
+        for i, part in enumerate(parts):
+            if carried + len(part) <= MAX_LINE_CHARS:
+                carry.append(part)
+            else:
+                carry = []
+            carried += len(part)
+            if i < len(parts) - 1:  # the line ends here
+                yield number, ("".join(carry) if carried <= MAX_LINE_CHARS else None), carried
+                number, carry, carried = number + 1, [], 0
+    yield number, ("".join(carry) if carried <= MAX_LINE_CHARS else None), carried
+
+
+def check_text(path: Path, encoding: str, line_limit: bool = False) -> None:
+    """What reading a text source checks before its first line, without holding it: no NUL byte
+    anywhere, then every byte valid ``encoding`` text (else the line of the first that is not);
+    with ``line_limit`` (CSV), then no line over MAX_LINE_CHARS (the first one that is)."""
+    for block in blocks(path):
+        if b"\0" in block:
+            raise DataError(f"{path} is not a text file (it contains NUL bytes)", "check data.path and data.format")
+    if not line_limit:
+        for _ in _decoded(path, encoding):
+            pass
+        return
+    too_long = _first_long_line(_decoded(path, encoding))  # reported once the whole file is known to decode
+    if too_long:
+        _check_length(path, *too_long)
+
+
+def _first_long_line(pieces: Iterator[str]) -> tuple[int, int] | None:
+    """The number and length of the first line over MAX_LINE_CHARS (split on "\\n"), else None;
+    the text is read to its end either way."""
+    found, number, carried = None, 1, 0  # the line being read: its number, its length so far
+    for piece in pieces:
+        if found is not None:
+            continue
+        parts = piece.split("\n")
+        lengths = [carried + len(parts[0]), *map(len, parts[1:])]
+        if max(lengths[:-1], default=0) > MAX_LINE_CHARS:  # a line that ends in this piece is too long
+            at = next(i for i, length in enumerate(lengths[:-1]) if length > MAX_LINE_CHARS)
+            found = (number + at, lengths[at])
+        number += len(parts) - 1
+        carried = lengths[-1]
+    if found is None and carried > MAX_LINE_CHARS:
+        found = (number, carried)
+    return found
+
+
+def _check_length(path: Path, number: int, length: int) -> None:
+    if length > MAX_LINE_CHARS:
         raise DataError(
-            f"{path}:{number}: line is {len(line):,} characters long (limit {MAX_LINE_CHARS:,})",
+            f"{path}:{number}: line is {length:,} characters long (limit {MAX_LINE_CHARS:,})",
             "this does not look like a line-based dataset file; check data.path and data.format",
         )
 
 
-def lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
-    """Non-blank lines with their 1-based line numbers.
+def lines(path: Path, encoding: str, checked: bool = False) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a text file with their 1-based line numbers, read a block at a time.
 
-    Split on "\\n" only: str.splitlines() also breaks on U+0085 and other separators, and
-    TriviaQA has a raw U+0085 inside a JSON string. A trailing "\\r" (CRLF files) is dropped.
+    The whole file is checked first (``check_text``; ``checked``: the caller did). Split on "\\n" only:
+    str.splitlines() also breaks on U+0085 and other separators, and TriviaQA has a raw U+0085
+    inside a JSON string. A trailing "\\r" (CRLF files) is dropped.
     """
-    for number, line in enumerate(text.split("\n"), start=1):
-        _check_length(path, number, line)
+    if not checked:
+        check_text(path, encoding)
+    for number, line, length in _split_lines(_decoded(path, encoding)):
+        _check_length(path, number, length)
+        assert line is not None
         line = line.removesuffix("\r")
         if line.strip():
             yield number, line
 
 
 def json_rows(path: Path, encoding: str) -> Iterator[RawRow]:
-    for number, line in lines(path, read_text(path, encoding)):
-        where = f"{path}:{number}"
+    name, stem = str(path), path.stem
+    for number, line in lines(path, encoding):
+        where = f"{name}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -181,7 +284,7 @@ def json_rows(path: Path, encoding: str) -> Iterator[RawRow]:
                 f"{where}: text contains a lone surrogate (\\u{ord(surrogate):04x}), which is not valid Unicode",
                 "fix that line: a \\ud800-\\udfff escape is only valid as half of a surrogate pair",
             )
-        yield RawRow(where, f"{path.stem}-{number}", row)
+        yield RawRow(where, f"{stem}-{number}", row)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -210,40 +313,80 @@ def _lone_surrogate(value: Any) -> str | None:
 
 
 def csv_rows(path: Path, encoding: str) -> Iterator[RawRow]:
-    text = read_text(path, encoding)
-    for number, line in enumerate(text.split("\n"), start=1):
-        _check_length(path, number, line)
+    check_text(path, encoding, line_limit=True)
     # The csv module caps a field at 131,072 characters by default: a field may be as long as a
     # line may be (the cap is process-wide; kd reads CSV only here).
     csv.field_size_limit(MAX_LINE_CHARS)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    last = 0  # the last line of the last complete row
-    try:
-        for row in reader:
-            last = reader.line_num
-            yield RawRow(f"{path}:{reader.line_num}", f"{path.stem}-{reader.line_num}", row)
-    except csv.Error as exc:
-        if "field limit" in str(exc):  # no line is too long, so the field runs over several
-            raise DataError(
-                f"{path}:{last + 1}: a quoted field runs on for more than {MAX_LINE_CHARS:,} characters "
-                f"(to line {reader.line_num})",
-                "a quote on that line is probably never closed; a field may hold at most "
-                f"{MAX_LINE_CHARS:,} characters",
-            ) from None
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})", "check the quoting on that line") from None
+    name, stem = str(path), path.stem
+    # newline="": lines split as io.StringIO(text, newline="") splits them (on \n, \r and \r\n, the
+    # ends kept), which is what the csv module expects and what its line numbers count.
+    with open(path, encoding=encoding, newline="") as handle:
+        first = handle.readline()
+        reader = csv.reader(chain([first.removeprefix("\ufeff")], handle) if first else iter(()))
+        # csv.DictReader, inlined for speed: `at` is what its line_num would be, also when the csv
+        # module raises; `last` is the last line of the last complete row.
+        at = last = 0
+        try:
+            try:
+                fieldnames = next(reader)
+            except StopIteration:
+                return
+            at = reader.line_num
+            width = len(fieldnames)
+            for row in reader:
+                at = reader.line_num
+                while row == []:  # DictReader skips blank rows
+                    row = next(reader, None)
+                    if row is None:
+                        return
+                at = last = reader.line_num
+                record = dict(zip(fieldnames, row))
+                if width < len(row):
+                    record[None] = row[width:]  # type: ignore[index]  # DictReader's restkey
+                elif width > len(row):
+                    for key in fieldnames[len(row):]:
+                        record[key] = None  # its restval
+                yield RawRow(f"{name}:{last}", f"{stem}-{last}", record)
+        except csv.Error as exc:
+            if "field limit" in str(exc):  # no line is too long, so the field runs over several
+                raise DataError(
+                    f"{path}:{last + 1}: a quoted field runs on for more than {MAX_LINE_CHARS:,} characters "
+                    f"(to line {at})",
+                    "a quote on that line is probably never closed; a field may hold at most "
+                    f"{MAX_LINE_CHARS:,} characters",
+                ) from None
+            raise DataError(f"{path}:{at}: malformed CSV ({exc})", "check the quoting on that line") from None
+
+
+PARQUET_BATCH_ROWS = 10_000
 
 
 def parquet_rows(path: Path) -> Iterator[RawRow]:
+    """A parquet file's rows, a batch of rows at a time."""
     import pyarrow.parquet as pq
 
-    try:
-        rows = pq.read_table(path).to_pylist()
+    def unreadable(exc: Exception) -> DataError:
+        return DataError(f"{path}: not a readable parquet file ({exc})", "check data.path and data.format")
+
+    try:  # opened as pq.read_table opens a file (so with its errors), then read a batch at a time
+        dataset = pq.ParquetDataset(path)
+        batches = (batch for fragment in dataset.fragments
+                   for batch in fragment.to_batches(schema=dataset.schema, batch_size=PARQUET_BATCH_ROWS))
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: not a readable parquet file ({exc})", "check data.path and data.format") from None
-    for number, row in enumerate(rows, start=1):
-        yield RawRow(f"{path} row {number}", f"{path.stem}-{number}", row)
+        raise unreadable(exc) from None
+    number, name, stem = 0, str(path), path.stem
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, ValueError) as exc:
+            raise unreadable(exc) from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRow(f"{name} row {number}", f"{stem}-{number}", row)
 
 
-def label_lines(path: Path) -> list[tuple[str, str]]:
+def label_lines(path: Path) -> Iterator[tuple[str, str]]:
     """A `*-labels.lst` file: (file:line, value) for each non-blank line."""
-    return [(f"{path}:{number}", line.strip()) for number, line in lines(path, read_text(path, "utf-8"))]
+    return ((f"{path}:{number}", line.strip()) for number, line in lines(path, "utf-8"))

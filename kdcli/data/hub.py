@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable, Iterator
+
 from kdcli.data.files import SPLITS, RawRow
 from kdcli.errors import DataError
 from kdcli.recipe import DataConfig
 
 
-def read_hub(data: DataConfig) -> tuple[dict[str, list[RawRow]], list[str]]:
-    """Rows of a Hub dataset's train/validation/test splits, and its class names when the label is a ClassLabel."""
+def read_hub(data: DataConfig) -> tuple[dict[str, Callable[[], Iterator[RawRow]]], list[str]]:
+    """Rows of a Hub dataset's train/validation/test splits (each a function that goes through them
+    again: the Arrow files `load_dataset` made are read a row at a time, never copied), and its class
+    names when the label is a ClassLabel."""
     import datasets
 
     try:
@@ -27,14 +32,11 @@ def read_hub(data: DataConfig) -> tuple[dict[str, list[RawRow]], list[str]]:
             f"Hub dataset '{data.hub_name}' has no train split (it has {', '.join(loaded)})",
             "choose another hub_config",
         )
-    parts = {
-        split: [
-            RawRow(f"{data.hub_name}[{split}] row {i}", f"{split}-{i}", row)
-            for i, row in enumerate(loaded[split], start=1)
-        ]
-        for split in SPLITS
-        if split in loaded
-    }
+    def rows(split: str) -> Iterator[RawRow]:
+        for i, row in enumerate(loaded[split], start=1):
+            yield RawRow(f"{data.hub_name}[{split}] row {i}", f"{split}-{i}", row)
+
+    parts = {split: partial(rows, split) for split in SPLITS if split in loaded}
     label_feature = loaded["train"].features.get(data.columns.label or "")
     names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else []
     return parts, names

@@ -4,6 +4,8 @@ the prompt; every model renders them with its own chat template."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from kdcli.data.fields import Example
 from kdcli.data.files import SourceFile, excerpt, json_rows
 from kdcli.errors import DataError
@@ -16,8 +18,7 @@ MESSAGES_HINT = (
 )
 
 
-def read_messages(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
-    examples = []
+def read_messages(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
     for row in json_rows(source.path, data.encoding or "utf-8"):
         turns = row.data.get("messages")
         if not isinstance(turns, list) or len(turns) < 2:
@@ -35,6 +36,5 @@ def read_messages(source: SourceFile, data: DataConfig, names: list[str]) -> lis
         users = [turn["content"] for turn in prompt if turn["role"] == "user"]
         if not users:
             raise DataError(f"{row.where}: no user turn before the answer", MESSAGES_HINT)
-        examples.append(Example(str(row.data.get("id", row.default_id)), users[-1], [], -1,
-                                [answer["content"].strip()], row.where, messages=prompt))
-    return examples
+        yield Example(str(row.data.get("id", row.default_id)), users[-1], [], -1,
+                      [answer["content"].strip()], row.where, messages=prompt)

@@ -5,24 +5,26 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
+
 from kdcli import __version__
-from kdcli.data.fields import Example
 from kdcli.data.files import SourceFile, source_files
-from kdcli.data.read import read_examples
-from kdcli.data.split import dedupe, limit_rows, resolve_conflicts, split_parts
+from kdcli.data.read import read_source
+from kdcli.data.split import clean, limit_rows, split_parts
+from kdcli.data.store import COLUMNS, ExampleStore
 from kdcli.errors import DataError
 from kdcli.recipe import DataConfig, Recipe, Stage, fingerprint
-from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, sha256_file, write_json
+from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, scratch, sha256_file, write_json
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
 
 
 MANIFEST = "manifest.json"
@@ -51,51 +53,103 @@ class PrepareResult:
 
 @dataclass
 class _Prepared:
-    """A stage's data, read, cleaned and split in memory, ready to save."""
+    """A stage's data, read into a store, cleaned and split into arrays of its rows, ready to save."""
 
-    splits: dict[str, list[Example]]
+    store: ExampleStore
+    splits: dict[str, np.ndarray]  # split -> the store's rows in it, ascending
     label_names: list[str]
     rows_read: dict[str, int]
     duplicates: int
     conflicts: int
     conflict_rows_dropped: int
+    nbytes: dict[str, int]  # each split's size in Arrow, as datasets counts it (its shards follow from it)
+    num_options: int  # the most options a train row has
 
 
-def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None]) -> _Prepared:
-    parts, names = read_examples(data, task, say)
-    rows_read = {split: len(examples) for split, examples in parts.items()}
-    duplicates = conflicts = conflict_rows = 0
-    for split, examples in parts.items():
-        # Per source split: a named test file is the user's choice and is not mixed with train.
-        kept, found = resolve_conflicts(examples, data.on_conflict, names)
-        conflicts += found
-        conflict_rows += len(examples) - len(kept)
-        if data.dedupe:
-            kept, dropped = dedupe(kept)
-            duplicates += dropped
-        parts[split] = kept
-    rng = random.Random(seed)
-    splits = limit_rows(split_parts(parts, data, rng), data.limit, rng)
-    for name, examples in splits.items():
-        if not examples:
-            raise DataError(
-                f"the {name} split is empty "
-                f"({sum(len(e) for e in parts.values())} examples after cleaning, split {data.split})",
-                f"use more data, or set data.split.{name} = 0 to leave the split out",
-            )
-    return _Prepared(splits, names, rows_read, duplicates, conflicts, conflict_rows)
+def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None],
+           scratch: Callable[[], Path]) -> _Prepared:
+    store = ExampleStore(scratch)
+    try:
+        names = read_source(data, task, store, say)
+        rows_read = {split: end - first for split, (first, end) in store.parts.items()}
+        parts, duplicates, conflicts, conflict_rows = {}, 0, 0, 0
+        say("cleaning and splitting")
+        for split, (first, end) in store.parts.items():
+            # Per source split: a named test file is the user's choice and is not mixed with train.
+            kept, found, dropped = clean(store, first, end, data.on_conflict, names, data.dedupe)
+            conflicts += found
+            if data.dedupe:
+                conflict_rows += end - first - len(kept) - dropped
+                duplicates += dropped
+            else:
+                conflict_rows += end - first - len(kept)
+            parts[split] = kept
+        store.drop_keys()
+        rng = random.Random(seed)
+        splits = limit_rows(split_parts(parts, store.labels, data, rng), store.labels, data.limit, rng)
+        for name, rows in splits.items():
+            if not len(rows):
+                raise DataError(
+                    f"the {name} split is empty "
+                    f"({sum(len(rows) for rows in parts.values())} examples after cleaning, split {data.split})",
+                    f"use more data, or set data.split.{name} = 0 to leave the split out",
+                )
+        nbytes, num_options = _measure(store, splits)
+        return _Prepared(store, splits, names, rows_read, duplicates, conflicts, conflict_rows, nbytes, num_options)
+    except BaseException:
+        store.close()
+        raise
 
 
-def _histogram(examples: list[Example], names: list[str]) -> dict[str, int]:
-    counts = Counter(ex.label for ex in examples if ex.label >= 0)
-    return {name: counts.get(i, 0) for i, name in enumerate(names)}
+def _nbytes(batch: "pa.RecordBatch") -> int:
+    """What ``nbytes`` says of these rows in a table of their own (as ``Dataset.from_dict`` makes one):
+    4 bytes an offset, a string's bytes, 8 an int64. Reckoned from the values, so that rows taken from
+    the store in pieces add up to the split's whole (``nbytes`` of a piece counts its buffers' padding)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in batch.columns:
+        if pa.types.is_list(column.type):
+            values = column.flatten()
+            total += 4 * len(column) + 4 * len(values) + (pc.sum(pc.binary_length(values)).as_py() or 0)
+        elif pa.types.is_string(column.type):
+            total += 4 * len(column) + (pc.sum(pc.binary_length(column)).as_py() or 0)
+        else:
+            total += column.nbytes
+    return total
 
 
-def _to_datasets(splits: dict[str, list[Example]]) -> "datasets.DatasetDict":
+def _measure(store: ExampleStore, splits: dict[str, np.ndarray]) -> tuple[dict[str, int], int]:
+    """Each split's size as one Arrow table (what datasets shards a saved split by, and sizes its
+    write batches by), and the most options a train row has; one pass over the store."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    nbytes = dict.fromkeys(splits, 0)
+    num_options = 0
+    for start, batch in store.batches(COLUMNS):
+        for name, rows in splits.items():
+            first, end = np.searchsorted(rows, [start, start + batch.num_rows])
+            if first == end:
+                continue
+            taken = batch.take(pa.array(rows[first:end] - start))
+            nbytes[name] += _nbytes(taken)
+            if name == "train":
+                num_options = max(num_options, pc.max(pc.list_value_length(taken.column("options"))).as_py() or 0)
+    return nbytes, num_options
+
+
+def _histogram(labels: np.ndarray, names: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    return {name: int(counts[i]) for i, name in enumerate(names)}
+
+
+def _features() -> "datasets.Features":
     import datasets
 
     # Sequence rather than datasets.List: the pyproject allows datasets 3.x, which has no List.
-    features = datasets.Features(
+    return datasets.Features(
         {
             "id": datasets.Value("string"),
             "text": datasets.Value("string"),
@@ -106,17 +160,111 @@ def _to_datasets(splits: dict[str, list[Example]]) -> "datasets.DatasetDict":
         }
     )
 
-    def column(examples: list[Example], name: str) -> list:
-        if name == "messages":
-            return [json.dumps(ex.messages, ensure_ascii=False) if ex.messages else "" for ex in examples]
-        return [getattr(ex, name) for ex in examples]
 
-    return datasets.DatasetDict(
-        {
-            name: datasets.Dataset.from_dict({c: column(examples, c) for c in features}, features=features)
-            for name, examples in splits.items()
+class _SplitWriter:
+    """One split saved as ``Dataset.save_to_disk`` saves it (its shards, Arrow batches, state.json
+    and dataset_info.json), from its rows in order, a batch at a time."""
+
+    def __init__(self, folder: Path, rows: int, nbytes: int, fingerprint: str) -> None:
+        from datasets import config
+        from datasets.utils.py_utils import convert_file_size_to_int
+
+        self.folder, self.fingerprint = folder, fingerprint
+        shards = min(rows, int(nbytes / convert_file_size_to_int(config.MAX_SHARD_SIZE)) + 1)
+        # Dataset.shard(contiguous=True): the first `rows % shards` shards have one row more.
+        self.sizes = [rows // shards + (1 if i < rows % shards else 0) for i in range(shards)]
+        self.batch_rows = config.DEFAULT_MAX_BATCH_SIZE
+        if nbytes > 0:
+            try:
+                from datasets.arrow_writer import get_writer_batch_size_from_data_size
+            except ImportError:  # datasets before 4 writes batches of DEFAULT_MAX_BATCH_SIZE
+                pass
+            else:
+                self.batch_rows = min(self.batch_rows, get_writer_batch_size_from_data_size(rows, nbytes))
+        self.folder.mkdir()
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._shard = -1
+        self._left = 0  # rows still to write to the open shard
+        self._writer = None
+
+    def _file(self, shard: int) -> str:
+        return f"data-{shard:05d}-of-{len(self.sizes):05d}.arrow"
+
+    def write(self, batch: "pa.RecordBatch") -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        import pyarrow as pa
+        from datasets.arrow_writer import ArrowWriter
+
+        while self._pending_rows:
+            if self._left == 0:
+                self._shard += 1
+                self._left = self.sizes[self._shard]
+                self._writer = ArrowWriter(features=_features(), path=str(self.folder / self._file(self._shard)),
+                                           embed_local_files=True)
+            # Whole write batches (as many as there are, up to the shard's end), or the shard's last rows.
+            size = min(self._pending_rows // self.batch_rows * self.batch_rows, self._left)
+            if size == 0:
+                if self._pending_rows < min(self.batch_rows, self._left) and not final:
+                    return
+                size = min(self.batch_rows, self._left, self._pending_rows)
+            table = pa.Table.from_batches(self._pending)
+            # In batches of batch_rows from the shard's start: what save_to_disk's one table a batch writes.
+            self._writer.write_table(table.slice(0, size), writer_batch_size=self.batch_rows)
+            rest = table.slice(size)
+            self._pending, self._pending_rows = rest.to_batches(), rest.num_rows
+            self._left -= size
+            if self._left == 0:
+                self._writer.finalize()
+                self._writer.close()
+                self._writer = None
+
+    def close(self) -> None:
+        import datasets
+        from datasets.utils.py_utils import asdict as info_dict  # what save_to_disk writes: no empty fields
+
+        self._drain(final=True)
+        assert self._writer is None and self._shard == len(self.sizes) - 1, "a split's rows did not fill its shards"
+        state = {
+            "_data_files": [{"filename": self._file(i)} for i in range(len(self.sizes))],
+            "_fingerprint": self.fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
         }
-    )
+        features = _features()
+        info = info_dict(datasets.Dataset.from_dict({name: [] for name in features}, features=features).info)
+        with open(self.folder / "state.json", "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+        with open(self.folder / "dataset_info.json", "w", encoding="utf-8") as handle:
+            json.dump({key: info[key] for key in sorted(info)}, handle, indent=2)
+
+
+def _save(prepared: _Prepared, folder: Path, print_id: str) -> None:
+    """The splits as ``DatasetDict.save_to_disk(folder)`` saved them, in one pass over the store:
+    each batch of it gives each split its rows."""
+    import pyarrow as pa
+
+    with open(folder / "dataset_dict.json", "w", encoding="utf-8") as handle:
+        json.dump({"splits": list(prepared.splits)}, handle)
+    writers = {
+        name: _SplitWriter(folder / name, len(rows), prepared.nbytes[name],
+                           fingerprint({"prepared": print_id, "split": name}))
+        for name, rows in prepared.splits.items()
+    }
+    for start, batch in prepared.store.batches(COLUMNS):
+        for name, rows in prepared.splits.items():
+            first, end = np.searchsorted(rows, [start, start + batch.num_rows])
+            if first < end:
+                writers[name].write(batch.take(pa.array(rows[first:end] - start)))
+    for writer in writers.values():
+        writer.close()
 
 
 def _identity(recipe: Recipe, data: DataConfig, sources: list[SourceFile]) -> dict[str, Any]:
@@ -228,20 +376,6 @@ def _status(quiet: bool) -> Iterator[Callable[[str], None]]:
         yield status.update
 
 
-@contextmanager
-def _no_datasets_bars() -> Iterator[None]:
-    """save_to_disk draws its own tqdm bars; kd shows one status of its own instead."""
-    import datasets
-
-    was_enabled = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 @dataclass
 class _Pending:
     """A stage to write: its output directory, manifest and data."""
@@ -254,9 +388,9 @@ class _Pending:
 
 def _plan_stage(
     recipe: Recipe, stage: Stage, run: RunDir, force: bool, built: dict[str, _Prepared], say: Callable[[str], None],
-    replace: bool,
+    replace: bool, scratch: Callable[[], Path],
 ) -> PrepareResult | _Pending:
-    """Skip an up-to-date stage, or read, check and split its data in memory."""
+    """Skip an up-to-date stage, or read, check and split its data (out of core: see ``_build``)."""
     started = time.perf_counter()
     out = run.data(stage.name)
     say(f"stage {stage.name}: checking sources")
@@ -280,7 +414,7 @@ def _plan_stage(
         reason = f"{reason}; an earlier prepare was interrupted, its partial output is discarded"
     if print_id not in built:  # stages with the same data are read once
         built[print_id] = _build(
-            stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}")
+            stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}"), scratch
         )
     prepared = built[print_id]
     manifest = {
@@ -292,14 +426,15 @@ def _plan_stage(
         **identity,
         "fingerprint": print_id,
         "label_names": prepared.label_names,
-        "num_options": max((len(ex.options) for ex in prepared.splits["train"]), default=0),
+        "num_options": prepared.num_options,
         "rows_read": prepared.rows_read,
         "duplicates_dropped": prepared.duplicates,
         "conflicts_resolved": prepared.conflicts,
         "conflict_rows_dropped": prepared.conflict_rows_dropped,
-        "counts": {name: len(examples) for name, examples in prepared.splits.items()},
+        "counts": {name: len(rows) for name, rows in prepared.splits.items()},
         "label_histogram": {
-            name: _histogram(examples, prepared.label_names) for name, examples in prepared.splits.items()
+            name: _histogram(prepared.store.labels[rows], prepared.label_names)
+            for name, rows in prepared.splits.items()
         },
     }
     return _Pending(out, manifest, prepared, started)
@@ -307,8 +442,8 @@ def _plan_stage(
 
 def _write_stage(pending: _Pending) -> PrepareResult:
     manifest = pending.manifest
-    with atomic_dir(pending.out) as tmp, _no_datasets_bars():
-        _to_datasets(pending.prepared.splits).save_to_disk(str(tmp))
+    with atomic_dir(pending.out) as tmp:
+        _save(pending.prepared, tmp, manifest["fingerprint"])
         manifest["seconds"] = round(time.perf_counter() - pending.started, 3)
         write_json(tmp / MANIFEST, manifest)  # last: its presence marks the directory complete
     return _result(manifest["stage"], pending.out, manifest, False, manifest["reason"], manifest["seconds"])
@@ -348,20 +483,27 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
     run = RunDir.for_recipe(recipe)
     built: dict[str, _Prepared] = {}
     planned_at = time.time()
-    with _status(quiet) as say:
-        plans = [_plan_stage(recipe, stage, run, force, built, say, replace) for stage in recipe.resolved_stages()]
-        results = []
-        for plan in plans:
-            if isinstance(plan, _Pending):
-                with _writing(plan.out):
-                    done = _written_meanwhile(plan, planned_at)
-                    if done is None:
-                        say(f"stage {plan.manifest['stage']}: saving {plan.out}")
-                        plan = _write_stage(plan)
-                    else:
-                        plan = done
-            results.append(plan)
-    return results
+    stages = recipe.resolved_stages()
+    # A large source's rows wait in a scratch folder beside the prepared data until they are saved.
+    work = scratch(run.data(stages[0].name).parent, "prepare", run.data(stages[0].name))
+    with _status(quiet) as say, work as folder:
+        try:
+            plans = [_plan_stage(recipe, stage, run, force, built, say, replace, folder) for stage in stages]
+            results = []
+            for plan in plans:
+                if isinstance(plan, _Pending):
+                    with _writing(plan.out):
+                        done = _written_meanwhile(plan, planned_at)
+                        if done is None:
+                            say(f"stage {plan.manifest['stage']}: saving {plan.out}")
+                            plan = _write_stage(plan)
+                        else:
+                            plan = done
+                results.append(plan)
+            return results
+        finally:
+            for prepared in built.values():
+                prepared.store.close()
 
 
 def load_prepared(run: RunDir, stage: str) -> tuple["datasets.DatasetDict", dict[str, Any]]:

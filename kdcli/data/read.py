@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import gc
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
 
 from kdcli.data.aqua import read_aqua
 from kdcli.data.fields import Example
@@ -11,6 +17,7 @@ from kdcli.data.fpb import read_fpb
 from kdcli.data.generic import read_generic
 from kdcli.data.messages import read_messages
 from kdcli.data.socialiqa import read_socialiqa
+from kdcli.data.store import ExampleStore
 from kdcli.data.triviaqa import read_triviaqa
 from kdcli.data.winogrande import read_winogrande
 from kdcli.errors import DataError
@@ -34,7 +41,7 @@ FORMAT_TASKS: dict[str, tuple[str, ...]] = {
 }
 
 
-ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], list[Example]]] = {
+ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], Iterator[Example]]] = {
     "fpb": read_fpb,
     "winogrande": read_winogrande,
     "socialiqa": read_socialiqa,
@@ -44,12 +51,14 @@ ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], list[Example]]
 }
 
 
-def read_examples(
-    data: DataConfig, task: str, say: Callable[[str], None] = lambda message: None
-) -> tuple[dict[str, list[Example]], list[str]]:
-    """Read and normalise a source: examples per source split ('all' for a single `path`) and the class names.
+def read_source(
+    data: DataConfig, task: str, store: ExampleStore, say: Callable[[str], None] = lambda message: None
+) -> list[str]:
+    """Read and normalise a source into ``store``, a source split ('all' for a single `path`) after
+    another, row by row, and check the whole dataset; returns the class names.
 
-    Nothing is deduplicated or split here; every row of the source is one Example.
+    Nothing is deduplicated or split here; every row of the source is one example. The store is
+    finished when this returns.
     """
     if data.format in FORMAT_TASKS and task not in FORMAT_TASKS[data.format]:
         raise DataError(
@@ -62,54 +71,150 @@ def read_examples(
             f"data.label_names lists a class twice: {data.label_names}", "give each class name once, in id order"
         )
     sources = source_files(data)
+    generic = None
     if data.format in ADAPTERS:
         names = list(data.label_names or DEFAULT_LABEL_NAMES.get(data.format, []))
-        parts = {}
-        for source in sources:
-            say(f"reading {source.path} ({source.path.stat().st_size / 1e6:.1f} MB)")
-            parts[source.split] = ADAPTERS[data.format](source, data, names)
+        stream = _adapted(sources, data, names, say)
     else:
-        parts, names = read_generic(sources, data, task, say)
-    if task == "generate":
-        for ex in (ex for examples in parts.values() for ex in examples):
-            if not ex.answers and 0 <= ex.label < len(names):
-                # A labelled dataset asked as generation: the class name is the answer (the label stays, so
-                # the split is still stratified).
-                ex.answers = [names[ex.label]]
-    _check(parts, task, data)
+        generic = read_generic(sources, data, task, say)
+        stream, names = generic.examples, generic.names  # names inferred (classify only) are known at the end
+    with _cycles_uncollected() if data.format != "hub" else nullcontext():  # the Hub's rows are not kd's to vouch for
+        first_problem = _stream(stream, task, names, store)
+    store.finish()
+    if generic is not None:
+        names = generic.names
+        if generic.classes is not None:  # the labels were codes of the values, until the names were known
+            store.relabel(np.array(generic.classes, dtype=np.int32))
+    _check(store, data, first_problem)
     if task == "choice":
-        most = max(len(ex.options) for examples in parts.values() for ex in examples)
+        most = store.max_options
         names = names or [str(i) for i in range(1, most + 1)]  # option numbers, as prompts show them
         if len(names) < most:
             raise DataError(
                 f"data.label_names has {len(names)} names, but rows have up to {most} options",
                 "name every option position",
             )
-    return parts, (names if task != "generate" else [])
+    return names if task != "generate" else []
 
 
-def _check(parts: dict[str, list[Example]], task: str, data: DataConfig) -> None:
-    """Whole-dataset checks that no single row can make."""
-    for split, examples in parts.items():
-        if not examples:
+@contextmanager
+def _cycles_uncollected() -> Iterator[None]:
+    """Python's cycle collector paused: reading a file makes no reference cycles (rows, examples,
+    their lists and dicts), but makes objects fast enough that the collector, going through the young
+    ones again and again, took a fifth of the time. The first error's traceback makes one cycle,
+    collected once the collector runs again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _stream(stream: Iterator[tuple[str, Example | None]], task: str, names: list[str],
+            store: ExampleStore) -> tuple[int, DataError] | None:
+    """Every example of ``stream`` into the store; the first row the task cannot use, with its error."""
+    first_problem = None
+    checked = task in ("choice", "generate")
+    read: list[Example] = []  # handed to the store a few at a time
+    for split, ex in stream:
+        if ex is None:
+            store.extend(read)
+            read = []
+            store.start(split)
+            continue
+        if checked:
+            if task == "generate" and not ex.answers and 0 <= ex.label < len(names):
+                # A labelled dataset asked as generation: the class name is the answer (the label stays, so
+                # the split is still stratified).
+                ex.answers = [names[ex.label]]
+            if first_problem is None:
+                problem = _problem(ex, task)
+                if problem is not None:
+                    first_problem = (store.rows + len(read), problem)
+        read.append(ex)
+        if len(read) == 1024:
+            store.extend(read)
+            read = []
+    store.extend(read)
+    return first_problem
+
+
+def read_examples(
+    data: DataConfig, task: str, say: Callable[[str], None] = lambda message: None
+) -> tuple[dict[str, list[Example]], list[str]]:
+    """``read_source`` into memory: the examples of each source split, and the class names.
+
+    For callers that want the examples as objects (tests, benchmarks, small data); `kd prepare`
+    keeps them out of core.
+    """
+    with tempfile.TemporaryDirectory(prefix="kd-read-") as folder:
+        store = ExampleStore(lambda: Path(folder))
+        try:
+            names = read_source(data, task, store, say)
+            return {split: store.examples(np.arange(*rows)) for split, rows in store.parts.items()}, names
+        finally:
+            store.close()
+
+
+def _adapted(
+    sources: list[SourceFile], data: DataConfig, names: list[str], say: Callable[[str], None]
+) -> Iterator[tuple[str, Example | None]]:
+    for source in sources:
+        say(f"reading {source.path} ({source.path.stat().st_size / 1e6:.1f} MB)")
+        yield source.split, None
+        for ex in ADAPTERS[data.format](source, data, names):
+            yield source.split, ex
+
+
+def _problem(ex: Example, task: str) -> DataError | None:
+    """What makes one example unusable for the task, if anything."""
+    if task == "choice" and len(ex.options) < 2:
+        return DataError(
+            f"{ex.where}: a choice needs at least 2 options, got {len(ex.options)}", "check data.columns.options"
+        )
+    if task == "generate" and not ex.answers:
+        return DataError(
+            f"{ex.where}: no reference answer", "every generate example needs an answer; check data.columns.answers"
+        )
+    return None
+
+
+def _check(store: ExampleStore, data: DataConfig, first_problem: tuple[int, DataError] | None) -> None:
+    """Whole-dataset checks that no single row can make: no source split is empty, and then, at the
+    first row where one fails, the row is usable and its id was not used before."""
+    for split, (start, end) in store.parts.items():
+        if start == end:
             where = data.hub_name if data.format == "hub" else (data.path or data.files[split])  # type: ignore[index]
             raise DataError(
                 f"{where}: no examples in the {'source' if split == 'all' else split} file",
                 "check data.path / data.files",
             )
+    reused = _reused_id(store)
+    store.drop_id_hashes()
+    found = [problem for problem in (first_problem, reused) if problem is not None]
+    if found:
+        raise min(found, key=lambda problem: problem[0])[1]  # the row's own problem first when both are on one row
+
+
+def _reused_id(store: ExampleStore) -> tuple[int, DataError] | None:
+    """The first row whose id an earlier row has, with its error; None when every id is unique.
+
+    Rows whose id hashes collide are candidates; their ids are then compared as text, in row order.
+    """
+    hashes = store.id_hashes
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    if not len(repeated):
+        return None
+    candidates = np.flatnonzero(np.isin(hashes, repeated))
     seen: dict[str, str] = {}
-    for ex in (ex for examples in parts.values() for ex in examples):
-        if task == "choice" and len(ex.options) < 2:
-            raise DataError(
-                f"{ex.where}: a choice needs at least 2 options, got {len(ex.options)}", "check data.columns.options"
+    for row, (id_, where) in zip(candidates, store.values(candidates, ("id", "where"))):
+        if id_ in seen:
+            return int(row), DataError(
+                f"{where}: id {id_!r} is already used at {seen[id_]}", "ids must be unique; check data.columns.id"
             )
-        if task == "generate" and not ex.answers:
-            raise DataError(
-                f"{ex.where}: no reference answer", "every generate example needs an answer; check data.columns.answers"
-            )
-        if ex.id in seen:
-            raise DataError(
-                f"{ex.where}: id {ex.id!r} is already used at {seen[ex.id]}",
-                "ids must be unique; check data.columns.id",
-            )
-        seen[ex.id] = ex.where
+        seen[id_] = where
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from kdcli.data.fields import (
     Example,
     answer_list,
@@ -22,8 +24,7 @@ TRIVIAQA_HINT = (
 TRIVIA_PREFIX, TRIVIA_SUFFIX = "Question: ", "\nAnswer:"
 
 
-def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
-    examples = []
+def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
     for row in json_rows(source.path, data.encoding or "utf-8"):
         if "context" in row.data:  # the llm-foundry subset
             context = string_field(row, "context", TRIVIAQA_HINT)
@@ -43,5 +44,4 @@ def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> lis
             raise DataError(f"{row.where}: not a TriviaQA row (fields: {', '.join(row.data)})", TRIVIAQA_HINT)
         if not question:
             raise DataError(f"{row.where}: empty question", "fix or remove that line")
-        examples.append(Example(str(qid), question, [], -1, answers, row.where))
-    return examples
+        yield Example(str(qid), question, [], -1, answers, row.where)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from kdcli.data.fields import Example, aligned_labels, numbered_option, string_field
 from kdcli.data.files import SourceFile, json_rows
 from kdcli.errors import DataError
@@ -10,15 +12,16 @@ from kdcli.recipe import DataConfig
 WINOGRANDE_HINT = "WinoGrande rows have qID, sentence, option1, option2 and answer; check data.path and data.format"
 
 
-def read_winogrande(source: SourceFile, data: DataConfig, names: list[str]) -> list[Example]:
-    rows = list(json_rows(source.path, data.encoding or "utf-8"))
-    labels = aligned_labels(source, rows)
-    examples = []
-    for i, row in enumerate(rows):
+def read_winogrande(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
+    encoding = data.encoding or "utf-8"
+    # Every row is read before the first is checked (a broken line anywhere is reported first), then
+    # again: the file is never held.
+    labels = aligned_labels(source, sum(1 for _ in json_rows(source.path, encoding)))
+    for row in json_rows(source.path, encoding):
         options = [string_field(row, "option1", WINOGRANDE_HINT), string_field(row, "option2", WINOGRANDE_HINT)]
         answer = row.data.get("answer")
         if labels is not None:
-            where, value = labels[i]
+            where, value = next(labels)
             if answer is not None and str(answer).strip() != value:
                 raise DataError(
                     f"{row.where}: answer {answer!r} disagrees with {where}: {value!r}",
@@ -34,5 +37,4 @@ def read_winogrande(source: SourceFile, data: DataConfig, names: list[str]) -> l
         qid = row.data.get("qID")
         text = string_field(row, "sentence", WINOGRANDE_HINT)
         label = numbered_option(value, 2, where)
-        examples.append(Example(qid if isinstance(qid, str) else row.default_id, text, options, label, [], row.where))
-    return examples
+        yield Example(qid if isinstance(qid, str) else row.default_id, text, options, label, [], row.where)
