@@ -368,7 +368,7 @@ def test_parquet_choice_with_an_options_column(here):
     rows = [{"q": f"pick {rng.randrange(50)}", "opts": rng.choice([["x", "y"], ["x", "y", "z"], ["y", "x"]]),
              "gold": rng.choice(["A", "B", 0, 1])} for _ in range(250)]
     path = here / "c.parquet"
-    pq.write_table(pa.Table.from_pylist([dict(r, gold=str(r["gold"])) for r in rows]), path)
+    pq.write_table(pa.Table.from_pylist([dict(r, gold=str(r["gold"])) for r in rows]), path, row_group_size=40)
     same_as_oracle(make_recipe("choice", format="parquet", path=str(path), on_conflict="first",
                                columns={"text": "q", "options": ["opts"], "label": "gold"}), here)
 
@@ -606,7 +606,8 @@ def test_any_bytes_read_as_before(old_reader, tmp_path, fmt, raw):
 
 
 def test_a_large_file_reads_as_before_in_blocks(old_reader, here, monkeypatch):
-    """Blocks smaller than a line: lines, multi-byte characters and a bad byte across block ends."""
+    """Blocks smaller than a line: lines, multi-byte characters and a bad byte across block ends;
+    parquet batches smaller than its row groups."""
     from kdcli.data import files
 
     monkeypatch.setattr(files, "BLOCK_BYTES", 7)
@@ -624,3 +625,11 @@ def test_a_large_file_reads_as_before_in_blocks(old_reader, here, monkeypatch):
     fpb = here / "f.txt"
     fpb.write_bytes("".join(f"{t} .@{label}\r\n" for t, label in rows).encode("latin-1", "replace"))
     same_reading(old_reader, config("fpb", fpb), "classify")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(files, "PARQUET_BATCH_ROWS", 7)
+    parquet = here / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": t, "label": label} for t, label in rows]), parquet,
+                   row_group_size=30)
+    same_reading(old_reader, config("parquet", parquet), "classify")

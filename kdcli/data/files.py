@@ -370,8 +370,9 @@ def parquet_rows(path: Path) -> Iterator[RawRow]:
 
     try:  # opened as pq.read_table opens a file (so with its errors), then read a batch at a time
         dataset = pq.ParquetDataset(path)
-        batches = (batch for fragment in dataset.fragments
-                   for batch in fragment.to_batches(schema=dataset.schema, batch_size=PARQUET_BATCH_ROWS))
+        batches = (batch for fragment in dataset.fragments  # one thread: the rows come in the file's order
+                   for batch in fragment.to_batches(schema=dataset.schema, batch_size=PARQUET_BATCH_ROWS,
+                                                    use_threads=False))
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise unreadable(exc) from None
     number, name, stem = 0, str(path), path.stem
