@@ -373,6 +373,24 @@ def test_parquet_choice_with_an_options_column(here):
                                columns={"text": "q", "options": ["opts"], "label": "gold"}), here)
 
 
+def hub_rows(monkeypatch) -> None:
+    """A Hub dataset (``load_dataset`` replaced) with text labels to infer, duplicates and conflicts."""
+    import datasets
+
+    rows = sentences(300, seed=12, distinct=80)
+    loaded = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"sentence": [t for t, _ in rows[:260]], "tag": [x for _, x in rows[:260]]}),
+        test=datasets.Dataset.from_dict({"sentence": [t for t, _ in rows[260:]], "tag": [x for _, x in rows[260:]]}),
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: loaded)
+
+
+def test_a_hub_dataset_with_labels_to_infer(here, monkeypatch):
+    hub_rows(monkeypatch)
+    same_as_oracle(make_recipe("classify", format="hub", hub_name="some/data", on_conflict="majority",
+                               columns={"text": "sentence", "label": "tag"}), here)
+
+
 def test_large_data_spills_to_a_file_and_saves_in_shards(here, monkeypatch):
     """Rows held in a scratch file rather than memory, store batches that straddle the splits' write
     batches, and splits of several shards: what a large source does, made small."""
@@ -531,6 +549,12 @@ def test_the_data_of_this_file_reads_as_before(old_reader, here):
     path = write_jsonl(here / "g.jsonl", rows)
     same_reading(old_reader, config("jsonl", path, columns={"text": "question", "answers": "answer", "id": "id"}),
                  "generate")
+
+
+def test_a_hub_dataset_reads_as_before(old_reader, here, monkeypatch):
+    hub_rows(monkeypatch)
+    data = make_recipe("classify", format="hub", hub_name="some/data", columns={"text": "sentence", "label": "tag"})
+    same_reading(old_reader, data.data, "classify")
 
 
 # Inputs where the order of the errors matters: several problems in one source, the first one wins.
