@@ -8,6 +8,9 @@ recipe would produce is refused, naming the field. The directory is written unde
 a temporary name and renamed when complete, so a crash never leaves a half cache
 that looks whole.
 
+The teacher runs over each split in length-sorted batches (``kdcli.batching``: little padding),
+and every row is stored at its index in the split, whatever batch it ran in.
+
 ``LiveTeacher`` and ``CachedTeacher`` answer the same call, so the training loop
 cannot tell them apart: the loss is the same either way (a test holds them equal).
 
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from kdcli import __version__
+from kdcli.batching import in_data_order, length_sorted_batches
 from kdcli.errors import CacheError
 from kdcli.job import TeacherSettings
 from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json
@@ -97,6 +101,10 @@ class LiveTeacher:
 
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         return self.task.teacher_answer(self.model, examples, self.settings)
+
+    def lengths(self, examples: list[dict]) -> list[int]:
+        """The tokens of each example as the teacher reads it: what ``build_cache`` sorts batches by."""
+        return self.task.teacher_lengths(self.model, examples, self.settings)
 
 
 class CachedTeacher:
@@ -506,20 +514,19 @@ def build_cache(
         return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
     with atomic_dir(path) as tmp:
         for split, rows in splits.items():
-            # Sorting by length keeps padding (wasted work) small; outputs go back to row order.
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
+            # Length-sorted batches keep padding (wasted work) small; rows are stored in data order.
+            batches = length_sorted_batches(teacher.lengths(rows), batch_size)
             task_id = progress.add_task(f"{path.name} {split}", total=len(rows)) if progress else None
-            logits: list[torch.Tensor | None] = [None] * len(rows)
-            hidden: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(rows) for layer in teacher.layers}
-            for start in range(0, len(rows), batch_size):
-                index = order[start : start + batch_size]
+            answers = []
+            for index in batches:
                 answer = teacher([rows[i] for i in index], split)
-                for k, i in enumerate(index):
-                    logits[i] = answer.logits[k].cpu()
-                    for layer in teacher.layers:
-                        hidden[layer][i] = answer.hidden[layer][k].cpu()
+                answers.append([(answer.logits[k].cpu(), {layer: answer.hidden[layer][k].cpu()
+                                                         for layer in teacher.layers}) for k in range(len(index))])
                 if progress:
                     progress.advance(task_id, len(index))
+            per_row = in_data_order(batches, answers)
+            logits = [row_logits for row_logits, _ in per_row]
+            hidden = {layer: [row_hidden[layer] for _, row_hidden in per_row] for layer in teacher.layers}
             shards = []
             for shard_no, first in enumerate(range(0, len(rows), SHARD_ROWS)):
                 last = min(first + SHARD_ROWS, len(rows))
@@ -626,30 +633,31 @@ def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, li
     tokens_total = 0
     with atomic_dir(path) as tmp:
         for split, rows in splits.items():
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
+            # Length-sorted batches keep padding (wasted work) small; rows are stored in data order.
+            batches = length_sorted_batches(teacher.lengths(rows), batch_size)
             task_id = progress.add_task(f"{path.name} {split}", total=len(rows)) if progress else None
-            per_row: list[Any] = [None] * len(rows)
+            answers: list[list[Any]] = []
             hits = count = 0
-            for start in range(0, len(rows), batch_size):
-                index = order[start : start + batch_size]
+            for index in batches:
                 chunk = [rows[i] for i in index]
                 answer = teacher(chunk, split)
                 if sequence:
-                    for i, text in zip(index, answer.texts):
-                        per_row[i] = text
+                    answers.append(list(answer.texts))
                     hits += sum(exact_match(text, ex["answers"])
                                 for text, ex in zip(answer.texts, chunk) if ex["answers"])
                     count += sum(1 for ex in chunk if ex["answers"])
                 else:
-                    at = 0
-                    for i, n in zip(index, answer.lengths):
-                        per_row[i] = (answer.token_logprobs[at : at + n].half().cpu(),
-                                      answer.token_ids[at : at + n].to(id_dtype(vocab)).cpu())
+                    spans, at = [], 0  # the batch's answer tokens, row after row
+                    for n in answer.lengths:
+                        spans.append((answer.token_logprobs[at : at + n].half().cpu(),
+                                      answer.token_ids[at : at + n].to(id_dtype(vocab)).cpu()))
                         at += n
+                    answers.append(spans)
                     hits += int((answer.token_ids[:, 0] == answer.targets).sum())
                     count += len(answer.targets)
                 if progress:
                     progress.advance(task_id, len(index))
+            per_row = in_data_order(batches, answers)
             shards = []
             if sequence:
                 name = f"{split}-answers.json"

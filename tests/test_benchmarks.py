@@ -211,11 +211,36 @@ def check_trl_gkd(s: dict) -> None:
     assert share(s["mcnemar_p"]) and (kd_only != trl_only or s["mcnemar_p"] == 1.0)
 
 
+def check_sorted_batches(s: dict) -> None:
+    orders = {"cache": ["data_order", "characters", "sorted"], "eval": ["data_order", "sorted"]}
+    assert list(s["seconds"]) == list(s["speedup"]) == list(orders) and s["batch_size"] > 1 and s["rounds"] >= 1
+    for p, names in orders.items():
+        assert list(s["seconds"][p]) == names and s["rows"][p] > s["batch_size"], p  # more than one batch
+        for o in names:
+            runs = s["all_seconds"][p][o]
+            assert len(runs) == s["rounds"] and positive(*runs), (p, o)
+            assert s["seconds"][p][o] == pytest.approx(statistics.median(runs), abs=1e-3), (p, o)
+            assert s["ms_per_example"][p][o] == pytest.approx(1000 * s["seconds"][p][o] / s["rows"][p], rel=0.01)
+        ratio(s["speedup"], p, s["seconds"][p]["data_order"], s["seconds"][p]["sorted"])
+        assert s["meets_target"][p] == (s["speedup"][p] >= s["target_speedup"])
+        tokens = s["padded_tokens"][p]
+        # No order feeds fewer tokens than the rows hold; on shuffled rows sorting feeds fewer than data order.
+        assert list(tokens) == [*names, "unpadded"] and 0 < tokens["unpadded"] <= min(tokens[o] for o in names)
+        assert tokens["sorted"] < tokens["data_order"], (p, tokens)
+        assert s["token_ratio"][p] == pytest.approx(tokens["data_order"] / tokens["sorted"], abs=0.001)
+        assert s["length_seconds"][p] >= 0
+    ratio(s, "cache_speedup_vs_characters", s["seconds"]["cache"]["characters"], s["seconds"]["cache"]["sorted"])
+    # Every order answers alike: the same predictions, cache rows equal to rounding.
+    assert s["same_predictions"] is True and s["same_cache_argmax"] is True
+    assert 0 <= s["cache_max_abs_difference"] < 1e-4
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "quickstart.py": check_quickstart,
+    "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
     "fpb_generate.py": check_fpb_generate,
     "llm_step_cost.py": check_llm_step_cost,
