@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -111,15 +110,9 @@ def test_the_same_step_is_the_same_rows_in_every_process_and_after_a_resume():
 # --------------------------------------------------------------------------- torchrun
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `kd ARGS` under torchrun; on a timeout the whole process group goes (torchrun and its ranks)."""
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), "-m", "kdcli.cli", *args]
     proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -131,7 +124,7 @@ def torchrun(root: Path, *args: str, timeout: float = 300) -> subprocess.Complet
 
 
 def start_torchrun(root: Path, *args: str) -> subprocess.Popen:
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), "-m", "kdcli.cli", *args]
     return subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -190,7 +183,7 @@ def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
     root = tmp_path / "work"
     write_run(root, bert, rows=3000)
     run = root / "runs" / "d"
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()),
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()),
                "-m", "kdcli.cli", "cache-teachers", "recipe.toml"]
     log = open(tmp_path / "cache.log", "w")
     proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
