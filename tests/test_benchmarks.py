@@ -235,10 +235,35 @@ def check_sorted_batches(s: dict) -> None:
     assert 0 <= s["cache_max_abs_difference"] < 1e-4
 
 
+def check_parallel_cache(s: dict) -> None:
+    configs = ["1x1", "1x2", "2x1"]
+    assert list(s["configs"]) == list(s["build_seconds"]) == list(s["command_seconds"]) == configs
+    assert [(c["processes"], c["threads_per_process"]) for c in s["configs"].values()] == [(1, 1), (1, 2), (2, 1)]
+    rows = sum(s["rows"].values())
+    assert set(s["rows"]) == {"train", "validation"} and rows > s["batch_size"] > 1 and s["rounds"] >= 1
+    for c in configs:
+        for kind in ("build", "command"):
+            runs = s[f"all_{kind}_seconds"][c]
+            assert len(runs) == s["rounds"] and positive(*runs), (c, kind)
+            assert s[f"{kind}_seconds"][c] == pytest.approx(statistics.median(runs), abs=1e-3), (c, kind)
+        # The build is part of the command (start-up, imports and loading the teacher are not in it).
+        assert all(b < w for b, w in zip(s["all_build_seconds"][c], s["all_command_seconds"][c])), c
+        assert s["rows_per_second"][c] == pytest.approx(rows / s["build_seconds"][c], rel=0.01), c
+    for key in ("speedup", "command_speedup"):
+        seconds = s["build_seconds" if key == "speedup" else "command_seconds"]
+        assert list(s[key]) == ["2x1_vs_1x1", "2x1_vs_1x2", "1x2_vs_1x1"]
+        for pair, value in s[key].items():
+            first, second = pair.split("_vs_")
+            assert value == pytest.approx(seconds[second] / seconds[first], rel=0.01, abs=0.002), (key, pair)
+    # Two processes write the files one process writes, byte for byte (1x2 may round otherwise: not checked).
+    assert s["identical_to_1x1"]["1x1"] is True and s["identical_to_1x1"]["2x1"] is True
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
+    "parallel_cache.py": check_parallel_cache,
     "quickstart.py": check_quickstart,
     "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
