@@ -255,8 +255,8 @@ def test_two_processes_build_a_cache_byte_for_byte_as_one_process_does(teacher_d
     for kind in CACHES:
         kd_in(one / kind, "cache-teachers", "recipe.toml")
     script = Path(__file__).parent / "distributed_cache.py"
-    done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), "5",
-                           str(two / "classify"), str(two / "generate")],
+    done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), str(script),
+                           "5", str(two / "classify"), str(two / "generate")],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     # Both processes answered batches, and together as many as one process did.
