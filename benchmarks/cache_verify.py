@@ -49,6 +49,9 @@ class RandomTeacher:
     class model:  # noqa: N801 - the attribute build_cache reads
         task = "classify"
 
+    def lengths(self, examples: list[dict]) -> list[int]:
+        return [len(ex["text"]) for ex in examples]
+
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         n = len(examples)
         return TeacherBatch(torch.randn(n, CLASSES), {layer: torch.randn(n, WIDTH) for layer in LAYERS})

@@ -108,7 +108,8 @@ def run_seed(work: Path, seed: int, quick: bool) -> dict:
         kd(work, "eval", str(other))
         kd(work, "bench", str(other))
         rows[variant] = row(work / "runs" / other.stem, "student")
-    return {"rows": rows, "seconds": round(time.perf_counter() - started), "env": describe()}
+    max_length = recipe_mod.load_raw(recipe)["data"]["max_length"]
+    return {"rows": rows, "max_length": max_length, "seconds": round(time.perf_counter() - started), "env": describe()}
 
 
 def table(seeds: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
@@ -132,6 +133,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp()) if args.quick else ROOT
     seeds_file = work / "fpb_generate-seeds.json" if args.quick else OUT
     document = json.loads(seeds_file.read_text()) if seeds_file.is_file() else {"seeds": {}}
+    # A seed measured under another data.max_length (the first one, at 96, cut some prompts) is measured again.
+    max_length = recipe_mod.load_raw(RECIPE)["data"]["max_length"]
+    document["seeds"] = {k: v for k, v in document["seeds"].items() if v.get("max_length") == max_length}
     for seed in [0] if args.quick else args.seeds:
         if str(seed) not in document["seeds"]:
             document["seeds"][str(seed)] = run_seed(work, seed, args.quick)

@@ -59,8 +59,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers ping the Hub otherwise
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental: we know
 
-import fpb_generate  # noqa: E402  (the recipe, the in-process `kd`, macro-F1)
-from _common import RESULTS, finish  # noqa: E402
+import fpb_generate  # noqa: E402  (the recipe, macro-F1)
+from _common import RESULTS, finish, kd  # noqa: E402
+from _common import write_recipe as write_recipe_file  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.metrics import exact_match  # noqa: E402
@@ -95,7 +96,7 @@ def write_recipe(work: Path, seed: int, teacher: Path | None, quick: bool) -> Pa
     batch = raw["train"]["batch_size"]
     # A log line at every step (its `elapsed` times the step); no checkpoint until the end (TRL saves none).
     raw["train"].update(log_every=batch, checkpoint_every=10**9)
-    return fpb_generate.write_recipe(raw, work / "runs" / f"{raw['name']}.toml")
+    return write_recipe_file(raw, work / "runs" / f"{raw['name']}.toml")
 
 
 def prepared(work: Path, recipe_path: Path):
@@ -142,7 +143,7 @@ def kd_step_times(metrics: Path, job: str, per_step: int) -> tuple[list[float], 
 
 def run_kd(work: Path, recipe_path: Path, per_step: int) -> dict:
     started = time.perf_counter()
-    fpb_generate.kd(work, "distill", str(recipe_path))
+    kd(work, "distill", str(recipe_path))
     wall = time.perf_counter() - started
     run = work / "runs" / recipe_path.stem
     per_step_wall, step_only = kd_step_times(run / "metrics.jsonl", "main", per_step)
@@ -151,8 +152,8 @@ def run_kd(work: Path, recipe_path: Path, per_step: int) -> dict:
     return {"wall": per_step_wall, "step_only": step_only, "command_seconds": wall, "losses": losses}
 
 
-def run_trl(work: Path, recipe, stage, rows: list[dict], initial: Path, teacher: Path, out: Path,
-            steps: int) -> dict:
+def run_trl(work: Path, recipe, stage, rows: list[dict], kd_tokens: list[dict], initial: Path, teacher: Path,
+            out: Path, steps: int) -> dict:
     """TRL's GKDTrainer on the same rows in kd's order, from the same initial student, as matched above."""
     import torch
     import transformers
@@ -162,9 +163,7 @@ def run_trl(work: Path, recipe, stage, rows: list[dict], initial: Path, teacher:
     train, loss = stage.train, stage.loss
     batch = train.batch_size
     order = kd_order(len(rows), recipe.seed, steps, batch)
-    dataset = Dataset.from_list([
-        {"messages": [*rows[i]["messages"], {"role": "assistant", "content": rows[i]["answers"][0]}]} for i in order
-    ])
+    dataset = Dataset.from_list([dict(trl_row(rows[i]), **kd_tokens[i]) for i in order])
 
     class StepClock(transformers.TrainerCallback):
         def __init__(self) -> None:
@@ -216,6 +215,46 @@ def run_trl(work: Path, recipe, stage, rows: list[dict], initial: Path, teacher:
             "loss_normalised_by": normalised_by}
 
 
+def trl_row(row: dict) -> dict:
+    """A kd row as TRL's ChatML collator reads it: the conversation with the gold answer as the last turn."""
+    return {"messages": [*row["messages"], {"role": "assistant", "content": row["answers"][0]}]}
+
+
+def kd_token_rows(initial: Path, rows: list[dict], stage) -> list[dict]:
+    """Each row as kd's student reads it (prompt and answer token ids), with the prompt/answer boundary
+    as TRL's collator takes it pre-tokenised (``completion_mask``)."""
+    from kdcli.models import load_task_model
+    from kdcli.recipe import ModelSpec
+    from kdcli.tasks import task_kind
+
+    model = load_task_model(ModelSpec(ref=str(initial), head="causal"), "generate", 0)
+    out = []
+    for row in rows:
+        batch = task_kind("generate").encode(model, [row], stage.data.max_length, stage.data.template,
+                                             stage.data.answer_max_length)
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                    "completion_mask": [int(label != -100) for label in labels]})
+    return out
+
+
+def collator_prompt_mismatches(initial: Path, rows: list[dict], kd_tokens: list[dict]) -> list[str]:
+    """The ids of rows whose prompt TRL's ChatML collator, left to split the conversation itself, finds
+    other than kd's (the prompt up to and with the assistant header)."""
+    import transformers
+    from trl.experimental.utils import DataCollatorForChatML
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(initial)
+    collate = DataCollatorForChatML(tokenizer=tokenizer, max_length=1024)
+    wrong = []
+    for row, mine in zip(rows, kd_tokens):
+        batch = collate([trl_row(row)])
+        theirs = [t for t, m in zip(batch["prompts"][0].tolist(), batch["prompt_attention_mask"][0].tolist()) if m]
+        if theirs != mine["input_ids"][: mine["completion_mask"].index(1)]:
+            wrong.append(row["id"])
+    return wrong
+
+
 def check_same_batches(trainer, rows: list[dict], recipe, stage, initial: Path, steps: int) -> None:
     """Step by step, TRL's data loader gives the student the rows of kd's step, as the very prompt token
     ids kd's ``encode_prompts`` gives it."""
@@ -245,7 +284,7 @@ def evaluate(work: Path, recipe_path: Path, model: str, test: dict[str, dict]) -
     """`kd eval` of a role or model folder on the test split; its exact match, macro-F1, agreement, answers."""
     from kdcli.rundir import role_filename
 
-    fpb_generate.kd(work, "eval", str(recipe_path), "--model", model)
+    kd(work, "eval", str(recipe_path), "--model", model)
     result = json.loads((work / "runs" / recipe_path.stem / "eval" / f"{role_filename(model)}.json").read_text())
     answers = {p["id"]: p["prediction"] for p in result["predictions"]}
     right = {i: exact_match(answer, test[i]["answers"]) == 1.0 for i, answer in answers.items()}
@@ -305,7 +344,7 @@ def main() -> None:
     recipe_path = write_recipe(work, args.seed, teacher, args.quick)
     if args.quick:
         teacher = Path(recipe_mod.load(recipe_path).teachers["smollm2"].ref)
-    fpb_generate.kd(work, "prepare", str(recipe_path))
+    kd(work, "prepare", str(recipe_path))
     recipe, stage, data = prepared(work, recipe_path)
     rows, batch = data.rows["train"], stage.train.batch_size
     steps = stage.train.max_steps or max(1, math.ceil(stage.train.epochs * (len(rows) // batch)))
@@ -316,12 +355,17 @@ def main() -> None:
                                                                              data.rows[split]))
            for split in ("train", "test")}
 
+    kd_tokens = kd_token_rows(trl_dir / "initial-student", rows, stage)
+    # TRL's collator finds each prompt's end from byte offsets; on some SmolLM2 rows it puts the assistant
+    # header in the completion. It is handed kd's token ids and prompt boundary instead, and this counts them.
+    mismatched = collator_prompt_mismatches(trl_dir / "initial-student", rows, kd_tokens)
     timings = {}
     for side in (("kd", "trl") if args.order == "kd-first" else ("trl", "kd")):
         if side == "kd":
             timings["kd"] = run_kd(work, recipe_path, batch)
         else:
-            timings["trl"] = run_trl(work, recipe, stage, rows, trl_dir / "initial-student", teacher, trl_dir, steps)
+            timings["trl"] = run_trl(work, recipe, stage, rows, kd_tokens, trl_dir / "initial-student", teacher,
+                                     trl_dir, steps)
     for side, timing in timings.items():
         assert len(timing["wall"]) == steps, (side, len(timing["wall"]), steps)
 
@@ -351,6 +395,7 @@ def main() -> None:
             "precision": "fp32", "gradient_checkpointing": False,
         },
         "prompts_longer_than_max_length": cut,
+        "trl_collator_prompt_mismatches": {"rows": len(mismatched), "of": len(rows), "ids": mismatched[:10]},
         "same_rows_as_fpb_generate": None if args.quick else same_split,
         "trl_loss_normalised_by": timings["trl"]["loss_normalised_by"],
         "seconds_per_step": {side: round(v, 4) for side, v in median.items()},

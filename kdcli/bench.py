@@ -6,6 +6,14 @@ for a teacher and a student that share a tokenizer. Each batch size gets ``warmu
 untimed runs, then ``iters`` timed ones (CUDA synchronised around each); the batches
 cycle through real examples of the test split, so padding and lengths are realistic.
 
+The timed batches are consecutive rows of the split, in data order: unlike kd's own inference
+passes (the cache, `kd eval`, validation; ``kdcli.batching``), bench does not sort rows by length.
+It measures what a batch costs as requests arrive together, whatever their lengths, which is what
+a server sees and what every earlier bench result measured; a batch padded to its longest row is
+part of that cost. Sorted, the same batch size would report a throughput no server could reach
+without first holding requests back to group them. The throughput of a whole sorted pass is
+`kd eval`'s ``examples_per_second``.
+
 Batch 1 is always measured (it is what ``kd compare`` reports as ms/example), before the
 recipe's ``bench.batch_sizes``.
 
@@ -46,7 +54,8 @@ def _input_batches(task: TaskKind, model: "TaskModel", rows: list[dict], batch_s
                    template: str | None) -> list[dict]:
     """Up to ``count`` distinct encoded batches of ``batch_size`` rows, on the model's device.
 
-    Rows are reused in order when the split has fewer than ``batch_size * count`` of them.
+    Rows are taken in data order, not sorted by length (see the module docstring), and reused in
+    order when the split has fewer than ``batch_size * count`` of them.
     """
     distinct = max(1, min(count, len(rows) // batch_size))
     batches = []

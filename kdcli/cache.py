@@ -8,6 +8,12 @@ recipe would produce is refused, naming the field. The directory is written unde
 a temporary name and renamed when complete, so a crash never leaves a half cache
 that looks whole.
 
+The teacher runs over each split in length-sorted batches (``kdcli.batching``: little padding),
+and every row is stored at its index in the split, whatever batch it ran in. Under several processes
+(torchrun, ``accelerate launch``) every process runs a share of those same batches (batch b on
+process b mod N) and the main process assembles the shards and the manifest from all the answers:
+the same batches as one process, so the same floats and byte-identical files (``build_cache``).
+
 ``LiveTeacher`` and ``CachedTeacher`` answer the same call, so the training loop
 cannot tell them apart: the loss is the same either way (a test holds them equal).
 
@@ -36,16 +42,19 @@ memory does not grow with the cache. Only the sequence-level answers (text) are 
 
 from __future__ import annotations
 
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from safetensors import SafetensorError
 
 from kdcli import __version__
+from kdcli.batching import in_data_order, length_sorted_batches
 from kdcli.errors import CacheError
 from kdcli.job import TeacherSettings
-from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json
+from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json, writing
 from kdcli.tasks import TeacherBatch, task_kind
 
 if TYPE_CHECKING:
@@ -97,6 +106,10 @@ class LiveTeacher:
 
     def __call__(self, examples: list[dict], split: str) -> TeacherBatch:
         return self.task.teacher_answer(self.model, examples, self.settings)
+
+    def lengths(self, examples: list[dict]) -> list[int]:
+        """The tokens of each example as the teacher reads it: what ``build_cache`` sorts batches by."""
+        return self.task.teacher_lengths(self.model, examples, self.settings)
 
 
 class CachedTeacher:
@@ -487,67 +500,6 @@ def _shard_rows(shard: Path) -> int:
         return handle.get_slice(name).get_shape()[0]
 
 
-def build_cache(
-    path: Path,
-    teacher: LiveTeacher,
-    splits: dict[str, list[dict]],
-    identity: dict[str, Any],
-    batch_size: int,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Run ``teacher`` over every split and write the cache atomically. Returns the manifest."""
-    import torch
-    from safetensors.torch import save_file
-
-    started = time.perf_counter()
-    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__,
-                    splits={})
-    if teacher.model.task == "generate":
-        return _build_generate_cache(path, teacher, splits, manifest, batch_size, progress, started)
-    with atomic_dir(path) as tmp:
-        for split, rows in splits.items():
-            # Sorting by length keeps padding (wasted work) small; outputs go back to row order.
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
-            task_id = progress.add_task(f"{path.name} {split}", total=len(rows)) if progress else None
-            logits: list[torch.Tensor | None] = [None] * len(rows)
-            hidden: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(rows) for layer in teacher.layers}
-            for start in range(0, len(rows), batch_size):
-                index = order[start : start + batch_size]
-                answer = teacher([rows[i] for i in index], split)
-                for k, i in enumerate(index):
-                    logits[i] = answer.logits[k].cpu()
-                    for layer in teacher.layers:
-                        hidden[layer][i] = answer.hidden[layer][k].cpu()
-                if progress:
-                    progress.advance(task_id, len(index))
-            shards = []
-            for shard_no, first in enumerate(range(0, len(rows), SHARD_ROWS)):
-                last = min(first + SHARD_ROWS, len(rows))
-                tensors = {"logits": torch.stack(logits[first:last]).contiguous()}
-                for layer in teacher.layers:
-                    tensors[f"hidden.{layer}"] = torch.stack(hidden[layer][first:last]).contiguous()
-                name = f"{split}-{shard_no:05d}.safetensors"
-                save_file(tensors, tmp / name)
-                shards.append(name)
-            gold = torch.tensor([r["label"] for r in rows])
-            predicted = torch.stack(logits).argmax(-1) if rows else gold
-            labelled = gold >= 0
-            accuracy = float((predicted[labelled] == gold[labelled]).float().mean()) if labelled.any() else None
-            manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy}
-        _record_files(tmp, manifest, started, splits)
-    return manifest
-
-
-def _record_files(tmp: Path, manifest: dict[str, Any], started: float, splits: dict[str, list[dict]]) -> None:
-    """Sizes, checksums and speed into the manifest, and the manifest last: its presence marks the cache whole."""
-    files = sorted(tmp.iterdir())
-    manifest["bytes"] = sum(f.stat().st_size for f in files)
-    manifest["sha256"] = {f.name: sha256_file(f) for f in files}
-    manifest["seconds"] = round(time.perf_counter() - started, 3)
-    manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
-    write_json(tmp / "manifest.json", manifest)
-
-
 def id_dtype(vocab_size: int) -> "torch.dtype":
     """Token ids are stored as uint16 when every id fits (vocabularies up to 65,536), else int32."""
     import torch
@@ -608,77 +560,324 @@ def shard_bytes_per_token(path: Path, manifest: dict[str, Any]) -> float:
     return round(sum((path / shard).stat().st_size for shard in shards) / max(manifest.get("tokens") or 0, 1), 2)
 
 
-def _build_generate_cache(path: Path, teacher: LiveTeacher, splits: dict[str, list[dict]], manifest: dict[str, Any],
-                          batch_size: int, progress: Any, started: float) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------- building
 
-    from kdcli.metrics import exact_match
 
-    vocab = teacher.model.vocab_size
-    sequence = teacher.settings.kd_level == "sequence"
+def build_cache(
+    path: Path,
+    teacher: LiveTeacher,
+    splits: dict[str, list[dict]],
+    identity: dict[str, Any],
+    batch_size: int,
+    progress: Any = None,
+    processes: Any = None,
+) -> dict[str, Any]:
+    """Run ``teacher`` over every split and write the cache atomically. Returns the manifest.
+
+    ``processes`` is the Accelerator whose processes share the work (every one of them calls
+    ``build_cache`` with the same arguments), or None for this process alone. Each split's batches are
+    planned once, from its rows' lengths, exactly as one process runs them; process r of N runs batches
+    r, r + N, r + 2N, ... of the plan and leaves their answers in the cache's temporary folder, and the
+    main process puts every batch's answers back at its rows, cuts the shards and writes the manifest,
+    as one process does: the files are byte for byte those of a one-process build. Every process
+    returns the manifest, once the cache is whole.
+    """
+    started = time.perf_counter()
+    manifest = dict(identity, cache_format=CACHE_FORMAT, hidden_layers=teacher.layers, kd_version=__version__,
+                    splits={})
+    form = _form(teacher, manifest)
+    share = _Share(processes, path)
+    plans: dict[str, list[list[int]]] = {}
+    with share.folder() as tmp:
+        for split, rows in splits.items():
+            # Length-sorted batches keep padding (wasted work) small; rows are stored in data order.
+            plans[split] = plan = length_sorted_batches(teacher.lengths(rows), batch_size)
+            mine = share.batches(plan)
+            task_id = (progress.add_task(f"{path.name} {split}", total=sum(len(plan[b]) for b in mine))
+                       if progress else None)
+            answers = []
+            for b in mine:
+                chunk = [rows[i] for i in plan[b]]
+                answers.append(form.answer(teacher(chunk, split), chunk))
+                if progress:
+                    progress.advance(task_id, len(chunk))
+            share.keep(tmp, split, form, answers)
+        share.wait()  # every process's answers are in tmp
+        if share.main:
+            for split, rows in splits.items():
+                per_batch, hits, count = share.gather(tmp, split, form, plans[split])
+                form.write(tmp, split, rows, in_data_order(plans[split], per_batch), hits, count, manifest)
+            share.clean(tmp)
+            form.finish(tmp, manifest)
+            _record_files(tmp, manifest, started, splits)
+    share.wait()  # the main process has renamed the folder: the cache is whole
+    return manifest if share.main else read_json(path / "manifest.json")
+
+
+def _record_files(tmp: Path, manifest: dict[str, Any], started: float, splits: dict[str, list[dict]]) -> None:
+    """Sizes, checksums and speed into the manifest, and the manifest last: its presence marks the cache whole."""
+    files = sorted(tmp.iterdir())
+    manifest["bytes"] = sum(f.stat().st_size for f in files)
+    manifest["sha256"] = {f.name: sha256_file(f) for f in files}
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    manifest["rows_per_second"] = round(sum(len(r) for r in splits.values()) / max(manifest["seconds"], 1e-9), 1)
+    write_json(tmp / "manifest.json", manifest)
+
+
+# One batch's answers: one per row, in the batch's order, and its hits and count toward the split's accuracy
+# (generate; classify's accuracy is computed from the logits once the split is whole).
+_Answers = tuple[list[Any], int, int]
+_PARTS = ".parts"  # in the temporary folder: what each process other than the main one answered
+
+
+class _Share:
+    """How the processes building one cache share it. Each split's plan (its length-sorted batches) is
+    the same in every process; process r runs batches r, r + N, r + 2N, ... (longest first, so every
+    process gets batches about as long as the others'), writes their answers to
+    ``TMP/.parts/SPLIT-r.*`` and the main process reads them back, batch by batch. With one process
+    (``processes`` None, or one of them) nothing is written but the cache, and nobody waits."""
+
+    def __init__(self, processes: Any, path: Path):
+        self.processes, self.path = processes, path
+        self.world = processes.num_processes if processes is not None else 1
+        self.rank = processes.process_index if processes is not None else 0
+        self.main = self.rank == 0
+        self.kept: dict[str, list[_Answers]] = {}
+
+    @contextmanager
+    def folder(self) -> Iterator[Path]:
+        """The temporary folder the cache is written in: the main process makes it (and renames it when
+        the block succeeds), and tells the others where it is."""
+        from kdcli.runtime import from_main_process
+
+        if self.main:
+            with atomic_dir(self.path) as tmp:
+                from_main_process(self.processes, str(tmp))
+                yield tmp
+        else:
+            yield Path(from_main_process(self.processes, None))
+
+    def wait(self) -> None:
+        if self.world > 1:
+            self.processes.wait_for_everyone()
+
+    def batches(self, plan: list[list[int]]) -> list[int]:
+        """Which of the plan's batches this process runs."""
+        return list(range(self.rank, len(plan), self.world))
+
+    def keep(self, tmp: Path, split: str, form: "_Form", answers: list[_Answers]) -> None:
+        """This process's answers to ``split``: held by the main process, written to tmp by the others."""
+        if self.main:
+            self.kept[split] = answers
+            return
+        if not answers:  # more processes than batches: the main process reads nothing of this one
+            return
+        with writing(self.path):
+            (tmp / _PARTS).mkdir(exist_ok=True)
+            form.save(tmp / _PARTS / f"{split}-{self.rank}", [row for rows, _, _ in answers for row in rows],
+                      sum(hits for _, hits, _ in answers), sum(count for _, _, count in answers))
+
+    def gather(self, tmp: Path, split: str, form: "_Form",
+               plan: list[list[int]]) -> tuple[list[list[Any]], int, int]:
+        """Every batch's answers in the plan's order (from this process's memory and the others' parts),
+        and the split's hits and count."""
+        own = self.kept.pop(split)
+        hits, count = sum(h for _, h, _ in own), sum(c for _, _, c in own)
+        parts = {}
+        for rank in range(1, min(self.world, len(plan))):  # those that ran a batch
+            rows, part_hits, part_count = form.load(tmp / _PARTS / f"{split}-{rank}")
+            parts[rank] = iter(rows)
+            hits, count = hits + part_hits, count + part_count
+        per_batch = []
+        for b, index in enumerate(plan):
+            rank = b % self.world
+            per_batch.append(own[b // self.world][0] if rank == 0 else [next(parts[rank]) for _ in index])
+        if any(next(rows, None) is not None for rows in parts.values()):
+            raise RuntimeError(f"a process wrote more {split} answers than its batches hold")
+        return per_batch, hits, count
+
+    def clean(self, tmp: Path) -> None:
+        """The parts are read: only the cache's files stay (the manifest lists and hashes every file)."""
+        if (tmp / _PARTS).exists():
+            shutil.rmtree(tmp / _PARTS)
+
+
+class _Form:
+    """What a cache stores of a teacher's answers: each batch's answers per row (``answer``), a process's
+    rows in a part file and back (``save``, ``load``: exactly the same values), a split's shards and its
+    manifest entry (``write``), and what the manifest says of the whole cache (``finish``)."""
+
+    def answer(self, batch: TeacherBatch, chunk: list[dict]) -> _Answers:
+        raise NotImplementedError
+
+    def save(self, stem: Path, rows: list[Any], hits: int, count: int) -> None:
+        raise NotImplementedError
+
+    def load(self, stem: Path) -> tuple[list[Any], int, int]:
+        raise NotImplementedError
+
+    def write(self, tmp: Path, split: str, rows: list[dict], per_row: list[Any], hits: int, count: int,
+              manifest: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self, tmp: Path, manifest: dict[str, Any]) -> None:
+        pass
+
+
+def _form(teacher: LiveTeacher, manifest: dict[str, Any]) -> _Form:
+    if teacher.model.task != "generate":
+        return _Logits(teacher.layers)
     # What CachedTeacher reads the shards by (cache_identity sets both; a bare identity may not).
     manifest.update(task="generate", kd_level=teacher.settings.kd_level)
-    k = min(teacher.settings.top_k or vocab, vocab)
-    if not sequence:
-        manifest.update(top_k_stored=k, id_dtype=str(id_dtype(vocab)).removeprefix("torch."),
+    return _Greedy() if teacher.settings.kd_level == "sequence" else _TopK(teacher, manifest)
+
+
+def _save_part(stem: Path, tensors: dict[str, "torch.Tensor"], hits: int, count: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: t.contiguous() for name, t in tensors.items()}, stem.with_name(stem.name + ".safetensors"),
+              metadata={"hits": str(hits), "count": str(count)})
+
+
+def _load_part(stem: Path) -> tuple[dict[str, "torch.Tensor"], int, int]:
+    from safetensors import safe_open
+
+    with safe_open(stem.with_name(stem.name + ".safetensors"), "pt") as handle:
+        meta = handle.metadata()
+        return {name: handle.get_tensor(name) for name in handle.keys()}, int(meta["hits"]), int(meta["count"])
+
+
+class _Logits(_Form):
+    """classify and choice: each row's logits and pooled hidden states, ``SHARD_ROWS`` rows a shard."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+
+    def answer(self, batch: TeacherBatch, chunk: list[dict]) -> _Answers:
+        return [(batch.logits[k].cpu(), {layer: batch.hidden[layer][k].cpu() for layer in self.layers})
+                for k in range(len(chunk))], 0, 0
+
+    def save(self, stem: Path, rows: list[Any], hits: int, count: int) -> None:
+        import torch
+
+        tensors = {"logits": torch.stack([logits for logits, _ in rows])}
+        for layer in self.layers:
+            tensors[f"hidden.{layer}"] = torch.stack([hidden[layer] for _, hidden in rows])
+        _save_part(stem, tensors, hits, count)
+
+    def load(self, stem: Path) -> tuple[list[Any], int, int]:
+        tensors, hits, count = _load_part(stem)
+        return [(logits, {layer: tensors[f"hidden.{layer}"][k] for layer in self.layers})
+                for k, logits in enumerate(tensors["logits"])], hits, count
+
+    def write(self, tmp: Path, split: str, rows: list[dict], per_row: list[Any], hits: int, count: int,
+              manifest: dict[str, Any]) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        logits = [row_logits for row_logits, _ in per_row]
+        hidden = {layer: [row_hidden[layer] for _, row_hidden in per_row] for layer in self.layers}
+        shards = []
+        for shard_no, first in enumerate(range(0, len(rows), SHARD_ROWS)):
+            last = min(first + SHARD_ROWS, len(rows))
+            tensors = {"logits": torch.stack(logits[first:last]).contiguous()}
+            for layer in self.layers:
+                tensors[f"hidden.{layer}"] = torch.stack(hidden[layer][first:last]).contiguous()
+            name = f"{split}-{shard_no:05d}.safetensors"
+            save_file(tensors, tmp / name)
+            shards.append(name)
+        gold = torch.tensor([r["label"] for r in rows])
+        predicted = torch.stack(logits).argmax(-1) if rows else gold
+        labelled = gold >= 0
+        accuracy = float((predicted[labelled] == gold[labelled]).float().mean()) if labelled.any() else None
+        manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy}
+
+
+class _TopK(_Form):
+    """generate, token level: each answer token's top-k log-probs (fp16) and ids, packed, with each
+    row's length, ``SHARD_ROWS`` rows a shard; accuracy: the teacher's top-1 token is the gold one."""
+
+    def __init__(self, teacher: LiveTeacher, manifest: dict[str, Any]):
+        vocab = teacher.model.vocab_size
+        self.k, self.ids = min(teacher.settings.top_k or vocab, vocab), id_dtype(vocab)
+        self.tokens = 0
+        manifest.update(top_k_stored=self.k, id_dtype=str(self.ids).removeprefix("torch."),
                         tail="implicit: 1 - sum(exp(top-k log-probs))")
-    tokens_total = 0
-    with atomic_dir(path) as tmp:
-        for split, rows in splits.items():
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]["text"]))
-            task_id = progress.add_task(f"{path.name} {split}", total=len(rows)) if progress else None
-            per_row: list[Any] = [None] * len(rows)
-            hits = count = 0
-            for start in range(0, len(rows), batch_size):
-                index = order[start : start + batch_size]
-                chunk = [rows[i] for i in index]
-                answer = teacher(chunk, split)
-                if sequence:
-                    for i, text in zip(index, answer.texts):
-                        per_row[i] = text
-                    hits += sum(exact_match(text, ex["answers"])
-                                for text, ex in zip(answer.texts, chunk) if ex["answers"])
-                    count += sum(1 for ex in chunk if ex["answers"])
-                else:
-                    at = 0
-                    for i, n in zip(index, answer.lengths):
-                        per_row[i] = (answer.token_logprobs[at : at + n].half().cpu(),
-                                      answer.token_ids[at : at + n].to(id_dtype(vocab)).cpu())
-                        at += n
-                    hits += int((answer.token_ids[:, 0] == answer.targets).sum())
-                    count += len(answer.targets)
-                if progress:
-                    progress.advance(task_id, len(index))
-            shards = []
-            if sequence:
-                name = f"{split}-answers.json"
-                write_json(tmp / name, per_row)
-                shards.append(name)
-                tokens = None
-            else:
-                tokens = sum(len(r[0]) for r in per_row)
-                tokens_total += tokens
-                for shard_no, first in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
-                    part = per_row[first : first + SHARD_ROWS]
-                    counts = [len(r[0]) for r in part]
-                    logprobs, ids = pack_topk(
-                        torch.cat([r[0] for r in part]) if part else torch.zeros(0, k, dtype=torch.float16),
-                        torch.cat([r[1] for r in part]) if part else torch.zeros(0, k, dtype=id_dtype(vocab)),
-                    )
-                    wide = max(counts, default=0) >= 65_536  # answers that long: int32 lengths for this shard
-                    tensors = {"logprobs": logprobs, "ids": ids,
-                               "lengths": torch.tensor(counts, dtype=torch.int32 if wide else torch.uint16)}
-                    name = f"{split}-{shard_no:05d}.safetensors"
-                    save_file({key: value.contiguous() for key, value in tensors.items()}, tmp / name)
-                    shards.append(name)
-            # token level: the teacher's top-1 token equals the gold answer token (teacher forcing);
-            # sequence level: exact match of its greedy answers against the aliases.
-            accuracy = hits / count if count else None
-            manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": accuracy, "tokens": tokens,
-                                         "accuracy_kind": "exact_match" if sequence else "top1_answer_token"}
-        if not sequence:
-            manifest["tokens"] = tokens_total
-            manifest["bytes_per_token"] = shard_bytes_per_token(tmp, manifest)  # measured on the files
-        _record_files(tmp, manifest, started, splits)
-    return manifest
+
+    def answer(self, batch: TeacherBatch, chunk: list[dict]) -> _Answers:
+        spans, at = [], 0  # the batch's answer tokens, row after row
+        for n in batch.lengths:
+            spans.append((batch.token_logprobs[at : at + n].half().cpu(),
+                          batch.token_ids[at : at + n].to(self.ids).cpu()))
+            at += n
+        return spans, int((batch.token_ids[:, 0] == batch.targets).sum()), len(batch.targets)
+
+    def save(self, stem: Path, rows: list[Any], hits: int, count: int) -> None:
+        import torch
+
+        _save_part(stem, {"logprobs": torch.cat([logprobs for logprobs, _ in rows]),
+                          "ids": torch.cat([ids for _, ids in rows]),
+                          "lengths": torch.tensor([len(logprobs) for logprobs, _ in rows], dtype=torch.int64)},
+                   hits, count)
+
+    def load(self, stem: Path) -> tuple[list[Any], int, int]:
+        import torch
+
+        tensors, hits, count = _load_part(stem)
+        lengths = tensors["lengths"].tolist()
+        return (list(zip(torch.split(tensors["logprobs"], lengths), torch.split(tensors["ids"], lengths))),
+                hits, count)
+
+    def write(self, tmp: Path, split: str, rows: list[dict], per_row: list[Any], hits: int, count: int,
+              manifest: dict[str, Any]) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        tokens = sum(len(r[0]) for r in per_row)
+        self.tokens += tokens
+        shards = []
+        for shard_no, first in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
+            part = per_row[first : first + SHARD_ROWS]
+            counts = [len(r[0]) for r in part]
+            logprobs, ids = pack_topk(
+                torch.cat([r[0] for r in part]) if part else torch.zeros(0, self.k, dtype=torch.float16),
+                torch.cat([r[1] for r in part]) if part else torch.zeros(0, self.k, dtype=self.ids),
+            )
+            wide = max(counts, default=0) >= 65_536  # answers that long: int32 lengths for this shard
+            tensors = {"logprobs": logprobs, "ids": ids,
+                       "lengths": torch.tensor(counts, dtype=torch.int32 if wide else torch.uint16)}
+            name = f"{split}-{shard_no:05d}.safetensors"
+            save_file({key: value.contiguous() for key, value in tensors.items()}, tmp / name)
+            shards.append(name)
+        manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": hits / count if count else None,
+                                     "tokens": tokens, "accuracy_kind": "top1_answer_token"}
+
+    def finish(self, tmp: Path, manifest: dict[str, Any]) -> None:
+        manifest["tokens"] = self.tokens
+        manifest["bytes_per_token"] = shard_bytes_per_token(tmp, manifest)  # measured on the files
+
+
+class _Greedy(_Form):
+    """generate, sequence level: the teacher's greedy answers, one JSON list a split; accuracy: their
+    exact match against the gold aliases."""
+
+    def answer(self, batch: TeacherBatch, chunk: list[dict]) -> _Answers:
+        from kdcli.metrics import exact_match
+
+        texts = list(batch.texts)
+        hits = int(sum(exact_match(text, ex["answers"]) for text, ex in zip(texts, chunk) if ex["answers"]))
+        return texts, hits, sum(1 for ex in chunk if ex["answers"])
+
+    def save(self, stem: Path, rows: list[Any], hits: int, count: int) -> None:
+        write_json(stem.with_name(stem.name + ".json"), {"answers": rows, "hits": hits, "count": count})
+
+    def load(self, stem: Path) -> tuple[list[Any], int, int]:
+        part = read_json(stem.with_name(stem.name + ".json"))
+        return part["answers"], part["hits"], part["count"]
+
+    def write(self, tmp: Path, split: str, rows: list[dict], per_row: list[Any], hits: int, count: int,
+              manifest: dict[str, Any]) -> None:
+        name = f"{split}-answers.json"
+        write_json(tmp / name, per_row)
+        manifest["splits"][split] = {"rows": len(rows), "shards": [name], "accuracy": hits / count if count else None,
+                                     "tokens": None, "accuracy_kind": "exact_match"}

@@ -15,7 +15,8 @@ Heads (``kind``):
   over options.
 - ``seq2seq`` / ``causal`` for task ``generate``: next-token logits over the shared vocabulary
   only (``vocab_size``: an embedding matrix padded beyond the tokenizer, as T5's is, is trimmed);
-  ``generate`` answers with batched greedy decoding (left padding for causal models).
+  ``generate`` answers with batched greedy decoding (left padding for causal models), its batches
+  sorted by prompt length and its answers returned in the examples' order (``kdcli.batching``).
 
 Layer numbering: layer ``i`` is the output of transformer block ``i`` (0-based), which is
 ``hidden_states[i + 1]``; ``hidden_states[0]`` is the embeddings output.
@@ -44,6 +45,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from kdcli.batching import in_data_order, length_sorted_batches
 from kdcli.errors import ModelError
 from kdcli.lora import is_lora, merge_adapter, save_merged
 from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
@@ -187,9 +189,8 @@ class TaskModel:
         causal = self.kind == "causal"
         self.tokenizer.padding_side = self.tokenizer.truncation_side = "left" if causal else "right"
         try:
-            # A chat template writes the special tokens (BOS) itself.
             return self.tokenize(prompts, max_length=max_length or self.max_length,
-                                 add_special_tokens=not any(ex.get("messages") for ex in examples))
+                                 add_special_tokens=_special_tokens(examples))
         finally:
             self.tokenizer.padding_side, self.tokenizer.truncation_side = sides
 
@@ -202,6 +203,13 @@ class TaskModel:
                                   add_special_tokens=add_special_tokens)["input_ids"]
         finally:
             self.tokenizer.truncation_side = side
+
+    def prompt_lengths(self, examples: list[dict], max_length: int | None = None,
+                       template: str | None = None) -> list[int]:
+        """generate: the tokens of each prompt as ``encode_prompts`` gives it to the model (unpadded)."""
+        prompts = [self.prompt(ex, template) for ex in examples]
+        return self.token_counts(prompts, max_length=max_length or self.max_length,
+                                 add_special_tokens=_special_tokens(examples))
 
     def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """Greedy decoding of an ``encode_prompts`` batch -> the new tokens [B, <= max_new_tokens]."""
@@ -236,24 +244,34 @@ class TaskModel:
 
     def generate(self, examples: list[dict], max_new_tokens: int, max_length: int | None = None,
                  template: str | None = None, batch_size: int = 32) -> list[str]:
-        """Greedy answers (text) for a list of examples, in batches of ``batch_size``."""
+        """Greedy answers (text) for a list of examples, in their order, from batches of ``batch_size``
+        examples of similar prompt lengths (``kdcli.batching``)."""
         was_training = self.model.training
         self.model.eval()
-        answers: list[str] = []
+        batches = length_sorted_batches(self.prompt_lengths(examples, max_length, template), batch_size)
+        answers: list[list[str]] = []
         try:
             with torch.no_grad():
-                for start in range(0, len(examples), batch_size):
-                    batch = self.encode_prompts(examples[start : start + batch_size], max_length, template)
+                for index in batches:
+                    batch = self.encode_prompts([examples[i] for i in index], max_length, template)
                     new = self.generate_ids(batch, max_new_tokens)
-                    answers += [clean_answer(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+                    answers.append([clean_answer(t)
+                                    for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)])
         finally:
             self.model.train(was_training)
-        return answers
+        return in_data_order(batches, answers)
 
     def tokenize(self, first: list[str], second: list[str] | None = None, *, max_length: int,
                  add_special_tokens: bool = True) -> dict[str, Tensor]:
         return dict(self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length,
                                    return_tensors="pt", add_special_tokens=add_special_tokens))
+
+    def token_counts(self, texts: list[str], *, max_length: int, add_special_tokens: bool = True) -> list[int]:
+        """The tokens of each text as ``tokenize`` gives it to the model, before padding."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:
         """[B, C, L] inputs for a multiple-choice encoder.
@@ -261,6 +279,18 @@ class TaskModel:
         A WinoGrande-style sentence with a ``_`` blank is scored with each option put into
         the blank (the whole sentence then reads naturally); otherwise (text, option) pairs.
         """
+        # Padded together afterwards because a batch may mix the two kinds of example.
+        flat = self.tokenizer.pad(self._pairs(examples, max_length), return_tensors="pt")
+        b, c = len(examples), self.num_classes
+        return {key: value.view(b, c, -1) for key, value in flat.items()}
+
+    def pair_lengths(self, examples: list[dict], max_length: int) -> list[int]:
+        """The tokens of each example's longest option as ``encode_pairs`` gives it to the model (unpadded)."""
+        encodings = self._pairs(examples, max_length)
+        c = self.num_classes
+        return [max(len(e["input_ids"]) for e in encodings[i * c : (i + 1) * c]) for i in range(len(examples))]
+
+    def _pairs(self, examples: list[dict], max_length: int) -> list:
         encodings = []
         for ex in examples:
             for option in ex["options"]:
@@ -269,10 +299,7 @@ class TaskModel:
                 encodings.append(
                     self.tokenizer(first, None if blank else option, truncation=True, max_length=max_length)
                 )
-        # Padded together afterwards because a batch may mix the two kinds of example.
-        flat = self.tokenizer.pad(encodings, return_tensors="pt")
-        b, c = len(examples), self.num_classes
-        return {key: value.view(b, c, -1) for key, value in flat.items()}
+        return encodings
 
     # ----------------------------------------------------------------- forward
 
@@ -356,6 +383,12 @@ def pad_rows(rows: list[list[int]], value: int) -> Tensor:
     """Right-pad lists of ids to one [B, T] tensor (T >= 1)."""
     width = max([len(r) for r in rows] + [1])
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _special_tokens(examples: list[dict]) -> bool:
+    """Whether the tokenizer adds its special tokens to a prompt: not in chat format, where the chat
+    template writes them (BOS) itself."""
+    return not any(ex.get("messages") for ex in examples)
 
 
 def check_chat_template(tokenizer: transformers.PreTrainedTokenizerBase, who: str) -> None:

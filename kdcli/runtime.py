@@ -37,6 +37,16 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def from_main_process(processes: Any, value: Any) -> Any:
+    """``value`` as the main process has it, on every process of ``processes`` (an Accelerator; each
+    process must call this at the same point); ``value`` itself for one process or None."""
+    if processes is None or processes.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 

@@ -219,7 +219,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from kdcli.cache import LiveTeacher, build_cache, check_cache
-    from kdcli.runtime import make_accelerator
+    from kdcli.runtime import from_main_process, make_accelerator
 
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
     run = RunDir.for_recipe(recipe)
@@ -236,33 +236,38 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
         for name in stage.teachers or []:
             path = run.cache(stage.name, name)
             identity, asked = cache_identity(recipe, run, stage, name, data)
-            if not force:
+            up_to_date = False
+            if not force and accelerator.is_main_process:
                 try:
                     check_cache(path, identity, name, cached_rows(data))
-                    manifest = read_json(path / "manifest.json")
-                    reports.append({"stage": stage.name, "teacher": name, "skipped": True, **_report(manifest, path)})
-                    continue
+                    up_to_date = True
                 except CacheError as exc:
                     if (path / "manifest.json").exists() and not quiet:
                         console.print(f"[yellow]rebuilding the cache of {name}: {exc.message}[/]")
-            if not accelerator.is_main_process:
-                continue  # one process writes the cache; the others wait below
+            # Every process runs a share of a build, so the main process's verdict is every process's.
+            if from_main_process(accelerator, up_to_date):
+                manifest = read_json(path / "manifest.json")
+                reports.append({"stage": stage.name, "teacher": name, "skipped": True, **_report(manifest, path)})
+                continue
             model = load_teacher(recipe, run, name, data.num_classes)
             model.model.to(accelerator.device)
             live = LiveTeacher(model, asked)
             splits = {split: data.rows[split] for split in cached_rows(data)}
-            progress = None if quiet else Progress(
+            progress = None if quiet or not accelerator.is_main_process else Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 console=console,
             )
             if progress:
                 progress.start()
             try:
-                manifest = build_cache(path, live, splits, identity, stage.train.eval_batch_size, progress)
+                # Each process runs its share of the batches; the main process writes the shards and manifest.
+                manifest = build_cache(path, live, splits, identity, stage.train.eval_batch_size, progress,
+                                       processes=accelerator)
             finally:
                 if progress:
                     progress.stop()
-            reports.append({"stage": stage.name, "teacher": name, "skipped": False, **_report(manifest, path)})
+            if accelerator.is_main_process:
+                reports.append({"stage": stage.name, "teacher": name, "skipped": False, **_report(manifest, path)})
             del model, live
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:

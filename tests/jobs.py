@@ -151,3 +151,12 @@ def write_trivia(path: Path | str, n: int = 40) -> Path:
             handle.write(json.dumps({"context": f"Question: {row['text']}\nAnswer:", "answer": row["answers"][0],
                                      "aliases": row["answers"]}) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine, for a torchrun rendezvous (tests may run in parallel)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

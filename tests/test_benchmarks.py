@@ -230,11 +230,61 @@ def check_trl_gkd(s: dict) -> None:
     assert share(s["mcnemar_p"]) and (kd_only != trl_only or s["mcnemar_p"] == 1.0)
 
 
+def check_sorted_batches(s: dict) -> None:
+    orders = {"cache": ["data_order", "characters", "sorted"], "eval": ["data_order", "sorted"]}
+    assert list(s["seconds"]) == list(s["speedup"]) == list(orders) and s["batch_size"] > 1 and s["rounds"] >= 1
+    for p, names in orders.items():
+        assert list(s["seconds"][p]) == names and s["rows"][p] > s["batch_size"], p  # more than one batch
+        for o in names:
+            runs = s["all_seconds"][p][o]
+            assert len(runs) == s["rounds"] and positive(*runs), (p, o)
+            assert s["seconds"][p][o] == pytest.approx(statistics.median(runs), abs=1e-3), (p, o)
+            assert s["ms_per_example"][p][o] == pytest.approx(1000 * s["seconds"][p][o] / s["rows"][p], rel=0.01)
+        ratio(s["speedup"], p, s["seconds"][p]["data_order"], s["seconds"][p]["sorted"])
+        assert s["meets_target"][p] == (s["speedup"][p] >= s["target_speedup"])
+        tokens = s["padded_tokens"][p]
+        # No order feeds fewer tokens than the rows hold; on shuffled rows sorting feeds fewer than data order.
+        assert list(tokens) == [*names, "unpadded"] and 0 < tokens["unpadded"] <= min(tokens[o] for o in names)
+        assert tokens["sorted"] < tokens["data_order"], (p, tokens)
+        assert s["token_ratio"][p] == pytest.approx(tokens["data_order"] / tokens["sorted"], abs=0.001)
+        assert s["length_seconds"][p] >= 0
+    ratio(s, "cache_speedup_vs_characters", s["seconds"]["cache"]["characters"], s["seconds"]["cache"]["sorted"])
+    # Every order answers alike: the same predictions, cache rows equal to rounding.
+    assert s["same_predictions"] is True and s["same_cache_argmax"] is True
+    assert 0 <= s["cache_max_abs_difference"] < 1e-4
+
+
+def check_parallel_cache(s: dict) -> None:
+    configs = ["1x1", "1x2", "2x1"]
+    assert list(s["configs"]) == list(s["build_seconds"]) == list(s["command_seconds"]) == configs
+    assert [(c["processes"], c["threads_per_process"]) for c in s["configs"].values()] == [(1, 1), (1, 2), (2, 1)]
+    rows = sum(s["rows"].values())
+    assert set(s["rows"]) == {"train", "validation"} and rows > s["batch_size"] > 1 and s["rounds"] >= 1
+    for c in configs:
+        for kind in ("build", "command"):
+            runs = s[f"all_{kind}_seconds"][c]
+            assert len(runs) == s["rounds"] and positive(*runs), (c, kind)
+            assert s[f"{kind}_seconds"][c] == pytest.approx(statistics.median(runs), abs=1e-3), (c, kind)
+        # The build is part of the command (start-up, imports and loading the teacher are not in it).
+        assert all(b < w for b, w in zip(s["all_build_seconds"][c], s["all_command_seconds"][c])), c
+        assert s["rows_per_second"][c] == pytest.approx(rows / s["build_seconds"][c], rel=0.01), c
+    for key in ("speedup", "command_speedup"):
+        seconds = s["build_seconds" if key == "speedup" else "command_seconds"]
+        assert list(s[key]) == ["2x1_vs_1x1", "2x1_vs_1x2", "1x2_vs_1x1"]
+        for pair, value in s[key].items():
+            first, second = pair.split("_vs_")
+            assert value == pytest.approx(seconds[second] / seconds[first], rel=0.01, abs=0.002), (key, pair)
+    # Two processes write the files one process writes, byte for byte (1x2 may round otherwise: not checked).
+    assert s["identical_to_1x1"]["1x1"] is True and s["identical_to_1x1"]["2x1"] is True
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
+    "parallel_cache.py": check_parallel_cache,
     "quickstart.py": check_quickstart,
+    "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
     "fpb_generate.py": check_fpb_generate,
     "llm_step_cost.py": check_llm_step_cost,

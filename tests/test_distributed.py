@@ -1,7 +1,8 @@
 """Several processes (torchrun --nproc_per_node 2, gloo on CPU): each rank trains on its own,
-disjoint share of every optimizer step; the data and the teacher cache are written by one process,
-not one per rank; a 2-process `kd distill` killed with SIGKILL and resumed ends where an
-uninterrupted one does.
+disjoint share of every optimizer step; the data is written by one process, not one per rank; the
+teacher cache is built by all of them, each running its share of the batches, into one folder, and
+its files are byte for byte those one process writes; a 2-process `kd distill` killed with SIGKILL
+and resumed ends where an uninterrupted one does.
 
 The torchrun tests start the real `kd` (``torchrun -m kdcli.cli``) and are marked slow (about
 15 s per launch on two CPU cores).
@@ -14,7 +15,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -111,15 +111,9 @@ def test_the_same_step_is_the_same_rows_in_every_process_and_after_a_resume():
 # --------------------------------------------------------------------------- torchrun
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `kd ARGS` under torchrun; on a timeout the whole process group goes (torchrun and its ranks)."""
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), "-m", "kdcli.cli", *args]
     proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -131,7 +125,7 @@ def torchrun(root: Path, *args: str, timeout: float = 300) -> subprocess.Complet
 
 
 def start_torchrun(root: Path, *args: str) -> subprocess.Popen:
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "kdcli.cli", *args]
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), "-m", "kdcli.cli", *args]
     return subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -186,18 +180,19 @@ def _watch_writers(proc: subprocess.Popen, folders: dict[str, Path]) -> dict[str
 
 @pytest.mark.slow
 @needs_torchrun
-def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
+def test_two_processes_prepare_once_and_write_one_cache(bert, tmp_path):
+    """One process prepares the data; both build the cache, in one temporary folder (the main process's)."""
     root = tmp_path / "work"
     write_run(root, bert, rows=3000)
     run = root / "runs" / "d"
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()),
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()),
                "-m", "kdcli.cli", "cache-teachers", "recipe.toml"]
     log = open(tmp_path / "cache.log", "w")
     proc = subprocess.Popen(command, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     writers = _watch_writers(proc, {"data": run / "data", "cache": run / "cache" / "main"})
     text = (tmp_path / "cache.log").read_text()
     assert proc.returncode == 0, text
-    assert len(writers["data"]) == 1 and len(writers["cache"]) == 1, writers  # one writing process each
+    assert len(writers["data"]) == 1 and len(writers["cache"]) == 1, writers  # one temporary folder each
     assert text.count("built") == 1
     cache = run / "cache" / "main" / "t"
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -208,6 +203,78 @@ def test_two_processes_prepare_and_cache_the_teacher_once(bert, tmp_path):
         json.loads((run / "data" / "main" / "manifest.json").read_text())["counts"][k] for k in ("train", "validation")
     )
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def write_cache_recipes(root: Path, bert: Path, llama: Path) -> None:
+    """``root/classify``: a tiny BERT teaching its layers [0, 2] (logits and the mapped layers' states);
+    ``root/generate``: a tiny Llama, cached as top-k tokens (stage tok) and as greedy answers (stage seq).
+    Batches of 4, so a split is several batches and the validation split one (nothing for process 1)."""
+    for kind in ("classify", "generate"):
+        (root / kind).mkdir(parents=True)
+    jobs.write_sentences(root / "classify" / "s.jsonl", 40)
+    jobs.write_recipe(root / "classify" / "recipe.toml", {
+        "name": "c", "task": "classify",
+        "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
+        "student": {"from_teacher": "t", "layers": [0, 2]},
+        "teachers": {"t": {"ref": str(bert), "hidden": {"map": "skip"}}},
+        "loss": {"alpha": 0.5, "beta": 1.0},
+        "train": {"eval_batch_size": 4},
+    })
+    jobs.write_trivia(root / "generate" / "trivia.jsonl", n=24)
+    jobs.write_recipe(root / "generate" / "recipe.toml", {
+        "name": "g", "task": "generate",
+        "data": {"format": "triviaqa", "path": "trivia.jsonl", "max_length": 32, "answer_max_length": 6},
+        "student": {"from_teacher": "big", "layers": [0]},
+        "teachers": {"big": {"ref": str(llama)}},
+        "loss": {"alpha": 0.5},
+        "train": {"eval_batch_size": 4},
+        "stages": [{"name": "tok", "loss": {"kd_level": "token", "top_k": 32}},
+                   {"name": "seq", "loss": {"kd_level": "sequence"}}],
+    })
+
+
+CACHES = {"classify": ["c/cache/main/t"], "generate": ["g/cache/tok/big", "g/cache/seq/big"]}
+TIMINGS = ("seconds", "rows_per_second")  # what the manifests of two builds may differ in
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_processes_build_a_cache_byte_for_byte_as_one_process_does(teacher_dir, tiny, tmp_path, monkeypatch):
+    import kdcli.cache
+    from clirun import kd_in
+
+    llama = tiny("llama", "causal", layers=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_cache_recipes(one, teacher_dir, llama)
+    write_cache_recipes(two, teacher_dir, llama)
+    monkeypatch.setattr(kdcli.cache, "SHARD_ROWS", 5)  # several shards a split, cut across batches
+    answered = []
+    answer = kdcli.cache.LiveTeacher.__call__
+    monkeypatch.setattr(kdcli.cache.LiveTeacher, "__call__",
+                        lambda self, examples, split: answered.append(split) or answer(self, examples, split))
+    for kind in CACHES:
+        kd_in(one / kind, "cache-teachers", "recipe.toml")
+    script = Path(__file__).parent / "distributed_cache.py"
+    done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()), str(script),
+                           "5", str(two / "classify"), str(two / "generate")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Both processes answered batches, and together as many as one process did.
+    shares = [int(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("process ")]
+    assert len(shares) == 2 and min(shares) > 0 and sum(shares) == len(answered), (shares, len(answered))
+    for kind, caches in CACHES.items():
+        for cache in caches:
+            mine, theirs = one / kind / "runs" / cache, two / kind / "runs" / cache
+            files = sorted(os.listdir(mine))
+            assert files == sorted(os.listdir(theirs)), cache  # no part file left behind
+            manifest = json.loads((mine / "manifest.json").read_text())
+            assert len(manifest["splits"]["train"]["shards"]) > 1 or cache.endswith("seq/big"), manifest
+            for name in files:
+                if name != "manifest.json":
+                    assert (mine / name).read_bytes() == (theirs / name).read_bytes(), f"{cache}/{name}"
+            other = json.loads((theirs / "manifest.json").read_text())
+            assert {k: v for k, v in manifest.items() if k not in TIMINGS} == {
+                k: v for k, v in other.items() if k not in TIMINGS}, cache
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ LAYERS: list[list[str]] = [
      "kdcli.data.triviaqa", "kdcli.data.messages"],
     ["kdcli.data.fields"],
     ["kdcli.data.files"],
-    ["kdcli.losses", "kdcli.rundir", "kdcli.runtime", "kdcli.lora"],
+    ["kdcli.losses", "kdcli.rundir", "kdcli.runtime", "kdcli.lora", "kdcli.batching"],
     ["kdcli.recipe"],
     ["kdcli.errors"],
     ["kdcli"],

@@ -152,7 +152,7 @@ def test_two_processes_equal_one_process_with_matching_accumulation(teacher_dir,
     script = Path(__file__).parent / "distributed_job.py"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531",
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(jobs.free_port()),
                     str(script), str(teacher_dir), str(tmp_path / "two"), "4", "1"],
                    check=True, env=env, capture_output=True, timeout=300)
     subprocess.run([sys.executable, str(script), str(teacher_dir), str(tmp_path / "one"), "4", "2"],

@@ -77,6 +77,16 @@ class TaskKind(ABC):
                 output_hidden_states: bool = False) -> "TaskOutput":
         """The model's output for an ``encode`` batch, as the loss and metrics read it."""
 
+    @abstractmethod
+    def lengths(self, model: "TaskModel", examples: list[dict], max_length: int | None = None,
+                template: str | None = None, answer_max_length: int | None = None) -> list[int]:
+        """The tokens of each example as ``encode`` gives it to the model, before padding: what the
+        inference passes sort their batches by (``kdcli.batching``)."""
+
+    def teacher_lengths(self, model: "TaskModel", examples: list[dict], settings: "TeacherSettings") -> list[int]:
+        """The tokens of each example as ``teacher_answer`` gives it to the model (the cache sorts by them)."""
+        return self.lengths(model, examples, settings.max_length, settings.template, settings.answer_max_length)
+
     # ----------------------------------------------------------------- training
 
     @abstractmethod

@@ -33,20 +33,21 @@ class Choice(Classify):
     def _inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict:
         import torch
 
-        from kdcli.models import render_prompt
-
-        for ex in examples:
-            if len(ex["options"]) != model.num_classes:
-                raise DataError(f"example {ex['id']}: {len(ex['options'])} options, "
-                                f"but the model scores {model.num_classes}")
+        _check_options(model, examples)
         if model.kind == "multiple-choice":
             return model.encode_pairs(examples, max_length)
-        prompts = [render_prompt(ex, template) + model.prompt_suffix for ex in examples]
-        batch = model.tokenize(prompts, max_length=max_length)
+        batch = model.tokenize(_prompts(model, examples, template), max_length=max_length)
         if model.kind == "seq2seq":
             start = model.model.config.decoder_start_token_id
             batch["decoder_input_ids"] = torch.full((len(examples), 1), start, dtype=torch.long)
         return batch
+
+    def _lengths(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> list[int]:
+        """A multiple-choice encoder's longest (text, option) pair, or the prompt listing the options."""
+        _check_options(model, examples)
+        if model.kind == "multiple-choice":
+            return model.pair_lengths(examples, max_length)
+        return model.token_counts(_prompts(model, examples, template), max_length=max_length)
 
     def score(self, rows: list[dict], answers: list[int], manifest: dict[str, Any]) -> dict[str, Any]:
         from kdcli.metrics import answer_histogram
@@ -62,3 +63,17 @@ class Choice(Classify):
         if 0 <= answer < len(row["options"]):
             return f"{names[answer]}. {row['options'][answer]}"
         return names[answer]
+
+
+def _check_options(model: "TaskModel", examples: list[dict]) -> None:
+    for ex in examples:
+        if len(ex["options"]) != model.num_classes:
+            raise DataError(f"example {ex['id']}: {len(ex['options'])} options, "
+                            f"but the model scores {model.num_classes}")
+
+
+def _prompts(model: "TaskModel", examples: list[dict], template: str | None) -> list[str]:
+    """A seq2seq or causal model's prompts: the text and its numbered options, then the suffix the answer follows."""
+    from kdcli.models import render_prompt
+
+    return [render_prompt(ex, template) + model.prompt_suffix for ex in examples]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from kdcli.batching import in_data_order, length_sorted_batches
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights, pooled_layers
 
 if TYPE_CHECKING:
@@ -47,6 +48,14 @@ class Classify(TaskKind):
 
     def _inputs(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> dict:
         return model.tokenize([ex["text"] for ex in examples], max_length=max_length)
+
+    def lengths(self, model: "TaskModel", examples: list[dict], max_length: int | None = None,
+                template: str | None = None, answer_max_length: int | None = None) -> list[int]:
+        """The tokens of each text (``encode``'s inputs, unpadded)."""
+        return self._lengths(model, examples, max_length or model.max_length, template)
+
+    def _lengths(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None) -> list[int]:
+        return model.token_counts([ex["text"] for ex in examples], max_length=max_length)
 
     def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"],
                 output_hidden_states: bool = False) -> "TaskOutput":
@@ -112,8 +121,8 @@ class Classify(TaskKind):
         model.model.eval()
         predictions, gold, loss_sum, count = [], [], 0.0, 0
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+            for index in length_sorted_batches(self.lengths(model, rows, max_length, template), batch_size):
+                chunk = [rows[i] for i in index]
                 batch = {k: v.to(model.device) for k, v in self.encode(model, chunk, max_length, template).items()}
                 logits = self.forward(model, batch).logits
                 labels = batch["labels"]
@@ -146,15 +155,16 @@ class Classify(TaskKind):
 
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
                 max_new_tokens: int) -> list[int]:
-        """The model's answer (argmax over classes or options) for each row."""
+        """The model's answer (argmax over classes or options) for each row, from length-sorted batches."""
         import torch
 
-        answers: list[int] = []
+        batches = length_sorted_batches(self.lengths(model, rows, max_length, template), batch_size)
+        answers: list[list[int]] = []
         with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                batch = self.encode(model, rows[start : start + batch_size], max_length, template)
-                answers += self.forward(model, batch).logits.argmax(-1).tolist()
-        return answers
+            for index in batches:
+                batch = self.encode(model, [rows[i] for i in index], max_length, template)
+                answers.append(self.forward(model, batch).logits.argmax(-1).tolist())
+        return in_data_order(batches, answers)
 
     def score(self, rows: list[dict], answers: list[int], manifest: dict[str, Any]) -> dict[str, Any]:
         from kdcli.metrics import classification_metrics, shortcut_warning

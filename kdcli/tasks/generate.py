@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from kdcli.batching import length_sorted_batches
 from kdcli.errors import KdError, ModelError
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights
 
@@ -51,21 +52,14 @@ class Generate(TaskKind):
         """Prompt and answer tokens, with ``labels`` [B, T] over the answer tokens (see the module docstring)."""
         import torch
 
-        from kdcli.models import (
-            answer_target,
-            pad_rows,
-        )
+        from kdcli.models import pad_rows
 
         max_length = max_length or model.max_length
         limit = answer_max_length or model.answer_max_length
-        prompts = [model.prompt(ex, template) for ex in examples]
-        targets = [answer_target(ex) for ex in examples]
         if model.kind == "seq2seq":
-            batch = model.tokenize(prompts, max_length=max_length,
+            batch = model.tokenize([model.prompt(ex, template) for ex in examples], max_length=max_length,
                                    add_special_tokens=not any(ex.get("messages") for ex in examples))
-            labels = pad_rows([list(ex["sample_ids"]) if "sample_ids" in ex
-                               else _answer_ids(model, None, None, target, limit)
-                               for ex, target in zip(examples, targets)], -100)
+            labels = pad_rows(_seq2seq_answers(model, examples, limit), -100)
             batch["labels"] = labels
             if hasattr(model.model, "prepare_decoder_input_ids_from_labels"):
                 batch["decoder_input_ids"] = model.model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -73,24 +67,31 @@ class Generate(TaskKind):
                 start = torch.full((len(examples), 1), model.model.config.decoder_start_token_id, dtype=torch.long)
                 batch["decoder_input_ids"] = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
             return batch
-        if model.kind != "causal":
-            raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{model.kind}'")
         sequences, labels = [], []
-        for example, prompt, target in zip(examples, prompts, targets):
-            special = not example.get("messages")  # a chat template writes the special tokens itself
-            whole = model.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-            prompt_ids = whole if len(whole) <= max_length else model.cut_prompt(prompt, max_length, special)
-            if "sample_ids" in example:  # on-policy: what the student generated, token for token
-                answer = list(example["sample_ids"])
-            elif example.get("messages"):
-                answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
-            else:
-                answer = _answer_ids(model, whole, prompt, target, limit)
+        for prompt_ids, answer in _causal_rows(model, examples, max_length, template, limit):
             sequences.append(prompt_ids + answer)
             labels.append([-100] * len(prompt_ids) + answer)
         input_ids = pad_rows(sequences, model.tokenizer.pad_token_id)
         mask = pad_rows([[1] * len(x) for x in sequences], 0)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, -100)}
+
+    def lengths(self, model: "TaskModel", examples: list[dict], max_length: int | None = None,
+                template: str | None = None, answer_max_length: int | None = None) -> list[int]:
+        """Prompt plus answer tokens of each example (``encode``'s, unpadded; a seq2seq model reads the
+        prompt in its encoder and the answer in its decoder)."""
+        max_length = max_length or model.max_length
+        limit = answer_max_length or model.answer_max_length
+        if model.kind == "seq2seq":
+            prompts = model.prompt_lengths(examples, max_length, template)
+            return [n + len(answer) for n, answer in zip(prompts, _seq2seq_answers(model, examples, limit))]
+        return [len(prompt) + len(answer) for prompt, answer in _causal_rows(model, examples, max_length, template,
+                                                                             limit)]
+
+    def teacher_lengths(self, model: "TaskModel", examples: list[dict], settings: "TeacherSettings") -> list[int]:
+        """Token level: prompt plus answer tokens; sequence level: the prompt's, which the greedy answer follows."""
+        if settings.kd_level == "sequence":
+            return model.prompt_lengths(examples, settings.max_length, settings.template)
+        return super().teacher_lengths(model, examples, settings)
 
     def forward(self, model: "TaskModel", batch: dict[str, "torch.Tensor"],
                 output_hidden_states: bool = False) -> "TaskOutput":
@@ -232,9 +233,10 @@ class Generate(TaskKind):
         was_training = model.model.training
         model.model.eval()
         loss_sum, count = 0.0, 0
+        lengths = self.lengths(model, rows, max_length, template, answer_max_length)
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+            for index in length_sorted_batches(lengths, batch_size):
+                chunk = [rows[i] for i in index]
                 output = self.forward(model, self.encode(model, chunk, max_length, template, answer_max_length))
                 n = int(output.token_mask.sum())
                 loss_sum += float(losses.cross_entropy(output.logits, output.labels)) * n
@@ -324,6 +326,37 @@ def _gold(examples: list[dict]) -> list[dict]:
     if not any("sample_ids" in ex for ex in examples):
         return examples  # most steps: nothing to strip, no copies in the training loop
     return [{k: v for k, v in ex.items() if k != "sample_ids"} for ex in examples]
+
+
+def _seq2seq_answers(model: "TaskModel", examples: list[dict], limit: int) -> list[list[int]]:
+    """A seq2seq model's answer tokens (its decoder's targets) for each example."""
+    from kdcli.models import answer_target
+
+    return [list(ex["sample_ids"]) if "sample_ids" in ex else _answer_ids(model, None, None, answer_target(ex), limit)
+            for ex in examples]
+
+
+def _causal_rows(model: "TaskModel", examples: list[dict], max_length: int, template: str | None,
+                 limit: int) -> list[tuple[list[int], list[int]]]:
+    """A causal model's prompt tokens and answer tokens for each example (they read as one sequence)."""
+    from kdcli.models import answer_target
+
+    if model.kind != "causal":
+        raise ModelError(f"task 'generate' needs a seq2seq or causal model, not '{model.kind}'")
+    rows = []
+    for example in examples:
+        prompt, target = model.prompt(example, template), answer_target(example)
+        special = not example.get("messages")  # a chat template writes the special tokens itself
+        whole = model.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        prompt_ids = whole if len(whole) <= max_length else model.cut_prompt(prompt, max_length, special)
+        if "sample_ids" in example:  # on-policy: what the student generated, token for token
+            answer = list(example["sample_ids"])
+        elif example.get("messages"):
+            answer = _chat_answer_ids(model, example["messages"], prompt, target, limit)
+        else:
+            answer = _answer_ids(model, whole, prompt, target, limit)
+        rows.append((prompt_ids, answer))
+    return rows
 
 
 def _teacher_targets(examples: list[dict], answer: TeacherBatch) -> list[dict]:
