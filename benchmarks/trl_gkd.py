@@ -239,8 +239,9 @@ def kd_token_rows(initial: Path, rows: list[dict], stage) -> list[dict]:
 
 
 def collator_prompt_mismatches(initial: Path, rows: list[dict], kd_tokens: list[dict]) -> list[str]:
-    """The ids of rows whose prompt TRL's ChatML collator, left to split the conversation itself, finds
-    other than kd's (the prompt up to and with the assistant header)."""
+    """The ids of rows whose prompt TRL's ChatML collator, left to tokenize and split the conversation
+    itself, finds other than kd's (the prompt up to and with the assistant header); none with a tokenizer
+    whose tokenizer.json cuts nothing."""
     import transformers
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -356,8 +357,9 @@ def main() -> None:
            for split in ("train", "test")}
 
     kd_tokens = kd_token_rows(trl_dir / "initial-student", rows, stage)
-    # TRL's collator finds each prompt's end from byte offsets; on some SmolLM2 rows it puts the assistant
-    # header in the completion. It is handed kd's token ids and prompt boundary instead, and this counts them.
+    # TRL is handed kd's token ids and prompt boundary, so both sides read the same tokens. Left to itself its
+    # collator tokenizes with the backend of tokenizer.json, which in teachers saved by kd before this was fixed
+    # carried the truncation of kd's last call (96 tokens, from the right): this counts the prompts it gets wrong.
     mismatched = collator_prompt_mismatches(trl_dir / "initial-student", rows, kd_tokens)
     timings = {}
     for side in (("kd", "trl") if args.order == "kd-first" else ("trl", "kd")):

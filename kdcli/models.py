@@ -341,7 +341,7 @@ class TaskModel:
             save_merged(self.model, path)
         else:
             self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        _saved_tokenizer(self.tokenizer).save_pretrained(path)
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return path
@@ -543,6 +543,19 @@ def load_tokenizer(spec: ModelSpec, path_override: str | None = None) -> transfo
         # Decoders often ship without one; padding with EOS is safe because of the attention mask.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _saved_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer as it should be saved: a fast tokenizer keeps the truncation and padding of its last
+    call in its backend, and tokenizer.json would carry them (e.g. cut at 96 tokens from the right) to
+    whatever reads the file directly (TRL's collators, serving engines)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (backend.truncation is None and backend.padding is None):
+        return tokenizer
+    clean = copy.deepcopy(tokenizer)
+    clean.backend_tokenizer.no_truncation()
+    clean.backend_tokenizer.no_padding()
+    return clean
 
 
 @functools.lru_cache(maxsize=4)

@@ -348,8 +348,13 @@ def test_student_layer_out_of_range(tiny):
 def test_saved_student_loads_with_from_pretrained_and_pipeline(tmp_path, tiny):
     tm = load_task_model(teacher(tiny("bert", "sequence-classification")), "classify", 3)
     st = student_from_teacher(tm, [0, 2])
+    encode(st, SENTENCES, 8)  # a call that cuts and pads: the backend keeps both settings in memory
     path = st.save(tmp_path / "student", label_names=["negative", "neutral", "positive"])
     assert json.loads((path / "kd.json").read_text())["kind"] == "sequence-classification"
+    # ... but tokenizer.json must not carry them to tools that read it directly (TRL, serving engines).
+    saved = json.loads((path / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    assert st.tokenizer.backend_tokenizer.truncation is not None  # the live tokenizer was left as it was
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(path)
     assert loaded.config.num_hidden_layers == 2
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), st.model.state_dict().values()))
