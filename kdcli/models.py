@@ -205,10 +205,11 @@ class TaskModel:
             self.tokenizer.truncation_side = side
 
     def prompt_lengths(self, examples: list[dict], max_length: int | None = None,
-                       template: str | None = None) -> list[int]:
-        """generate: the tokens of each prompt as ``encode_prompts`` gives it to the model (unpadded)."""
+                       template: str | None = None, whole: bool = False) -> list[int]:
+        """generate: the tokens of each prompt as ``encode_prompts`` gives it to the model (unpadded), or
+        ``whole``, before any cut to ``max_length``."""
         prompts = [self.prompt(ex, template) for ex in examples]
-        return self.token_counts(prompts, max_length=max_length or self.max_length,
+        return self.token_counts(prompts, max_length=None if whole else max_length or self.max_length,
                                  add_special_tokens=_special_tokens(examples))
 
     def generate_ids(self, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
@@ -266,11 +267,12 @@ class TaskModel:
         return dict(self.tokenizer(first, second, padding=True, truncation=True, max_length=max_length,
                                    return_tensors="pt", add_special_tokens=add_special_tokens))
 
-    def token_counts(self, texts: list[str], *, max_length: int, add_special_tokens: bool = True) -> list[int]:
-        """The tokens of each text as ``tokenize`` gives it to the model, before padding."""
+    def token_counts(self, texts: list[str], *, max_length: int | None, add_special_tokens: bool = True) -> list[int]:
+        """The tokens of each text as ``tokenize`` gives it to the model, before padding (None: uncut)."""
         if not texts:
             return []
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)
+        encoded = self.tokenizer(texts, truncation=max_length is not None, max_length=max_length,
+                                 add_special_tokens=add_special_tokens)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def encode_pairs(self, examples: list[dict], max_length: int) -> dict[str, Tensor]:

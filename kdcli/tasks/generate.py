@@ -253,10 +253,7 @@ class Generate(TaskKind):
     def inputs_cut(self, model: "TaskModel", rows: list[dict], max_length: int,
                    template: str | None) -> tuple[int, int]:
         """Prompts longer than ``max_length`` (a causal model keeps their end, a seq2seq model their start)."""
-        prompts = [model.prompt(row, template) for row in rows]
-        special = not any(row.get("messages") for row in rows)  # a chat template writes them itself
-        tokens = model.tokenizer(prompts, add_special_tokens=special)["input_ids"] if rows else []
-        lengths = [len(ids) for ids in tokens]
+        lengths = model.prompt_lengths(rows, template=template, whole=True)
         return sum(n > max_length for n in lengths), max(lengths, default=0)
 
     def gold_loss(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int,
