@@ -7,9 +7,9 @@ teacher cache (``cache.build_cache``), `kd eval`'s predictions and the agreement
 (``TaskKind.predict``, ``TaskModel.generate``), the gold-answer loss and validation during training
 and teacher fine-tuning (``TaskKind.validate``). The caller measures each row's length as the model
 will see it (``TaskKind.lengths``: tokens, the longest option of a multiple-choice row, a prompt
-and its answer), runs the batches ``length_sorted_batches`` cuts, and ``in_data_order`` puts the
-answers back where the rows were: what a pass returns or stores is in data order, whatever order
-it ran in.
+and its answer) a chunk of rows at a time (``measured_lengths``), runs the batches
+``length_sorted_batches`` cuts, and ``in_data_order`` puts the answers back where the rows were:
+what a pass returns or stores is in data order, whatever order it ran in.
 
 - Longest first: a batch too large for memory fails at the start of a pass, not at its end.
 - Ties keep data order (a stable sort), so the batches are the same on every run.
@@ -24,9 +24,19 @@ what benchmarks/sorted_batches.py measures sorting against, and the tests hold t
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 Answer = TypeVar("Answer")
+_MEASURED_AT_ONCE = 1024  # rows whose texts and tokens one call of ``measure`` holds
+
+
+def measured_lengths(rows: Sequence[dict], measure: Callable[[list[dict]], list[int]]) -> list[int]:
+    """``measure``'s length of every row, measured ``_MEASURED_AT_ONCE`` rows at a time: a pass over a
+    split of millions of rows holds one chunk's prompts and token ids, never the split's."""
+    lengths: list[int] = []
+    for start in range(0, len(rows), _MEASURED_AT_ONCE):
+        lengths += measure(rows[start : start + _MEASURED_AT_ONCE])
+    return lengths
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from safetensors import SafetensorError
 
 from kdcli import __version__
-from kdcli.batching import in_data_order, length_sorted_batches
+from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
 from kdcli.errors import CacheError
 from kdcli.job import TeacherSettings
 from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json, writing
@@ -591,7 +591,7 @@ def build_cache(
     with share.folder() as tmp:
         for split, rows in splits.items():
             # Length-sorted batches keep padding (wasted work) small; rows are stored in data order.
-            plans[split] = plan = length_sorted_batches(teacher.lengths(rows), batch_size)
+            plans[split] = plan = length_sorted_batches(measured_lengths(rows, teacher.lengths), batch_size)
             mine = share.batches(plan)
             task_id = (progress.add_task(f"{path.name} {split}", total=sum(len(plan[b]) for b in mine))
                        if progress else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kdcli.data.stage import stage_data
+from kdcli.data.stage import Rows, stage_data
 from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
@@ -23,10 +23,10 @@ from kdcli.teachers import finetune_teachers, open_teachers, preflight
 from kdcli.train import JobResult, cannot_resume, identity_changes, run_job
 
 
-def _fraction(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+def _fraction(rows: Rows, fraction: float, seed: int) -> Rows:
     """A seeded random share of the rows (at least one); rows keep their `idx` for cache lookups."""
     keep = max(1, round(len(rows) * fraction))
-    return random.Random(seed).sample(rows, keep)
+    return rows.share(random.Random(seed).sample(range(len(rows)), keep))
 
 
 def _stage_identity(recipe: Recipe, stage: Stage, role: Role, data_fingerprint: str | None,

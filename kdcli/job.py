@@ -6,6 +6,7 @@ and the training loop below them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ class Job:
 
     name: str
     student: "TaskModel"
-    rows: dict[str, list[dict]]
+    rows: dict[str, Sequence[dict]]  # split -> rows (``kdcli.data.stage.Rows``: read from disk as asked for)
     loss: LossConfig
     train: TrainConfig
     seed: int

@@ -45,7 +45,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from kdcli.batching import in_data_order, length_sorted_batches
+from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
 from kdcli.errors import ModelError
 from kdcli.lora import is_lora, merge_adapter, save_merged
 from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
@@ -249,7 +249,8 @@ class TaskModel:
         examples of similar prompt lengths (``kdcli.batching``)."""
         was_training = self.model.training
         self.model.eval()
-        batches = length_sorted_batches(self.prompt_lengths(examples, max_length, template), batch_size)
+        batches = length_sorted_batches(
+            measured_lengths(examples, lambda part: self.prompt_lengths(part, max_length, template)), batch_size)
         answers: list[list[str]] = []
         try:
             with torch.no_grad():

@@ -278,12 +278,30 @@ def check_parallel_cache(s: dict) -> None:
     assert s["identical_to_1x1"]["1x1"] is True and s["identical_to_1x1"]["2x1"] is True
 
 
+def check_scale(s: dict) -> None:
+    phases = ["prepare", "cache", "distill", "eval"]
+    for task in ("classify", "generate"):
+        runs = [r for r in s["runs"] if r["task"] == task and "distill" in r]
+        assert len(runs) >= 2 and [r["rows"] for r in runs] == sorted(r["rows"] for r in runs), task
+        for r in runs:
+            assert all(positive(r[p]["seconds"], r[p]["peak_megabytes"]) for p in phases), r
+            assert 0.85 * r["rows"] <= r["train_rows"] <= 0.93 * r["rows"], r  # the recipe's 89 % train split
+        grown = runs[-1]["distill"]["peak_megabytes"] - runs[0]["distill"]["peak_megabytes"]
+        growth = s["distill_growth"][task]
+        assert (growth["from_rows"], growth["to_rows"]) == (runs[0]["rows"], runs[-1]["rows"]), task
+        assert growth["distill_peak_growth_megabytes"] == pytest.approx(grown, abs=0.11), task
+        assert growth["within_target"] == (growth["distill_peak_growth_megabytes"] < s["target_megabytes"]), task
+        assert growth["within_target"], growth  # four times the rows must not show in the quick runs
+    assert s["steps"] == 5 and s["plot"] is None
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "parallel_cache.py": check_parallel_cache,
     "quickstart.py": check_quickstart,
+    "scale.py": check_scale,
     "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
     "fpb_generate.py": check_fpb_generate,

@@ -612,3 +612,57 @@ def test_stages_with_their_own_data(here):
     one, two = prepare_recipe(validate(raw), quiet=True)
     assert (one.stage, sum(one.counts.values())) == ("one", 40)
     assert (two.stage, sum(two.counts.values())) == ("two", 80)
+
+
+# --------------------------------------------------------------------------- a stage's rows, read from disk
+
+
+def _stage_rows(here, n: int):
+    from kdcli.data.stage import stage_data
+
+    recipe = make_recipe("classify", format="fpb", path=str(write_fpb(here / "fpb.txt", fpb_rows(n))))
+    run = RunDir.for_recipe(recipe)
+    data = stage_data(recipe, run, recipe.resolved_stages()[0])
+    splits, _ = load_prepared(run, "main")
+    return data, splits
+
+
+def test_stage_rows_are_the_prepared_rows_with_their_index_in_any_access(here, monkeypatch):
+    from kdcli.data import stage
+
+    monkeypatch.setattr(stage, "_READ_AHEAD", 7)  # passes in order cross several read-ahead chunks
+    data, splits = _stage_rows(here, 100)
+    for name, split in splits.items():
+        expected = [dict(row, idx=i, messages=[]) for i, row in enumerate(split.to_list())]
+        rows = data.rows[name]
+        assert len(rows) == len(expected) > 7 and list(rows) == expected, name
+        assert [rows[i] for i in range(len(rows))] == expected and rows[-1] == expected[-1], name
+        assert rows[3:11] == expected[3:11] and rows[::3] == expected[::3] and rows[5:2] == [], name
+        with pytest.raises(IndexError):
+            rows[len(rows)]
+    train = data.rows["train"]
+    share = train.share([9, 2, 5])
+    assert list(share) == [expected_row for expected_row in (train[9], train[2], train[5])]
+    assert [row["idx"] for row in share.share([2, 0])] == [5, 9]  # a share of a share keeps the split's indices
+    labels = [row["label"] for row in train]
+    assert data.label_prior == [labels.count(k) / len(labels) for k in range(3)]
+
+
+def test_a_stage_s_rows_are_not_held_in_memory(here):
+    """A split is read from its memory-mapped file as rows are asked for: an open stage of 6,000 rows
+    holds far less than the Python dicts of its rows, and nothing that grows with them."""
+    import tracemalloc
+
+    from kdcli.data.stage import stage_data
+
+    recipe = make_recipe("classify", format="fpb", path=str(write_fpb(here / "fpb.txt", fpb_rows(6000))))
+    run, stage = RunDir.for_recipe(recipe), recipe.resolved_stages()[0]
+    stage_data(recipe, run, stage)  # prepares, and imports what opening a stage imports
+    tracemalloc.start()
+    data = stage_data(recipe, run, stage)
+    opened = tracemalloc.get_traced_memory()[0]
+    as_dicts = load_prepared(run, "main")[0]["train"].to_list()
+    dicts = tracemalloc.get_traced_memory()[0] - opened
+    tracemalloc.stop()
+    assert len(data.rows["train"]) == len(as_dicts) > 4000
+    assert opened < dicts / 10, (opened, dicts)

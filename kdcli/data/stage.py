@@ -1,19 +1,69 @@
-"""A stage's prepared data as training, caching and evaluation read it."""
+"""A stage's prepared data as training, caching and evaluation read it.
+
+A split is not turned into Python objects up front: ``Rows`` reads each row from the split's
+memory-mapped Arrow table when it is asked for, so a split of millions of rows costs the pages
+that are read, not a dict per row (about 1.4 KB each) for the whole run.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdcli.data.prepare import load_prepared, prepare_recipe
 from kdcli.recipe import Recipe, Stage
 from kdcli.rundir import RunDir
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_READ_AHEAD = 1024  # rows decoded at once when a pass goes through a split in order
+
+
+class Rows(Sequence):
+    """The rows of one prepared split (or a share of them), each read when asked for as a dict: the
+    prepared columns, ``idx`` (its index in the split, for cache lookups) and ``messages`` (in chat
+    format, the turns before the answer; empty otherwise). ``rows[i:j]`` is a list of dicts."""
+
+    def __init__(self, table: "pa.Table", stage: Stage, positions: Sequence[int] | None = None):
+        self._table = table
+        self._stage = stage
+        self._positions = positions  # a share of the split (a tune trial's): split indices, in this order
+
+    def __len__(self) -> int:
+        return self._table.num_rows if self._positions is None else len(self._positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if self._positions is None and step == 1:
+                return self._read(start, max(stop - start, 0))
+            return [self[j] for j in range(start, stop, step)]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of a split of {n} rows")
+        idx = i % n if self._positions is None else self._positions[i]
+        return self._read(idx, 1)[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self), _READ_AHEAD):
+            yield from self[start : start + _READ_AHEAD]
+
+    def share(self, positions: Sequence[int]) -> "Rows":
+        """The rows at ``positions`` (indices into these rows), in that order."""
+        if self._positions is not None:
+            positions = [self._positions[p] for p in positions]
+        return Rows(self._table, self._stage, list(positions))
+
+    def _read(self, first: int, count: int) -> list[dict]:
+        return [_row(row, first + k, self._stage) for k, row in enumerate(self._table.slice(first, count).to_pylist())]
+
 
 @dataclass
 class StageData:
-    rows: dict[str, list[dict]]  # split -> normalised rows, each with its index in the split as `idx`
+    rows: dict[str, Rows]  # split -> its rows
     manifest: dict[str, Any]
     num_classes: int  # classes or options the model scores; 0 for free-text answers
     label_prior: list[float] | None  # the train split's label shares (diversity penalty); None without labels
@@ -26,6 +76,8 @@ class StageData:
 def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) -> StageData:
     """The stage's prepared splits (running `prepare` first when they are missing, or stale and
     ``replace`` allows it: readers of a run never replace its data)."""
+    import numpy as np
+
     from kdcli.runtime import process_state
     from kdcli.tasks import task_kind
 
@@ -33,14 +85,14 @@ def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) 
     with process_state().main_process_first():
         prepare_recipe(recipe, quiet=True, replace=replace)
     splits, manifest = load_prepared(run, stage.name)
-    rows = {name: [_row(row, i, stage) for i, row in enumerate(split.to_list())] for name, split in splits.items()}
+    rows = {name: Rows(split.data.table, stage) for name, split in splits.items()}
     num_classes = task_kind(recipe.task).num_classes(manifest)
-    histogram = [0] * num_classes
-    for row in rows.get("train", []):
-        if 0 <= row["label"] < num_classes:
-            histogram[row["label"]] += 1
-    total = sum(histogram)
-    prior = [count / total for count in histogram] if total else None
+    prior = None
+    if "train" in splits and num_classes:
+        labels = splits["train"].data.table.column("label").to_numpy()
+        histogram = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+        total = int(histogram.sum())
+        prior = [int(count) / total for count in histogram] if total else None
     return StageData(rows, manifest, num_classes, prior)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +62,13 @@ class TaskKind(ABC):
         """Classes or options the model scores, from a prepared stage's manifest (0: free text)."""
 
     @abstractmethod
-    def scored_rows(self, rows: list[dict]) -> list[dict]:
-        """The rows that can be scored: labelled ones, or ones with reference answers."""
+    def scorable(self, row: dict) -> bool:
+        """Whether a row can be scored: it is labelled, or it has reference answers."""
+
+    def scored_rows(self, rows: Sequence[dict]) -> Sequence[dict]:
+        """The rows that can be scored; ``rows`` itself when all of them can (a split is not copied)."""
+        kept = [i for i, row in enumerate(rows) if self.scorable(row)]
+        return rows if len(kept) == len(rows) else [rows[i] for i in kept]
 
     # ----------------------------------------------------------------- a model's input and output
 

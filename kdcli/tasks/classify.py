@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.batching import in_data_order, length_sorted_batches
+from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights, pooled_layers
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ class Classify(TaskKind):
         """What each answer index is called in reports."""
         return list(manifest["label_names"])
 
-    def scored_rows(self, rows: list[dict]) -> list[dict]:
-        return [row for row in rows if row["label"] >= 0]
+    def scorable(self, row: dict) -> bool:
+        return row["label"] >= 0
 
     # ----------------------------------------------------------------- a model's input and output
 
@@ -121,7 +121,8 @@ class Classify(TaskKind):
         model.model.eval()
         predictions, gold, loss_sum, count = [], [], 0.0, 0
         with torch.no_grad():
-            for index in length_sorted_batches(self.lengths(model, rows, max_length, template), batch_size):
+            lengths = measured_lengths(rows, lambda part: self.lengths(model, part, max_length, template))
+            for index in length_sorted_batches(lengths, batch_size):
                 chunk = [rows[i] for i in index]
                 batch = {k: v.to(model.device) for k, v in self.encode(model, chunk, max_length, template).items()}
                 logits = self.forward(model, batch).logits
@@ -158,7 +159,8 @@ class Classify(TaskKind):
         """The model's answer (argmax over classes or options) for each row, from length-sorted batches."""
         import torch
 
-        batches = length_sorted_batches(self.lengths(model, rows, max_length, template), batch_size)
+        lengths = measured_lengths(rows, lambda part: self.lengths(model, part, max_length, template))
+        batches = length_sorted_batches(lengths, batch_size)
         answers: list[list[int]] = []
         with torch.inference_mode():
             for index in batches:

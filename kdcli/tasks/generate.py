@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.batching import length_sorted_batches
+from kdcli.batching import length_sorted_batches, measured_lengths
 from kdcli.errors import KdError, ModelError
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights
 
@@ -42,8 +42,8 @@ class Generate(TaskKind):
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return 0  # answers are text: no classes, no label prior
 
-    def scored_rows(self, rows: list[dict]) -> list[dict]:
-        return [row for row in rows if row["answers"]]
+    def scorable(self, row: dict) -> bool:
+        return bool(row["answers"])
 
     # ----------------------------------------------------------------- a model's input and output
 
@@ -233,7 +233,8 @@ class Generate(TaskKind):
         was_training = model.model.training
         model.model.eval()
         loss_sum, count = 0.0, 0
-        lengths = self.lengths(model, rows, max_length, template, answer_max_length)
+        lengths = measured_lengths(rows, lambda part: self.lengths(model, part, max_length, template,
+                                                                   answer_max_length))
         with torch.no_grad():
             for index in length_sorted_batches(lengths, batch_size):
                 chunk = [rows[i] for i in index]
@@ -253,7 +254,7 @@ class Generate(TaskKind):
     def inputs_cut(self, model: "TaskModel", rows: list[dict], max_length: int,
                    template: str | None) -> tuple[int, int]:
         """Prompts longer than ``max_length`` (a causal model keeps their end, a seq2seq model their start)."""
-        lengths = model.prompt_lengths(rows, template=template, whole=True)
+        lengths = measured_lengths(rows, lambda part: model.prompt_lengths(part, template=template, whole=True))
         return sum(n > max_length for n in lengths), max(lengths, default=0)
 
     def gold_loss(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int,
