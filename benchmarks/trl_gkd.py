@@ -2,23 +2,28 @@
 batch, steps and loss; time per optimizer step and the students' test accuracy (issue 14).
 
 The setting is issue 14's table a (`recipes/local/fpb-generate.toml`): SmolLM2-135M-Instruct,
-fine-tuned on 300 Financial PhraseBank sentences by `benchmarks/fpb_generate.py`, teaches a
-student cut from 10 of its 30 layers, in the chat format (system turn, the sentence as the user
-turn, the label's name as the answer). Both sides train that student from the same weights:
+fine-tuned on 300 Financial PhraseBank sentences by `benchmarks/fpb_generate.py`, teaches in the chat
+format (system turn, the sentence as the user turn, the label's name as the answer). The student starts
+as GKD is used in practice, after supervised fine-tuning: from fpb_generate.py's SFT student (the
+`dataset` role in runs/fpb-generate-sSEED/dataset: the student cut from 10 of the teacher's 30 layers,
+trained one epoch on the train split's labels alone). `--start cut` starts from the cut student before
+any training instead; with alpha 0 (no gold answers) both sides then collapse to answers that are never
+right (docs/benchmarks.md), so the comparison says nothing about quality. Both sides train the student
+from the same weights:
 
   kd    `kd distill` with loss.kd_level = "on_policy", divergence reverse_kl, alpha 0 (no CE on the
         gold answer: TRL's GKD loss has none), on_policy_fraction 1, sampling temperature 1
   TRL   trl.experimental.gkd.GKDTrainer with lmbda 1 (every step on-policy), beta 1 (reverse KL
         in TRL's convention), temperature 1 (sampling), max_new_tokens = answer_max_length (4)
 
-Matched: the teacher folder, the initial student (cut once by kd's own code, saved; TRL loads that
-folder), the train rows (kd's prepared split, the same chat messages) in kd's order (TRL reads them
-sequentially, so step N of both sees the same 8 rows), batch 8, no accumulation, one epoch's steps
-(kd drops an incomplete last batch: 300 rows = 37 steps), AdamW (fused) at lr 1e-4, weight decay 0,
-linear schedule with kd's warm-up steps, gradient clipping at 1.0, fp32, no gradient checkpointing
-(TRL's default is on, with bf16: both switched off so both do the same arithmetic), seed 0.
-data.max_length is raised from the recipe's 96 to 128 tokens so that no prompt is cut on either
-side (kd cuts a prompt at max_length from the right, TRL's collator does not cut these at all).
+Matched: the teacher folder, the initial student (loaded, or cut, once by kd's own code and saved;
+TRL loads that folder), the train rows (kd's prepared split, the same chat messages) in kd's order
+(TRL reads them sequentially, so step N of both sees the same 8 rows), batch 8, no accumulation,
+one epoch's steps (kd drops an incomplete last batch: 300 rows = 37 steps), AdamW (fused) at lr 1e-4,
+weight decay 0, linear schedule with kd's warm-up steps, gradient clipping at 1.0, fp32, no gradient
+checkpointing (TRL's default is on, with bf16: both switched off so both do the same arithmetic), seed 0.
+data.max_length is the recipe's 128 tokens, which no prompt exceeds, so that no prompt is cut on
+either side (kd cuts a prompt at max_length, TRL's collator does not cut these at all).
 
 Time per step is the wall time between the ends of consecutive optimizer steps: everything the
 training loop does for a step (data, sampling, teacher, loss, backward, optimizer, its per-step
@@ -27,14 +32,17 @@ checkpoint). kd's comes from its metrics.jsonl (`elapsed`, logged every step her
 checkpoints are switched off), TRL's from a TrainerCallback's on_step_end. The first step of each
 is left out of the median (warm-up). `step_only` is the optimizer steps' own time (kd's
 train_seconds; TRL from on_step_begin to on_step_end, which leaves out its data loading).
-Accuracy: `kd eval` of both students on the test split (the same scorer, greedy answers of up to
-4 tokens), macro-F1 over the three classes, and McNemar's exact test on the sentences the two
-students answer differently.
+Accuracy: `kd eval` of the starting student and of both trained students on the test split (the
+same scorer, greedy answers of up to 4 tokens), macro-F1 over the three classes, and McNemar's exact
+test on the sentences the two trained students answer differently.
 
     pip install -r benchmarks/requirements-trl.txt       # trl, for this benchmark only
-    python benchmarks/fpb_generate.py --seeds 0          # once: fine-tunes the teacher (runs/fpb-generate-s0)
-    python benchmarks/trl_gkd.py                         # both trainings and evaluations (estimate: 20-30 min, 2 cores)
-    python benchmarks/trl_gkd.py --quick                 # a tiny Llama with a chat template, seconds (CI)
+    python benchmarks/fpb_generate.py --seeds 0          # first: the fine-tuned teacher and the SFT student
+    python benchmarks/trl_gkd.py                         # both trainings, three evaluations (about 30 min, 2 cores)
+    python benchmarks/trl_gkd.py --start cut             # from the cut student, untrained (the first measured run)
+    python benchmarks/trl_gkd.py --quick                 # a tiny Llama with a chat template, under a minute (CI):
+                                                         # its teacher and SFT student made first by `kd distill
+                                                         # --no-teachers` on fpb_generate.py's quick recipe
 
 The runs go to runs/trl-gkd-s0/ (kd's, replaced on every run) and runs/trl-gkd-s0-trl/ (TRL's);
 writes benchmarks/results/trl_gkd[-quick].json and ends with one JSON line.
@@ -59,15 +67,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers ping the Hub otherwise
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental: we know
 
-import fpb_generate  # noqa: E402  (the recipe, macro-F1)
+import fpb_generate  # noqa: E402  (the recipe, its quick version, macro-F1)
 from _common import RESULTS, finish, kd  # noqa: E402
 from _common import write_recipe as write_recipe_file  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.metrics import exact_match  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
-
-MAX_LENGTH = 128  # prompt tokens: the longest FPB prompt in SmolLM2's chat format is 121
 
 
 @contextmanager
@@ -80,17 +86,15 @@ def inside(work: Path):
         os.chdir(cwd)
 
 
-def write_recipe(work: Path, seed: int, teacher: Path | None, quick: bool) -> Path:
-    """fpb-generate's recipe for this comparison: the fine-tuned teacher as it is, pure on-policy reverse KL."""
-    if quick:  # fpb_generate's tiny Llama with a chat template and made-up sentences (in the temporary folder)
-        raw = recipe_mod.load_raw(fpb_generate.base_recipe(work, seed, quick))
-        raw["teachers"]["smollm2"].pop("finetune", None)  # it teaches as it is
-    else:
-        raw = recipe_mod.load_raw(fpb_generate.RECIPE, [f"seed={seed}"])
-        raw["data"]["path"] = str((ROOT / raw["data"]["path"]).resolve())
-        raw["teachers"]["smollm2"] = {"ref": str(teacher), "head": "causal"}
+def write_recipe(work: Path, base: Path, seed: int, teacher: Path, start: Path | None) -> Path:
+    """fpb-generate's recipe (``base``) for this comparison: the fine-tuned teacher as it is, the student
+    from the folder ``start`` (None: cut from the teacher as the recipe says), pure on-policy reverse KL."""
+    raw = recipe_mod.load_raw(base, [f"seed={seed}"])
+    raw["data"]["path"] = str((ROOT / raw["data"]["path"]).resolve())
+    raw["teachers"]["smollm2"] = {"ref": str(teacher), "head": "causal"}
+    if start is not None:
+        raw["student"] = {"ref": str(start), "head": "causal"}
     raw["name"] = f"trl-gkd-s{seed}"
-    raw["data"]["max_length"] = MAX_LENGTH
     raw["loss"].update(alpha=0.0, kd_level="on_policy", divergence="reverse_kl", temperature=1.0,
                        on_policy_fraction=1.0, sampling_temperature=1.0)
     batch = raw["train"]["batch_size"]
@@ -113,7 +117,8 @@ def prepared(work: Path, recipe_path: Path):
 
 
 def save_initial_student(work: Path, recipe, out: Path) -> None:
-    """The student kd starts from (``roles.initial_student``: the teacher's blocks cut out), saved for TRL."""
+    """The student kd starts from (``roles.initial_student``: the recipe's ``ref`` loaded, or the teacher's
+    blocks cut out), saved for TRL."""
     from kdcli.roles import initial_student
     from kdcli.rundir import RunDir
 
@@ -319,6 +324,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher", type=Path, default=None,
                         help="the fine-tuned teacher (default: runs/fpb-generate-sSEED/teachers/smollm2)")
+    parser.add_argument("--start", choices=("sft", "cut"), default="sft",
+                        help="the student both sides start from: fpb_generate.py's SFT student "
+                             "(runs/fpb-generate-sSEED/dataset), or the student cut from the teacher, untrained")
     parser.add_argument("--order", choices=("kd-first", "trl-first"), default="kd-first",
                         help="which trains first (both in this process)")
     parser.add_argument("--threads", type=int, default=None)
@@ -333,47 +341,57 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp()) if args.quick else ROOT
-    teacher = None
-    if not args.quick:
-        teacher = (args.teacher or ROOT / "runs" / f"fpb-generate-s{args.seed}" / "teachers" / "smollm2").resolve()
-        if not (teacher / "config.json").is_file():
-            sys.exit(f"no fine-tuned teacher at {teacher}: run `python benchmarks/fpb_generate.py --seeds {args.seed}` "
-                     "first (it fine-tunes it), or pass --teacher DIR")
+    base = fpb_generate.RECIPE
+    fpb_run = work / "runs" / f"fpb-generate-s{args.seed}"
+    if args.quick:  # fpb_generate.py's tiny version makes the teacher and the SFT student, as the full one does
+        base = fpb_generate.base_recipe(work, args.seed, quick=True)
+        kd(work, "distill", str(base), "--no-teachers")
+    teacher = (args.teacher or fpb_run / "teachers" / "smollm2").resolve()
+    if not (teacher / "config.json").is_file():
+        sys.exit(f"no fine-tuned teacher at {teacher}: run `python benchmarks/fpb_generate.py --seeds {args.seed}` "
+                 "first (it fine-tunes it), or pass --teacher DIR")
+    sft = (fpb_run / "dataset").resolve() if args.start == "sft" else None
+    if sft is not None and not (sft / "config.json").is_file():
+        sys.exit(f"no SFT student at {sft}: run `python benchmarks/fpb_generate.py --seeds {args.seed}` first "
+                 "(it trains it on the labels alone, the `dataset` role), or pass --start cut")
     name = f"trl-gkd-s{args.seed}"
     for old in (work / "runs" / name, work / "runs" / f"{name}-trl"):  # this benchmark's own runs: start afresh
         shutil.rmtree(old, ignore_errors=True)
-    recipe_path = write_recipe(work, args.seed, teacher, args.quick)
-    if args.quick:
-        teacher = Path(recipe_mod.load(recipe_path).teachers["smollm2"].ref)
+    recipe_path = write_recipe(work, base, args.seed, teacher, sft)
     kd(work, "prepare", str(recipe_path))
     recipe, stage, data = prepared(work, recipe_path)
     rows, batch = data.rows["train"], stage.train.batch_size
     steps = stage.train.max_steps or max(1, math.ceil(stage.train.epochs * (len(rows) // batch)))
+    same_split = same_rows_as(fpb_run / "data" / "main", data.rows)
+    if same_split is False:  # their teacher and SFT student may have trained on this run's test rows
+        sys.exit(f"the train and test rows of {fpb_run / 'data' / 'main'} are not this run's: fpb_generate.py made "
+                 "its teacher and SFT student from another recipe; run it again for this seed (remove the seed from "
+                 "benchmarks/results/fpb_generate.json first: a seed already there is not run again)")
     trl_dir = work / "runs" / f"{name}-trl"
-    save_initial_student(work, recipe, trl_dir / "initial-student")
-    same_split = same_rows_as(ROOT / "runs" / f"fpb-generate-s{args.seed}" / "data" / "main", data.rows)
-    cut = {split: sum(len(ids) > stage.data.max_length for ids in prompt_ids(trl_dir / "initial-student",
-                                                                             data.rows[split]))
+    initial = trl_dir / "initial-student"
+    save_initial_student(work, recipe, initial)
+    cut = {split: sum(len(ids) > stage.data.max_length for ids in prompt_ids(initial, data.rows[split]))
            for split in ("train", "test")}
 
-    kd_tokens = kd_token_rows(trl_dir / "initial-student", rows, stage)
+    kd_tokens = kd_token_rows(initial, rows, stage)
     # TRL is handed kd's token ids and prompt boundary, so both sides read the same tokens. Left to itself its
     # collator tokenizes with the backend of tokenizer.json, which in teachers saved by kd before this was fixed
     # carried the truncation of kd's last call (96 tokens, from the right): this counts the prompts it gets wrong.
-    mismatched = collator_prompt_mismatches(trl_dir / "initial-student", rows, kd_tokens)
+    mismatched = collator_prompt_mismatches(initial, rows, kd_tokens)
     timings = {}
     for side in (("kd", "trl") if args.order == "kd-first" else ("trl", "kd")):
         if side == "kd":
             timings["kd"] = run_kd(work, recipe_path, batch)
         else:
-            timings["trl"] = run_trl(work, recipe, stage, rows, kd_tokens, trl_dir / "initial-student", teacher,
-                                     trl_dir, steps)
+            timings["trl"] = run_trl(work, recipe, stage, rows, kd_tokens, initial, teacher, trl_dir, steps)
     for side, timing in timings.items():
         assert len(timing["wall"]) == steps, (side, len(timing["wall"]), steps)
 
     test = {row["id"]: row for row in data.rows["test"]}
-    scores = {"kd": evaluate(work, recipe_path, "student", test),
+    scores = {"start": evaluate(work, recipe_path, str(initial.relative_to(work)), test),
+              "kd": evaluate(work, recipe_path, "student", test),
               "trl": evaluate(work, recipe_path, str((trl_dir / "student").relative_to(work)), test)}
+    scores["start"].pop("right")
     kd_right, trl_right = scores["kd"].pop("right"), scores["trl"].pop("right")
     kd_only = sum(kd_right[i] and not trl_right[i] for i in kd_right)
     trl_only = sum(trl_right[i] and not kd_right[i] for i in kd_right)
@@ -384,9 +402,10 @@ def main() -> None:
     p = (scores["kd"]["accuracy"] + scores["trl"]["accuracy"]) / 2
     summary = {
         "benchmark": "trl_gkd", "quick": args.quick, "seed": args.seed, "trl": trl.__version__,
-        "teacher": str(teacher) if not args.quick else "tiny llama (tests/kit.py)",
-        "student_layers": recipe.student.layers, "train_rows": len(rows), "steps": steps, "batch_size": batch,
-        "order": args.order,
+        "teacher": str(teacher) if not args.quick else "tiny llama (tests/kit.py), fine-tuned",
+        "start": args.start, "start_model": str(sft) if sft else "cut from the teacher, untrained",
+        "student_layers": recipe_mod.load_raw(base)["student"]["layers"], "train_rows": len(rows), "steps": steps,
+        "batch_size": batch, "order": args.order,
         "matched": {
             "lr": stage.train.lr, "weight_decay": stage.train.weight_decay, "scheduler": stage.train.scheduler,
             "warmup_steps": round(stage.train.warmup_ratio * steps), "max_grad_norm": stage.train.max_grad_norm,
@@ -398,7 +417,7 @@ def main() -> None:
         },
         "prompts_longer_than_max_length": cut,
         "trl_collator_prompt_mismatches": {"rows": len(mismatched), "of": len(rows), "ids": mismatched[:10]},
-        "same_rows_as_fpb_generate": None if args.quick else same_split,
+        "same_rows_as_fpb_generate": same_split,
         "trl_loss_normalised_by": timings["trl"]["loss_normalised_by"],
         "seconds_per_step": {side: round(v, 4) for side, v in median.items()},
         "step_only_seconds_per_step": {side: round(v, 4) for side, v in step_only.items()},
@@ -415,13 +434,14 @@ def main() -> None:
         "mcnemar_p": round(mcnemar_p(kd_only, trl_only), 4),
         "env": describe(),
     }
-    print(f"\n{'':28}{'kd':>10}{'TRL GKD':>10}")
-    print(f"{'s/step (median, wall)':28}{median['kd']:>10.3f}{median['trl']:>10.3f}   kd {summary['kd_speedup']:.2f}x")
-    print(f"{'s/step (step only)':28}{step_only['kd']:>10.3f}{step_only['trl']:>10.3f}   "
+    print(f"\n{'':28}{'start':>10}{'kd':>10}{'TRL GKD':>10}   (start: {args.start})")
+    print(f"{'s/step (median, wall)':38}{median['kd']:>10.3f}{median['trl']:>10.3f}   "
+          f"kd {summary['kd_speedup']:.2f}x")
+    print(f"{'s/step (step only)':38}{step_only['kd']:>10.3f}{step_only['trl']:>10.3f}   "
           f"kd {summary['kd_speedup_step_only']:.2f}x")
-    print(f"{'training loop, s':28}{summary['loop_seconds']['kd']:>10.1f}{summary['loop_seconds']['trl']:>10.1f}")
+    print(f"{'training loop, s':38}{summary['loop_seconds']['kd']:>10.1f}{summary['loop_seconds']['trl']:>10.1f}")
     for key in ("accuracy", "macro_f1", "agreement_with_teacher"):
-        print(f"{key:28}{scores['kd'][key]:>10.3f}{scores['trl'][key]:>10.3f}")
+        print(f"{key:28}" + "".join(f"{scores[side][key]:>10.3f}" for side in ("start", "kd", "trl")))
     print(f"test sentences: {n}; only kd right: {kd_only}, only TRL right: {trl_only} "
           f"(McNemar p = {summary['mcnemar_p']:.3f})")
     finish(summary, args.out or (None if args.quick else RESULTS / "trl_gkd.json"))
@@ -430,8 +450,8 @@ def main() -> None:
 
 
 def same_rows_as(other: Path, rows: dict[str, list[dict]]) -> bool | None:
-    """Whether another run's prepared data (fpb_generate.py's, whose teacher teaches here) has the same rows in
-    its train and test splits; None when it is not there."""
+    """Whether another run's prepared data (fpb_generate.py's, whose teacher teaches here and whose SFT student
+    starts here) has the same rows in its train and test splits; None when it is not there."""
     if not (other / "dataset_dict.json").is_file():
         return None
     import datasets

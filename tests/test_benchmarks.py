@@ -215,14 +215,19 @@ def check_trivia_chat(s: dict) -> None:
 def check_trl_gkd(s: dict) -> None:
     assert s["steps"] > 0 and s["train_rows"] >= s["steps"] * s["batch_size"] and s["trl"]
     assert s["prompts_longer_than_max_length"]["train"] == 0  # both sides read whole prompts
+    # Both sides start from the SFT student (quick mode makes its own), trained on fpb_generate's very rows.
+    assert s["start"] in ("sft", "cut") and s["start_model"] and s["same_rows_as_fpb_generate"] is not False
+    assert not s["quick"] or (s["start"] == "sft" and s["same_rows_as_fpb_generate"] is True)
     for side in ("kd", "trl"):
         runs = s["all_seconds_per_step"][side]
         assert len(runs) == s["steps"] and positive(*runs), side
         assert s["seconds_per_step"][side] == pytest.approx(statistics.median(runs[1:]), abs=0.0011), side
         assert s["loop_seconds"][side] == pytest.approx(sum(runs), abs=0.02), side
         assert positive(s["step_only_seconds_per_step"][side], s["command_seconds"][side]), side
-        quality = s["quality"][side]
-        assert quality["n"] > 0 and all(share(quality[k]) for k in ("accuracy", "macro_f1", "agreement_with_teacher"))
+    assert list(s["quality"]) == ["start", "kd", "trl"]  # the starting student, evaluated alike
+    for side, quality in s["quality"].items():
+        assert quality["n"] == s["quality"]["kd"]["n"] > 0, side
+        assert all(share(quality[k]) for k in ("accuracy", "macro_f1", "agreement_with_teacher")), side
     ratio(s, "kd_speedup", s["seconds_per_step"]["trl"], s["seconds_per_step"]["kd"])
     ratio(s, "kd_speedup_step_only", s["step_only_seconds_per_step"]["trl"], s["step_only_seconds_per_step"]["kd"])
     kd_only, trl_only = s["discordant"]["kd_right_trl_wrong"], s["discordant"]["trl_right_kd_wrong"]
