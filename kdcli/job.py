@@ -55,6 +55,8 @@ class Job:
     label_prior: list[float] | None = None
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     answer_max_length: int = 32  # generate: answer tokens kept as targets; also the validation's generation length
+    # The share of each micro-batch drawn from rows["transfer"] (unlabelled rows the teachers answer); 0: none.
+    transfer_share: float = 0.0
     # What shapes the trained weights (recipe sections, data fingerprint, seed): every checkpoint records it,
     # and one made under another identity is never resumed (``train.resume_problem``).
     identity: dict[str, Any] = field(default_factory=dict)

@@ -16,6 +16,13 @@ example; for task ``generate`` an answer token: of the gold answer, and for
 sequence-level KD of the teachers' answers (each weighted by its teacher's weight),
 which differ from the gold ones in number. The diversity penalty is the exception to the
 equality: it is a property of a batch's mean prediction, so it depends on the micro-batch size.
+
+With transfer data (``[data.transfer]``: unlabelled rows the teachers answer) every micro-batch
+holds a fixed number of transfer rows beside its labelled ones (``transfer_share`` of it), drawn
+from their own stream of seeded permutations; they run as a batch of their own, so that a cached
+teacher reads each row from its split. CE and the diversity penalty count labelled examples only,
+KD and the hidden-state MSE every example, so the equality above still holds. An epoch is a pass
+over the labelled rows.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kdcli.errors import Interrupted, KdError
 from kdcli.job import Job
@@ -85,7 +92,28 @@ def step_examples(n_rows: int, seed: int, step: int, steps_per_epoch: int, per_s
     return order[position * per_step : (position + 1) * per_step].tolist()
 
 
-def micro_batches(rows: list[dict], indices: list[int], batch_size: int, grad_accum: int, world: int,
+# Transfer rows are drawn from permutations seeded apart from train's: no train epoch reaches this offset.
+_STREAM_SEED_OFFSET = 500_000
+
+
+def stream_examples(n_rows: int, seed: int, step: int, per_step: int) -> list[int]:
+    """Row indices of optimizer step ``step`` from a split read as an endless stream of seeded
+    permutations, one after another (a step may finish one and start the next): the transfer rows,
+    whose passes do not line up with train's epochs."""
+    import torch
+
+    taken: list[int] = []
+    position = step * per_step
+    while len(taken) < per_step:
+        epoch, offset = divmod(position, n_rows)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + _STREAM_SEED_OFFSET + epoch)
+        piece = torch.randperm(n_rows, generator=generator)[offset : offset + per_step - len(taken)].tolist()
+        taken += piece
+        position += len(piece)
+    return taken
+
+
+def micro_batches(rows: Sequence[dict], indices: list[int], batch_size: int, grad_accum: int, world: int,
                   rank: int) -> list[list[dict]]:
     """This process's micro-batches of one optimizer step: micro-batch m of rank r is slice m * world + r."""
     chunks = []
@@ -93,6 +121,21 @@ def micro_batches(rows: list[dict], indices: list[int], batch_size: int, grad_ac
         chunk = micro * world + rank
         chunks.append([rows[i] for i in indices[chunk * batch_size : (chunk + 1) * batch_size]])
     return chunks
+
+
+def _step_batches(job: Job, train_rows: Sequence[dict], transfer_rows: Sequence[dict] | None, step: int,
+                  steps_per_epoch: int, transfer_micro: int, world: int, rank: int) -> list[tuple[str, list[dict]]]:
+    """This process's batches of one optimizer step, each with the split its rows come from (a cached
+    teacher reads them there): per micro-batch its labelled train rows, then its transfer rows."""
+    cfg = job.train
+    labelled_micro = cfg.batch_size - transfer_micro
+    indices = step_examples(len(train_rows), job.seed, step, steps_per_epoch, labelled_micro * world * cfg.grad_accum)
+    labelled = micro_batches(train_rows, indices, labelled_micro, cfg.grad_accum, world, rank)
+    if not transfer_micro:
+        return [("train", examples) for examples in labelled]
+    picked = stream_examples(len(transfer_rows), job.seed, step, transfer_micro * world * cfg.grad_accum)
+    transfer = micro_batches(transfer_rows, picked, transfer_micro, cfg.grad_accum, world, rank)
+    return [batch for pair in zip(labelled, transfer) for batch in (("train", pair[0]), ("transfer", pair[1]))]
 
 
 def on_policy_step(job: Job, step: int) -> bool:
@@ -359,11 +402,22 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world * cfg.grad_accum
     train_rows = job.rows["train"]
-    steps_per_epoch = len(train_rows) // per_step
+    # Each micro-batch holds labelled train rows and, with transfer data, a fixed number of transfer rows.
+    transfer_rows = job.rows.get("transfer") if job.transfer_share else None
+    transfer_micro = round(job.transfer_share * cfg.batch_size) if transfer_rows else 0
+    if transfer_rows is not None and not 0 < transfer_micro < cfg.batch_size:
+        raise KdError(
+            f"{job.name}: data.transfer.share = {job.transfer_share:g} of a micro-batch of {cfg.batch_size} rows "
+            f"leaves {'no transfer' if transfer_micro == 0 else 'no labelled'} row in it",
+            "pick a share that gives each micro-batch rows of both kinds, or raise train.batch_size",
+        )
+    labelled_per_step = (cfg.batch_size - transfer_micro) * world * cfg.grad_accum
+    steps_per_epoch = len(train_rows) // labelled_per_step
     if steps_per_epoch == 0:
         raise KdError(
-            f"{job.name}: the train split has {len(train_rows)} rows, fewer than one optimizer step "
-            f"({cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes = {per_step})",
+            f"{job.name}: the train split has {len(train_rows)} rows, fewer than one optimizer step takes "
+            f"({cfg.batch_size - transfer_micro} x {cfg.grad_accum} accumulation x {world} processes = "
+            f"{labelled_per_step})",
             "lower train.batch_size or train.grad_accum, or use more data",
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -457,21 +511,26 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         model.train()
         while state.step < total_steps and not state.stopped_early:
             step_started = time.perf_counter()
-            indices = step_examples(len(train_rows), job.seed, state.step, steps_per_epoch, per_step)
-            chunks = micro_batches(train_rows, indices, cfg.batch_size, cfg.grad_accum, world, rank)
+            batches = _step_batches(job, train_rows, transfer_rows, state.step, steps_per_epoch, transfer_micro,
+                                    world, rank)
             if on_policy_step(job, state.step):
-                chunks = [task.with_student_samples(job, examples) for examples in chunks]
-            answers = [teacher_answers(job, examples, "train") for examples in chunks]
-            shares = _step_shares(job, chunks, answers, accelerator)
-            for micro, examples in enumerate(chunks):
-                sync = micro == cfg.grad_accum - 1
+                batches = [(split, task.with_student_samples(job, examples)) for split, examples in batches]
+            answers = [teacher_answers(job, examples, split) for split, examples in batches]
+            shares = _step_shares(job, [examples for _, examples in batches], answers, accelerator)
+            step_parts: dict[str, float] = {}
+            for i, (split, examples) in enumerate(batches):
+                sync = i == len(batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    total, parts, _ = compute_loss(job, examples, "train", projections, answers[micro])
+                    total, parts, _ = compute_loss(job, examples, split, projections, answers[i])
                     check_finite({k: v.detach() for k, v in {**parts, "total": total}.items()}, state.step + 1)
-                    accelerator.backward(weighted_sum(parts, weights, shares[micro]))
+                    accelerator.backward(weighted_sum(parts, weights, shares[i]))
                 for key, value in parts.items():
-                    window[key] = window.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
-                window["loss"] = window.get("loss", 0.0) + float(total.detach()) / cfg.grad_accum
+                    step_parts[key] = step_parts.get(key, 0.0) + float(value.detach()) * shares[i][key]
+            # This process's step means (the whole step's with one process): the shares weigh each batch by its units.
+            held = {key: sum(share[key] for share in shares) for key in step_parts}
+            step_parts = {key: value / held[key] for key, value in step_parts.items() if held[key] > 0}
+            for key, value in {**step_parts, "loss": weighted_sum(step_parts, weights)}.items():
+                window[key] = window.get(key, 0.0) + value
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
             optimizer.step()
@@ -491,7 +550,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 elapsed = time.perf_counter() - started
                 rate = (state.step - first_step) * per_step / max(train_seconds, 1e-9)
                 record = {k: v / window_steps for k, v in window.items()}
-                log({"kind": "train", "step": state.step, "samples": samples, "epoch": samples / len(train_rows),
+                log({"kind": "train", "step": state.step, "samples": samples,
+                     "epoch": state.step * labelled_per_step / len(train_rows),
                      "lr": scheduler.get_last_lr()[0], **record, "samples_per_s": rate, "elapsed": elapsed})
                 window, window_steps = {}, 0
                 if progress:

@@ -86,9 +86,17 @@ def without_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def transfer_rows(n: int) -> list[dict]:
+    """Unlabelled rows of the same kind (as `kd prepare` stores a transfer set: label -1)."""
+    return [dict(row, id=f"t{i}", label=-1) for i, row in enumerate(rows(n, seed=2))]
+
+
 def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: int, max_steps: int = 6,
-                 dropout: bool = True, checkpoint_every: int = 10_000, seed: int = 0, gamma: float = 0.0) -> Job:
-    """Student = layers [0, 2] of the tiny BERT teacher, distilled with KL + hidden MSE from the live teacher."""
+                 dropout: bool = True, checkpoint_every: int = 10_000, seed: int = 0, gamma: float = 0.0,
+                 transfer_share: float = 0.0, loss: dict | None = None) -> Job:
+    """Student = layers [0, 2] of the tiny BERT teacher, distilled with KL + hidden MSE from the live teacher
+    (``loss`` overrides those settings); with ``transfer_share``, 40 transfer rows make that share of each
+    micro-batch."""
     teacher = load_task_model(TeacherConfig(ref=str(teacher_dir), finetune={}), "classify", 3)
     torch.manual_seed(seed)
     student = student_from_teacher(teacher, [0, 2])
@@ -97,8 +105,9 @@ def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: i
     data = rows(64, seed=1)
     return Job(
         name="main", student=student,
-        rows={"train": data[:48], "validation": [dict(r, idx=i) for i, r in enumerate(data[48:])]},
-        loss=LossConfig(alpha=0.5, temperature=2.0, beta=1.0, gamma=gamma),
+        rows={"train": data[:48], "validation": [dict(r, idx=i) for i, r in enumerate(data[48:])],
+              **({"transfer": transfer_rows(40)} if transfer_share else {})},
+        loss=LossConfig(**{"alpha": 0.5, "temperature": 2.0, "beta": 1.0, "gamma": gamma, **(loss or {})}),
         train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, eval_every=16,
                           checkpoint_every=checkpoint_every, log_every=8, eval_batch_size=16),
         seed=seed, max_length=32, template=None,
@@ -106,7 +115,7 @@ def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: i
         teachers={"t": LiveTeacher(teacher, TeacherSettings(hidden_layers=(1, 3), max_length=32))},
         teacher_weights={"t": 1.0},
         hidden_pairs={"t": [(0, 1), (1, 3)]}, teacher_widths={"t": teacher.hidden_size}, pooling={"t": "mean"},
-        label_prior=[1 / 3] * 3, extra_metadata={"label_names": LABELS},
+        label_prior=[1 / 3] * 3, extra_metadata={"label_names": LABELS}, transfer_share=transfer_share,
     )
 
 

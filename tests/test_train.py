@@ -44,6 +44,53 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(teacher_dir, tmp
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
 
 
+def test_cached_teacher_gives_the_same_loss_as_the_live_teacher_on_transfer_rows(teacher_dir, tmp_path):
+    job = jobs.classify_job(teacher_dir, tmp_path, batch_size=8, grad_accum=1, dropout=False, transfer_share=0.5)
+    live = job.teachers["t"]
+    build_cache(tmp_path / "cache", live, {"train": job.rows["train"], "transfer": job.rows["transfer"]},
+                {"hidden_layers": [1, 3]}, batch_size=5)
+    projections = train._projections(job)
+    batch = job.rows["transfer"][30:38]  # rows no train index would find: the cache must read the transfer split
+    live_total, live_parts, _ = train.compute_loss(job, batch, "transfer", projections)
+    job.teachers = {"t": CachedTeacher(tmp_path / "cache")}
+    cached_total, cached_parts, _ = train.compute_loss(job, batch, "transfer", projections)
+    assert set(live_parts) == {"ce", "kd", "hidden"} and float(live_parts["ce"]) == 0.0  # no labels: no CE
+    for name in live_parts:
+        assert float(live_parts[name].detach()) == pytest.approx(float(cached_parts[name].detach()), abs=1e-5), name
+    assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
+
+
+def test_transfer_rows_come_from_seeded_passes_that_cross_steps():
+    steps = [train.stream_examples(10, 3, step, 4) for step in range(5)]  # 20 rows: two passes over 10
+    assert steps == [train.stream_examples(10, 3, step, 4) for step in range(5)]
+    drawn = [i for step in steps for i in step]
+    assert sorted(drawn[:10]) == sorted(drawn[10:]) == list(range(10)) and drawn[:10] != drawn[10:]
+    assert train.stream_examples(10, 4, 0, 4) != steps[0]  # another seed, another order
+    assert train.stream_examples(10, 3, 0, 4) != train.step_examples(10, 3, 0, 2, 4)  # not train's order
+
+
+@pytest.mark.slow
+def test_with_transfer_rows_batch_8_accumulation_1_equals_batch_2_accumulation_4(teacher_dir, tmp_path):
+    for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
+        train.run_job(jobs.classify_job(teacher_dir, tmp_path / name, batch_size=batch, grad_accum=accum,
+                                        dropout=False, transfer_share=0.5),
+                      make_accelerator(), show_progress=False)
+    assert jobs.max_difference(_final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")) < 1e-5
+
+
+@pytest.mark.slow
+def test_transfer_rows_add_nothing_to_ce(teacher_dir, tmp_path):
+    """Labels only (alpha 1, no hidden MSE): four labelled and four transfer rows a step train exactly as the
+    same four labelled rows alone. CE is over labelled rows and counts only them; if the transfer rows
+    counted, each step's CE would weigh half as much."""
+    labels_only = {"alpha": 1.0, "beta": 0.0}
+    train.run_job(jobs.classify_job(teacher_dir, tmp_path / "mixed", batch_size=8, grad_accum=1, dropout=False,
+                                    transfer_share=0.5, loss=labels_only), make_accelerator(), show_progress=False)
+    train.run_job(jobs.classify_job(teacher_dir, tmp_path / "alone", batch_size=4, grad_accum=1, dropout=False,
+                                    loss=labels_only), make_accelerator(), show_progress=False)
+    assert jobs.max_difference(_final_weights(tmp_path / "mixed"), _final_weights(tmp_path / "alone")) < 1e-6
+
+
 @pytest.mark.slow
 def test_batch_8_accumulation_1_equals_batch_2_accumulation_4(teacher_dir, tmp_path):
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):

@@ -65,7 +65,10 @@ class Classify(TaskKind):
     # ----------------------------------------------------------------- training
 
     def units(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch]) -> dict[str, float]:
-        return dict.fromkeys(("ce", "kd", "hidden", "diversity"), len(examples))
+        """CE and the diversity penalty read gold labels, so they are over the labelled examples (a transfer
+        row has none); KD and the hidden-state MSE are over every example."""
+        labelled = sum(ex["label"] >= 0 for ex in examples)
+        return {"ce": labelled, "kd": len(examples), "hidden": len(examples), "diversity": labelled}
 
     def loss(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch], projections: Any):
         import torch
