@@ -30,6 +30,12 @@ Answer = TypeVar("Answer")
 _MEASURED_AT_ONCE = 1024  # rows whose texts and tokens one call of ``measure`` holds
 
 
+def gather(rows: Sequence[dict], indices: Sequence[int]) -> list[dict]:
+    """``[rows[i] for i in indices]``, in one read where the rows are on disk (``data.stage.Rows.take``)."""
+    take = getattr(rows, "take", None)
+    return take(indices) if take is not None else [rows[i] for i in indices]
+
+
 def measured_lengths(rows: Sequence[dict], measure: Callable[[list[dict]], list[int]]) -> list[int]:
     """``measure``'s length of every row, measured ``_MEASURED_AT_ONCE`` rows at a time: a pass over a
     split of millions of rows holds one chunk's prompts and token ids, never the split's."""

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from safetensors import SafetensorError
 
 from kdcli import __version__
-from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
+from kdcli.batching import gather, in_data_order, length_sorted_batches, measured_lengths
 from kdcli.errors import CacheError
 from kdcli.job import TeacherSettings
 from kdcli.rundir import atomic_dir, read_json, sha256_file, write_json, writing
@@ -597,7 +597,7 @@ def build_cache(
                        if progress else None)
             answers = []
             for b in mine:
-                chunk = [rows[i] for i in plan[b]]
+                chunk = gather(rows, plan[b])
                 answers.append(form.answer(teacher(chunk, split), chunk))
                 if progress:
                     progress.advance(task_id, len(chunk))

@@ -45,7 +45,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
+from kdcli.batching import gather, in_data_order, length_sorted_batches, measured_lengths
 from kdcli.errors import ModelError
 from kdcli.lora import is_lora, merge_adapter, save_merged
 from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
@@ -255,7 +255,7 @@ class TaskModel:
         try:
             with torch.no_grad():
                 for index in batches:
-                    batch = self.encode_prompts([examples[i] for i in index], max_length, template)
+                    batch = self.encode_prompts(gather(examples, index), max_length, template)
                     new = self.generate_ids(batch, max_new_tokens)
                     answers.append([clean_answer(t)
                                     for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)])

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from kdcli.batching import gather
 from kdcli.errors import Interrupted, KdError
 from kdcli.job import Job
 from kdcli.metrics import MAXIMISED
@@ -119,7 +120,7 @@ def micro_batches(rows: Sequence[dict], indices: list[int], batch_size: int, gra
     chunks = []
     for micro in range(grad_accum):
         chunk = micro * world + rank
-        chunks.append([rows[i] for i in indices[chunk * batch_size : (chunk + 1) * batch_size]])
+        chunks.append(gather(rows, indices[chunk * batch_size : (chunk + 1) * batch_size]))
     return chunks
 
 

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from kdcli.batching import gather
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,7 +70,7 @@ class TaskKind(ABC):
     def scored_rows(self, rows: Sequence[dict]) -> Sequence[dict]:
         """The rows that can be scored; ``rows`` itself when all of them can (a split is not copied)."""
         kept = [i for i, row in enumerate(rows) if self.scorable(row)]
-        return rows if len(kept) == len(rows) else [rows[i] for i in kept]
+        return rows if len(kept) == len(rows) else gather(rows, kept)
 
     # ----------------------------------------------------------------- a model's input and output
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.batching import in_data_order, length_sorted_batches, measured_lengths
+from kdcli.batching import gather, in_data_order, length_sorted_batches, measured_lengths
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights, pooled_layers
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class Classify(TaskKind):
         with torch.no_grad():
             lengths = measured_lengths(rows, lambda part: self.lengths(model, part, max_length, template))
             for index in length_sorted_batches(lengths, batch_size):
-                chunk = [rows[i] for i in index]
+                chunk = gather(rows, index)
                 batch = {k: v.to(model.device) for k, v in self.encode(model, chunk, max_length, template).items()}
                 logits = self.forward(model, batch).logits
                 labels = batch["labels"]
@@ -167,7 +167,7 @@ class Classify(TaskKind):
         answers: list[list[int]] = []
         with torch.inference_mode():
             for index in batches:
-                batch = self.encode(model, [rows[i] for i in index], max_length, template)
+                batch = self.encode(model, gather(rows, index), max_length, template)
                 answers.append(self.forward(model, batch).logits.argmax(-1).tolist())
         return in_data_order(batches, answers)
 

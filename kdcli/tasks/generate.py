@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.batching import length_sorted_batches, measured_lengths
+from kdcli.batching import gather, length_sorted_batches, measured_lengths
 from kdcli.errors import KdError, ModelError
 from kdcli.tasks.base import TaskKind, TeacherBatch, part_weights
 
@@ -237,7 +237,7 @@ class Generate(TaskKind):
                                                                    answer_max_length))
         with torch.no_grad():
             for index in length_sorted_batches(lengths, batch_size):
-                chunk = [rows[i] for i in index]
+                chunk = gather(rows, index)
                 output = self.forward(model, self.encode(model, chunk, max_length, template, answer_max_length))
                 n = int(output.token_mask.sum())
                 loss_sum += float(losses.cross_entropy(output.logits, output.labels)) * n
