@@ -28,7 +28,17 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdcli.errors import RecipeError
 
@@ -36,6 +46,14 @@ Task = Literal["classify", "choice", "generate"]
 Head = Literal["auto", "sequence-classification", "multiple-choice", "seq2seq", "causal"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SplitName = Literal["train", "validation", "test"]
+# `limit = 300` (every split) or `limit = { train = 150 }`: the value's shape picks the member, so an error
+# names only that member's problem; the tags are left out of the path an error shows (``_describe``).
+_UNION_TAGS = frozenset({"rows-per-split", "rows-of-named-splits"})
+Limit = Annotated[
+    Union[Annotated[PositiveInt, Tag("rows-per-split")],
+          Annotated[dict[SplitName, PositiveInt], Tag("rows-of-named-splits")]],
+    Discriminator(lambda value: "rows-of-named-splits" if isinstance(value, dict) else "rows-per-split"),
+]
 
 # Which model heads can serve which task. `auto` is resolved from the model's config at load time.
 HEADS_FOR_TASK: dict[str, set[str]] = {
@@ -135,7 +153,11 @@ class DataConfig(Section):
         default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
         description="Fractions for a seeded, stratified split when the source has no named splits; must sum to 1.",
     )
-    limit: int | None = Field(None, gt=0, description="Keep at most this many rows per split (quick runs).")
+    limit: Limit | None = Field(
+        None,
+        description="Keep at most this many rows per split (quick runs), stratified and seeded; or per named split: "
+        "`{ train = 150 }` keeps 150 train rows (few labels) and every validation and test row.",
+    )
     dedupe: bool = Field(True, description="Drop exact duplicate examples (same text, options and label).")
     on_conflict: Literal["error", "first", "majority", "drop"] = Field(
         "error",
@@ -672,7 +694,7 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+    loc = ".".join(str(p) for p in error["loc"] if p not in _UNION_TAGS)
     kind = error["type"]
     if kind == "extra_forbidden":
         parent_fields = _fields_at(model, error["loc"][:-1])

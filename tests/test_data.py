@@ -496,6 +496,20 @@ def test_limit_keeps_at_most_n_per_split_stratified(here):
     assert result.label_histograms["train"] == {"negative": 5, "neutral": 10, "positive": 5}
 
 
+def test_a_limit_on_train_alone_keeps_every_validation_and_test_row(here):
+    """Few labels: 20 train rows, stratified; the validation and test splits are those of the run without a limit."""
+    path = str(write_fpb(here / "fpb400.txt", fpb_rows(400)))
+    (whole,) = prepare_recipe(make_recipe("classify", name="whole", format="fpb", path=path), quiet=True)
+    (result,) = prepare_fpb(here, path=path, limit={"train": 20})
+    assert result.counts == {"train": 20, "validation": whole.counts["validation"], "test": whole.counts["test"]}
+    assert result.label_histograms["train"] == {"negative": 5, "neutral": 10, "positive": 5}
+    for split in ("validation", "test"):
+        assert list(load_prepared(RunDir(here / "runs" / "t"), "main")[0][split]["id"]) == \
+            list(load_prepared(RunDir(here / "runs" / "whole"), "main")[0][split]["id"])
+    with pytest.raises(Exception, match=r"data\.limit\.train: Input should be greater than 0"):
+        make_recipe("classify", format="fpb", path="f.txt", limit={"train": 0})
+
+
 def test_dedupe_counts_exact_duplicates(here):
     rows = fpb_rows(50)
     path = str(write_fpb(here / "f.txt", rows + rows[:3]))

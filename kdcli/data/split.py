@@ -229,13 +229,15 @@ def split_parts(
 
 
 def limit_rows(
-    splits: dict[str, np.ndarray], labels: np.ndarray, limit: int | None, rng: random.Random
+    splits: dict[str, np.ndarray], labels: np.ndarray, limit: int | dict[str, int] | None, rng: random.Random
 ) -> dict[str, np.ndarray]:
+    """At most ``limit`` rows of each split (or of the splits ``limit`` names), stratified by label."""
     if limit is None:
         return splits
+    caps = limit if isinstance(limit, dict) else dict.fromkeys(splits, limit)
     return {
         name: rows
-        if len(rows) <= limit
-        else _stratified(rows, labels, {"keep": limit, "rest": len(rows) - limit}, rng)["keep"]
+        if len(rows) <= caps.get(name, len(rows))
+        else _stratified(rows, labels, {"keep": caps[name], "rest": len(rows) - caps[name]}, rng)["keep"]
         for name, rows in splits.items()
     }
