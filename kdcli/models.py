@@ -334,8 +334,11 @@ class TaskModel:
 
     # ----------------------------------------------------------------- save
 
-    def save(self, path: str | Path, label_names: list[str] | None = None) -> Path:
-        """save_pretrained of model and tokenizer, plus kd.json; classifiers get their label names."""
+    def save(self, path: str | Path, label_names: list[str] | None = None,
+             state_dict: dict[str, Tensor] | None = None) -> Path:
+        """save_pretrained of model and tokenizer, plus kd.json; classifiers get their label names.
+        ``state_dict``: the weights to write instead of the model's own, which FSDP and DeepSpeed ZeRO-3
+        split across processes (``Accelerator.get_state_dict`` gathers them)."""
         path = Path(path)
         if label_names and self.kind == "sequence-classification":
             self.model.config.id2label = dict(enumerate(label_names))
@@ -343,7 +346,7 @@ class TaskModel:
         if is_lora(self.model):
             save_merged(self.model, path)
         else:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=state_dict)
         _saved_tokenizer(self.tokenizer).save_pretrained(path)
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -11,6 +11,10 @@ import platform
 from typing import Any
 
 from kdcli import __version__
+from kdcli.errors import KdError
+
+# What `accelerate launch --use_fsdp / --use_deepspeed` (or a config that asks for them) sets.
+SHARDING_FLAGS = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -19,10 +23,38 @@ def make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
 
     on_cpu = not torch.cuda.is_available()
+    asked = [name for name, flag in SHARDING_FLAGS.items() if os.environ.get(flag, "").lower() == "true"]
+    if on_cpu and asked:
+        # accelerate (1.15) shards on GPUs only: on CPU, FSDP1 fails to start ("no available devices
+        # found"), and FSDP2 and DeepSpeed leave the model to DDP without a word.
+        raise KdError(f"{asked[0]} was asked for, but this machine has no GPU and accelerate shards on GPUs only "
+                      "(on CPU it would fail to start or train with DDP instead)",
+                      "run on GPUs, or launch without --use_fsdp / --use_deepspeed (torchrun, or an accelerate "
+                      "config without FSDP or DeepSpeed) to train with DDP on CPU")
     if on_cpu and mixed_precision == "fp16":
         # fp16 autocast with gradient scaling is a CUDA feature; on CPU it would fail deep inside torch.
         mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+    check_model_loading(accelerator)
+    return accelerator
+
+
+def check_model_loading(accelerator) -> None:
+    """Refuse sharding settings under which a process loads models empty or partitioned: kd's teachers
+    are never handed to FSDP or DeepSpeed, and kd builds students from them, so each process needs
+    whole models (the student is sharded when training starts)."""
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None and fsdp.cpu_ram_efficient_loading:
+        raise KdError("FSDP's cpu_ram_efficient_loading loads models on the first process of each machine only: "
+                      "kd's teachers would be empty on the others",
+                      "pass --fsdp_cpu_ram_efficient_loading false to accelerate launch "
+                      "(fsdp_cpu_ram_efficient_loading: false in the accelerate config)")
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and deepspeed.zero3_init_flag:
+        raise KdError("DeepSpeed's zero3_init_flag partitions every model as it loads: kd's teachers, which "
+                      "DeepSpeed never runs, could not run",
+                      "pass --zero3_init_flag false to accelerate launch (zero3_init_flag: false in the accelerate "
+                      "config): DeepSpeed then partitions the student when training starts")
 
 
 def process_state():

@@ -194,24 +194,78 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
+def _sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed ZeRO split the weights or the optimizer state across processes: no process
+    holds all of either, so checkpoints go through accelerate's ``save_state`` / ``load_state``."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _fit_sharding(job: Job, accelerator, projections) -> None:
+    """Before ``prepare`` under FSDP or DeepSpeed: refuse what kd cannot do there, and give DeepSpeed
+    the recipe's batch settings, which it would otherwise take from its own config."""
+    from accelerate.utils import DistributedType
+
+    from kdcli.lora import is_lora
+
+    if is_lora(job.student.model):
+        raise KdError(f"{job.name}: a LoRA student cannot be sharded: kd saves it by merging the adapter into "
+                      "a copy of the whole model",
+                      "train LoRA students with DDP (torchrun, or accelerate launch without FSDP or DeepSpeed): "
+                      "their optimizer state is small")
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if len(projections):
+        raise KdError(f"{job.name}: DeepSpeed trains one model, and this job has two: the student and the "
+                      "projections that map its hidden states to a teacher's width",
+                      "use FSDP, set loss.beta = 0, or distil hidden states from teachers of the student's width")
+    if job.train.grad_accum != 1:
+        raise KdError(f"{job.name}: under DeepSpeed train.grad_accum must be 1: DeepSpeed steps the optimizer "
+                      "after every backward pass kd makes",
+                      "raise train.batch_size instead, or use FSDP")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": job.train.batch_size, "gradient_accumulation_steps": 1,
+              "gradient_clipping": job.train.max_grad_norm or 0.0}
+    for key, value in wanted.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise KdError(f"{job.name}: the DeepSpeed config sets {key} = {config[key]}, the recipe {value}",
+                          f'set {key} to "auto" in the DeepSpeed config: kd fills it in from the recipe')
+    # The student is saved whole: ZeRO-3 must gather its weights for that (accelerate's default is not to).
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+
 def _save_checkpoint(job: Job, accelerator, model, projections, optimizer, scheduler, state: _State) -> None:
+    """Every process calls this: the RNG states, and under sharding the weights and optimizer state,
+    come from all of them. The main process writes the rest, and renames the folder once all are done."""
     import torch
     from accelerate.utils import gather_object
     from safetensors.torch import save_model
 
+    from kdcli.runtime import from_main_process
+
     # Every process's dropout RNG goes into the checkpoint before state.json marks it complete.
     rng_states = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     path = job.checkpoint_dir / f"step-{state.step:08d}"
-    if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
-            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-            save_model(accelerator.unwrap_model(projections), str(tmp / "projections.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    main, sharded = accelerator.is_main_process, _sharded(accelerator)
+    with atomic_dir(path) if main else nullcontext() as tmp:
+        if sharded:
+            # Each process writes its own shards into the main process's temporary folder.
+            accelerator.save_state(str(from_main_process(accelerator, tmp) / "sharded"))
+            accelerator.wait_for_everyone()
+        if main:
+            if not sharded:
+                save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+                save_model(accelerator.unwrap_model(projections), str(tmp / "projections.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for rank, rng in enumerate(rng_states):
                 torch.save(rng, tmp / f"rng-{rank}.pt")
             write_json(tmp / "identity.json", job.identity)
             write_json(tmp / "state.json", state.__dict__)
+    if main:
         for old in _checkpoints(job.checkpoint_dir)[job.train.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -350,10 +404,14 @@ def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
     for path in candidates:
         try:
             state = _read_state(path / "state.json")
-            load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
-            load_model(accelerator.unwrap_model(projections), str(path / "projections.safetensors"))
-            # weights_only: a checkpoint is data, never code, even if someone swapped the file.
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            if _sharded(accelerator):
+                # Every process at once: each reads its own shards of the weights and optimizer state.
+                accelerator.load_state(str(path / "sharded"))
+            else:
+                load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
+                load_model(accelerator.unwrap_model(projections), str(path / "projections.safetensors"))
+                # weights_only: a checkpoint is data, never code, even if someone swapped the file.
+                optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
             rng_file = path / f"rng-{accelerator.process_index}.pt"
             if not rng_file.is_file():
@@ -426,16 +484,22 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     seed_everything(job.seed)
     student = job.student
     projections = _projections(job)
+    if _sharded(accelerator):
+        _fit_sharding(job, accelerator, projections)
     parameters = [p for p in student.model.parameters() if p.requires_grad] + list(projections.parameters())
     # The fused kernel updates every tensor in one pass: ~12% of a small model's CPU step otherwise.
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    # save_state saves every model the accelerator prepared: forget the previous job's (an earlier stage's).
+    accelerator.free_memory()
     if len(projections):
         model, projections, optimizer = accelerator.prepare(student.model, projections, optimizer)
     else:  # DDP refuses a module without parameters
         model, optimizer = accelerator.prepare(student.model, optimizer)
+    # FSDP replaces the parameters with sharded ones: clip those the optimizer now holds.
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     student = replace(student, model=accelerator.unwrap_model(model), runner=model)
     job = replace(job, student=student)
 
@@ -468,9 +532,11 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 handle.write(json.dumps({"stage": job.name, **record}) + "\n")
 
     def save_best(value: float) -> None:
+        # Every process: FSDP and ZeRO-3 gather the whole student from all of them.
+        weights = accelerator.get_state_dict(model) if _sharded(accelerator) else None
         if accelerator.is_main_process:
             with atomic_dir(job.output_dir) as tmp:
-                student.save(tmp, label_names=job.extra_metadata.get("label_names") or None)
+                student.save(tmp, label_names=job.extra_metadata.get("label_names") or None, state_dict=weights)
                 files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                 write_json(tmp / "training.json", {"stage": job.name, "step": state.step, cfg.metric: value,
                                                    **job.extra_metadata, "files": files})

@@ -119,6 +119,15 @@ def classify_job(teacher_dir: Path, out: Path, *, batch_size: int, grad_accum: i
     )
 
 
+def checkpointed_job(teacher_dir: Path, out: Path, world: int) -> Job:
+    """12 steps of 4 samples (2 processes x batch 2, or 1 x batch 2 x accumulation 2), validated and
+    checkpointed every 4 steps; the best model is the one of least validation loss (the last, here)."""
+    job = classify_job(teacher_dir, out, batch_size=2, grad_accum=2 // world, max_steps=12, checkpoint_every=16,
+                       dropout=False)
+    job.train.metric = "loss"
+    return job
+
+
 def make_teacher_dir(root: Path) -> Path:
     return kit.make_model_dir(root, "bert", "sequence-classification", num_labels=3, layers=4)
 

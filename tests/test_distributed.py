@@ -2,7 +2,7 @@
 disjoint share of every optimizer step; the data is written by one process, not one per rank; the
 teacher cache is built by all of them, each running its share of the batches, into one folder, and
 its files are byte for byte those one process writes; a 2-process `kd distill` killed with SIGKILL
-and resumed ends where an uninterrupted one does.
+and resumed ends where an uninterrupted one does, and so does a 2-process FSDP job stopped and resumed.
 
 The torchrun tests start the real `kd` (``torchrun -m kdcli.cli``) and are marked slow (about
 15 s per launch on two CPU cores).
@@ -19,12 +19,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import jobs
-from kdcli.runtime import make_accelerator
-from kdcli.train import run_job, step_examples
+from kdcli.errors import KdError
+from kdcli.models import parameter_count
+from kdcli.runtime import check_model_loading, make_accelerator
+from kdcli.train import _fit_sharding, _projections, run_job, step_examples
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 ENV = {k: v for k, v in os.environ.items() if k != "KD_DEBUG"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -354,3 +358,82 @@ def test_on_policy_distillation_runs_on_two_processes(tiny, tmp_path):
     kd_losses = [json.loads(line)["kd"] for line in (run / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "train"]
     assert kd_losses and all(math.isfinite(x) for x in kd_losses)
+
+
+# --------------------------------------------------------------------------- sharded (FSDP)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate does shard")
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_asked_for_on_a_machine_without_gpus_is_refused(monkeypatch, flag):
+    """`accelerate launch --use_fsdp` on CPU: FSDP1 fails deep in accelerate, FSDP2 and DeepSpeed fall back to DDP."""
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(KdError, match="was asked for, but this machine has no GPU") as refused:
+        make_accelerator()
+    assert "train with DDP on CPU" in refused.value.hint
+
+
+@pytest.mark.parametrize("plugins, refused", [
+    ({"fsdp_plugin": SimpleNamespace(cpu_ram_efficient_loading=True)}, "--fsdp_cpu_ram_efficient_loading false"),
+    ({"deepspeed_plugin": SimpleNamespace(zero3_init_flag=True)}, "--zero3_init_flag false"),
+])
+def test_sharding_that_loads_models_empty_or_partitioned_is_refused(plugins, refused):
+    """kd's teachers are never sharded: every process must load them whole."""
+    with pytest.raises(KdError, match="teachers") as error:
+        check_model_loading(SimpleNamespace(state=SimpleNamespace(**{"deepspeed_plugin": None, **plugins})))
+    assert refused in error.value.hint
+
+
+def test_deepspeed_takes_the_recipes_batch_settings_or_refuses_the_job(teacher_dir, tmp_path):
+    from accelerate.utils import DistributedType
+
+    def fit(config: dict, **train) -> dict:
+        job = jobs.classify_job(teacher_dir, tmp_path, batch_size=4, grad_accum=1)
+        job.train = job.train.model_copy(update=train)
+        plugin = SimpleNamespace(deepspeed_config=config)
+        accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                      state=SimpleNamespace(deepspeed_plugin=plugin))
+        _fit_sharding(job, accelerator, _projections(job))
+        return config
+
+    config = fit({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}})
+    assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                      "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    with pytest.raises(KdError, match="grad_accum must be 1"):
+        fit({"zero_optimization": {"stage": 2}}, grad_accum=2)
+    with pytest.raises(KdError, match="sets gradient_clipping = 0.5, the recipe 1.0") as refused:
+        fit({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}})
+    assert '"auto"' in refused.value.hint
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_an_fsdp_job_stopped_and_resumed_ends_where_an_uninterrupted_one_does(teacher_dir, tmp_path):
+    """Two processes under FSDP2 on CPU (tests/distributed_fsdp.py says how): the checkpoints hold
+    accelerate's shards; the resumed job ends bit for bit where the uninterrupted one does, and within
+    1e-5 of one process taking the same examples each step; the saved student is the whole model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    script = Path(__file__).parent / "distributed_fsdp.py"
+    said = []
+    for mode in ("train", "resume"):
+        done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(jobs.free_port()),
+                               str(script), str(teacher_dir), str(tmp_path), mode],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        said.append(done.stdout)
+    assert "stopped at step 8" in said[0] and "resuming main from step-00000004" in said[1]
+    shards = tmp_path / "parts" / "checkpoints" / "step-00000012" / "sharded"
+    assert (shards / "pytorch_model_fsdp_0").is_dir() and (shards / "optimizer_0").is_dir()
+
+    one = jobs.checkpointed_job(teacher_dir, tmp_path / "one", world=1)
+    unsharded = parameter_count(one.student)
+    run_job(one, make_accelerator(), show_progress=False)
+    students = {name: tmp_path / name / "student" for name in ("whole", "parts", "one")}
+    assert {json.loads((s / "training.json").read_text())["step"] for s in students.values()} == {12}
+    weights = {name: load_file(s / "model.safetensors") for name, s in students.items()}
+    assert jobs.max_difference(weights["parts"], weights["whole"]) == 0.0
+    assert jobs.max_difference(weights["whole"], weights["one"]) < 1e-5
+    saved = AutoModelForSequenceClassification.from_pretrained(students["parts"])
+    assert sum(p.numel() for p in saved.parameters()) == unsharded
