@@ -129,10 +129,17 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
     run = RunDir.for_recipe(recipe)
     stages = recipe.resolved_stages()
     if as_json:
-        _emit_json({"ok": True, "run_dir": str(run.root), "recipe": recipe.model_dump(mode="json")})
+        from kdcli.report import last_transfer
+
+        # Each transfer set as last prepared (None: not yet, or with other settings): check reads no data.
+        transfer = {stage.name: last_transfer(stage, run)[1] for stage in stages if stage.data.transfer}
+        _emit_json({"ok": True, "run_dir": str(run.root), "recipe": recipe.model_dump(mode="json"),
+                    **({"transfer": transfer} if transfer else {})})
         return
     from rich.console import Console
     from rich.table import Table
+
+    from kdcli.report import print_transfer_plan
 
     console = Console()
     table = Table(title=f"{recipe_path}: valid ({recipe.task})", show_lines=False)
@@ -147,8 +154,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
             loss += f" gamma={stage.loss.gamma:g}"
         schedule = (f"{stage.train.epochs:g} ep, bs {stage.train.batch_size}x{stage.train.grad_accum}, "
                     f"lr {stage.train.lr:g}")
-        table.add_row(stage.name, f"{stage.data.format}: {source}", ", ".join(stage.teachers or []) or "(labels only)",
-                      loss, schedule)
+        data = f"{stage.data.format}: {source}" + (" + transfer set" if stage.data.transfer else "")
+        table.add_row(stage.name, data, ", ".join(stage.teachers or []) or "(labels only)", loss, schedule)
     console.print(table)
     student = recipe.student.ref or f"from teacher '{recipe.student.from_teacher}' layers {recipe.student.layers}"
     console.print(f"student: {student}")
@@ -156,6 +163,7 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
         extras = [k for k in ("load_in_8bit", "load_in_4bit") if getattr(teacher, k)]
         extras += ["finetune first"] if teacher.finetune else []
         console.print(f"teacher {name}: {teacher.ref}" + (f" ({', '.join(extras)})" if extras else ""))
+    print_transfer_plan(stages, run, console)
     console.print(f"run directory: {run.root}")
     console.print(f"recipe fingerprint: {recipe_mod.fingerprint(recipe)}")
 

@@ -41,11 +41,14 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
     from kdcli.runtime import describe as environment
 
     check(recipe, role)  # a missing model is reported before any data is prepared
+    split = split or recipe.eval.split
+    if split == "transfer":
+        raise KdError("the transfer split holds unlabelled inputs, which only the teachers label: there is nothing "
+                      "in it to score", "score a labelled split: --split test or --split validation")
     task = task_kind(recipe.task)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
     data = stage_data(recipe, run, stage, replace=False)
-    split = split or recipe.eval.split
     if split not in data.rows:
         raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",
                       "pick one with --split, or add it to data.split")

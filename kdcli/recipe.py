@@ -46,6 +46,7 @@ Task = Literal["classify", "choice", "generate"]
 Head = Literal["auto", "sequence-classification", "multiple-choice", "seq2seq", "causal"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SplitName = Literal["train", "validation", "test"]
+Format = Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "messages", "csv", "jsonl", "parquet", "hub"]
 # `limit = 300` (every split) or `limit = { train = 150 }`: the value's shape picks the member, so an error
 # names only that member's problem; the tags are left out of the path an error shows (``_describe``).
 _UNION_TAGS = frozenset({"rows-per-split", "rows-of-named-splits"})
@@ -114,9 +115,66 @@ class Columns(Section):
     id: str | None = Field(None, description="Column holding a stable example id; row number when unset.")
 
 
+class TransferConfig(Section):
+    """Unlabelled in-domain inputs (the transfer set of Hinton et al.): the stage's `transfer` split."""
+
+    format: Format | None = Field(
+        None,
+        description="Source format, as [data].format; unset = [data]'s. Labels and answers in the source are "
+        "not read: a label or answer column may be missing, a WinoGrande or Social IQA file needs no label "
+        "file, and an fpb line's label (after its last @) may be anything.",
+    )
+    path: str | None = Field(None, description="One source file (or `package:MODULE/file`); every row is used.")
+    files: list[str] = Field(
+        default_factory=list,
+        description="Several source files, every row of each used, e.g. ['Sentences_50Agree.txt', "
+        "'Sentences_66Agree.txt']. A list, unlike [data].files: the transfer set is not split, so its "
+        "files have no split names.",
+    )
+    hub_name: str | None = Field(
+        None, description="Dataset id for format = 'hub'; the rows of all its train, validation and test splits."
+    )
+    hub_config: str | None = Field(None, description="Dataset configuration for format = 'hub'.")
+    encoding: str | None = Field(
+        None, description="Text encoding of the source; unset = [data].encoding, or the format's default."
+    )
+    columns: Columns | None = Field(
+        None,
+        description="Column mapping for csv/jsonl/parquet/hub; unset = [data].columns. Only `text` (and "
+        "`options`, for choice; `id`) are read.",
+    )
+    share: float = Field(
+        0.5, gt=0, lt=1,
+        description="The share of each training step's examples drawn from the transfer rows; the rest are "
+        "labelled train rows. Transfer rows have no label: the teachers' outputs are their only target.",
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Keep at most this many transfer rows (a seeded draw, after dropping)."
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> "TransferConfig":
+        problems = []
+        given = [key for key in ("path", "files", "hub_name") if getattr(self, key)]
+        if len(given) != 1:
+            problems.append("give exactly one of `path` (one file), `files` (a list of files) or `hub_name` "
+                            f"(with format = 'hub'); {' and '.join(given) if given else 'none'} given")
+        if self.hub_name and self.format != "hub":
+            problems.append("hub_name needs format = 'hub' in this table")
+        if self.format == "hub" and not self.hub_name:
+            problems.append("format = 'hub' needs hub_name")
+        if self.hub_config and not self.hub_name:
+            problems.append("hub_config needs hub_name")
+        repeated = sorted({file for file in self.files if self.files.count(file) > 1})
+        if repeated:
+            problems.append(f"files lists {', '.join(map(repr, repeated))} more than once")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class DataConfig(Section):
-    format: Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "messages", "csv", "jsonl", "parquet",
-                    "hub"] = Field(
+    format: Format = Field(
         ...,
         description="Source format: a built-in adapter for the study's datasets (fpb, winogrande, "
         "socialiqa, aqua, triviaqa), `messages` (jsonl conversations: system/user/assistant turns, the "
@@ -178,6 +236,13 @@ class DataConfig(Section):
         "always chat.",
     )
     system: str | None = Field(None, description="A system turn before every prompt (with chat = true).")
+    transfer: TransferConfig | None = Field(
+        None,
+        description="Unlabelled in-domain inputs that only the teachers label, saved as the stage's `transfer` "
+        "split. Exact duplicates are dropped, and so is every row whose text (casefolded, whitespace "
+        "collapsed) equals a validation or test row of any stage, or a train row of this stage; the "
+        "manifest counts each. A stage that names its own source does not inherit it.",
+    )
 
     @field_validator("template")
     @classmethod
@@ -221,6 +286,9 @@ class DataConfig(Section):
             problems.append(f"split fractions sum to {total:g}, not 1")
         if any(v < 0 for v in self.split.values()):
             problems.append("split fractions must be >= 0")
+        if self.transfer and self.format == "hub" and self.transfer.format is None:
+            problems.append("transfer.format: [data] reads the Hub, so a transfer path or files need their own "
+                            "format (csv, jsonl, parquet, ...)")
         if self.system is not None and not self.chat:
             problems.append("system needs chat = true (a format = 'messages' conversation carries its own "
                             "system turn)")
@@ -664,14 +732,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 # A stage that names its own source replaces the top-level source whole: merged key by key, a
 # top-level `files.test` would end up under the stage's `files.train`, or `path` beside `files`.
+# The transfer set is in-domain for the top-level source, so such a stage does not inherit it.
 _SOURCE_KEYS = frozenset({"path", "files", "labels_path", "hub_name", "hub_config"})
+_TRANSFER_SOURCE_KEYS = frozenset({"path", "files", "hub_name", "hub_config"})
+
+
+def _data_defaults(top: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The top-level [data] keys a stage's own data table is merged over."""
+    whole = (_SOURCE_KEYS | {"transfer"} if _SOURCE_KEYS & own.keys() else set()) | ({"split"} & own.keys())
+    top = {k: v for k, v in top.items() if k not in whole}
+    transfer, own_transfer = top.get("transfer"), own.get("transfer")
+    if isinstance(transfer, dict) and isinstance(own_transfer, dict) and _TRANSFER_SOURCE_KEYS & own_transfer.keys():
+        top["transfer"] = {k: v for k, v in transfer.items() if k not in _TRANSFER_SOURCE_KEYS}
+    return top
 
 
 def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """Each stage's data/loss/train tables are merged over the top-level ones before validation.
 
-    Two parts of [data] are replaced whole rather than merged: the source (path, files,
-    labels_path, hub_name, hub_config) when the stage names one, and `split`.
+    Parts of [data] are replaced whole rather than merged: the source (path, files, labels_path,
+    hub_name, hub_config) and the transfer set when the stage names a source, the transfer set's
+    source when the stage's transfer table names one, and `split`.
     """
     stages = raw.get("stages")
     if not isinstance(stages, list):
@@ -685,8 +766,7 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
                 top, own = raw.get(section, {}), stage.get(section, {})
                 if isinstance(top, dict) and isinstance(own, dict):
                     if section == "data":
-                        whole = (_SOURCE_KEYS if _SOURCE_KEYS & own.keys() else set()) | ({"split"} & own.keys())
-                        top = {k: v for k, v in top.items() if k not in whole}
+                        top = _data_defaults(top, own)
                     stage[section] = _merge(top, own)
         merged.append(stage)
     raw["stages"] = merged
@@ -830,6 +910,7 @@ def reference_markdown() -> str:
         ("top level", Recipe),
         ("[data]", DataConfig),
         ("[data.columns]", Columns),
+        ("[data.transfer]", TransferConfig),
         ("[student]", StudentConfig),
         ("[teachers.NAME]", TeacherConfig),
         ("[teachers.NAME.finetune]", FinetuneConfig),

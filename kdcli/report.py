@@ -17,6 +17,8 @@ from kdcli.tasks import KINDS, task_kind
 
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
+    from kdcli.recipe import Stage
+    from kdcli.rundir import RunDir
 
 
 def print_prepare_summary(results: list["PrepareResult"]) -> None:
@@ -43,7 +45,64 @@ def print_prepare_summary(results: list["PrepareResult"]) -> None:
             notes.append(f"{result.conflicts} texts with conflicting labels resolved")
         notes.append(f"{result.seconds:.1f} s")
         console.print(", ".join(notes))
+        for line in transfer_lines(result.transfer) if result.transfer else []:
+            console.print(escape(line))
         console.print(f"data: {escape(str(result.path))}")
+
+
+_DROPPED = {"test": "equal to a test row", "validation": "equal to a validation row",
+            "train": "equal to a train row of the stage", "duplicates": "duplicates", "limit": "over the limit"}
+
+
+def transfer_lines(block: dict[str, Any]) -> list[str]:
+    """A stage's transfer set as its manifest's `transfer` block tells it: rows kept and dropped by reason,
+    the held-out splits its rows were equal to, and each source's rows."""
+    dropped = "; ".join(f"{count:,} {_DROPPED[reason]}" for reason, count in block["dropped"].items() if count)
+    lines = [f"transfer: {block['kept']:,} of {block['rows_read']:,} rows kept"
+             + (f"; dropped {dropped}" if dropped else "")]
+    if block["leaked_from"]:
+        lines.append("  rows equal to held-out rows, by split: "
+                     + ", ".join(f"{split} {count:,}" for split, count in block["leaked_from"].items()))
+    lines += [f"  {part['source']}: {part['rows_read']:,} read, {part['kept']:,} kept" for part in block["sources"]]
+    return lines
+
+
+def last_transfer(stage: "Stage", run: "RunDir") -> tuple[str, dict[str, Any] | None]:
+    """What the last `kd prepare` made of a stage's transfer set: ('prepared', its manifest block), or
+    ('stale', None) when it was prepared with other data settings, or ('missing', None)."""
+    from kdcli.rundir import read_json
+
+    try:
+        manifest = read_json(run.data(stage.name) / "manifest.json")
+    except (OSError, ValueError):
+        return "missing", None
+    if not isinstance(manifest, dict) or "transfer" not in manifest:
+        return "missing", None
+    if manifest.get("data") != stage.data.model_dump(mode="json"):
+        return "stale", None
+    return "prepared", manifest["transfer"]
+
+
+def print_transfer_plan(stages: list["Stage"], run: "RunDir", console: Console) -> None:
+    """For each stage with a transfer set: its sources and share, then what the last `kd prepare` kept
+    and dropped (`kd check` reads no data)."""
+    for stage in stages:
+        transfer = stage.data.transfer
+        if transfer is None:
+            continue
+        sources = [f"{transfer.hub_name} (Hub)"] if transfer.hub_name else transfer.files or [transfer.path]
+        limit = f", at most {transfer.limit:,} rows" if transfer.limit else ""
+        console.print(escape(f"stage {stage.name} transfer set: {', '.join(map(str, sources))}; "
+                             f"{transfer.share:g} of each step's examples{limit}"))
+        state, block = last_transfer(stage, run)
+        if block is not None:
+            lines = transfer_lines(block)
+            console.print(escape("  last prepared: " + lines[0].removeprefix("transfer: ")))
+            for line in lines[1:]:
+                console.print(escape("  " + line))
+        else:
+            console.print("  " + ("prepared with other data settings; " if state == "stale" else "not prepared yet; ")
+                          + "`kd prepare` reads it, dropping rows equal to a validation or test row of any stage")
 
 
 def print_cache_summary(reports: list[dict], console: Console | None = None) -> None:

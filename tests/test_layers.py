@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
     ["kdcli.models", "kdcli.metrics"],
     ["kdcli.data"],
     ["kdcli.data.prepare"],
+    ["kdcli.data.transfer"],
     ["kdcli.data.read", "kdcli.data.split"],
     ["kdcli.data.generic", "kdcli.data.store"],
     ["kdcli.data.hub", "kdcli.data.fpb", "kdcli.data.winogrande", "kdcli.data.socialiqa", "kdcli.data.aqua",

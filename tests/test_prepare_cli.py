@@ -64,3 +64,29 @@ def test_missing_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = kd("prepare", "absent.toml", code=1)
     assert "error:" in result.stderr
+
+
+def test_prepare_and_check_show_the_transfer_set(recipe, tmp_path):
+    """`kd check` names the transfer set and, once prepared, what was kept and dropped; `kd prepare`
+    shows it as a split and says where its rows came from."""
+    news = [f"News {i} about costs .@neutral\r\n" for i in range(5)]
+    (tmp_path / "news.txt").write_bytes("".join(news + ["Line 3 about sales .@whatever\r\n"]).encode("latin-1"))
+    jobs.write_recipe(recipe, {"name": "fin", "task": "classify", "student": {"ref": "bert-base-uncased"},
+                               "loss": {"alpha": 1.0},
+                               "data": {"format": "fpb", "path": "fpb.txt", "transfer": {"files": ["news.txt"]}}})
+    wide = {"COLUMNS": "200"}  # no line wrapped
+    checked = kd("check", str(recipe), env=wide)
+    assert "+ transfer set" in checked.stdout and "transfer set: news.txt; 0.5 of each step" in checked.stdout
+    assert "not prepared yet" in checked.stdout
+    prepared = kd("prepare", str(recipe), env=wide)
+    assert "transfer: 5 of 6 rows kept; dropped 1 equal to a" in prepared.stdout  # Line 3 is a labelled row
+    assert "news.txt: 6 read, 5 kept" in prepared.stdout
+    assert any(line.split()[1:3] == ["transfer", "│"] and line.split()[3] == "5"
+               for line in prepared.stdout.splitlines() if line.startswith("│"))
+    checked = kd("check", str(recipe), env=wide)
+    assert "last prepared: 5 of 6 rows kept" in checked.stdout and "news.txt: 6 read, 5 kept" in checked.stdout
+    document = json.loads(kd("check", str(recipe), "--json").stdout)
+    assert document["transfer"]["main"]["kept"] == 5
+    (stage,) = json.loads(kd("prepare", str(recipe), "--json").stdout)
+    assert stage["counts"]["transfer"] == 5 and stage["transfer"]["rows_read"] == 6
+    assert sum(stage["transfer"]["dropped"].values()) == 1

@@ -6,8 +6,9 @@ shared/data/README.md), each read by a module of its own (``fpb``, ``winogrande`
 ``data.columns`` (``generic``); or a Hugging Face Hub dataset (``hub``, needs network).
 ``read`` picks the reader and fills a ``store`` (the rows as Arrow batches, in memory or a
 scratch file, and a few numbers a row), ``split`` cleans and splits on arrays of row numbers,
-``prepare`` saves, and ``stage`` serves a stage's prepared rows to the commands. No step holds
-a Python object per row (issue 15).
+``prepare`` saves, and ``stage`` serves a stage's prepared rows to the commands. ``transfer`` reads a
+stage's transfer set (unlabelled inputs, saved as its ``transfer`` split) and drops the rows that
+would leak held-out text. No step holds a Python object per row (issue 15).
 
 Every example becomes one row of the common schema:
 

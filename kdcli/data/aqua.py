@@ -1,4 +1,5 @@
-"""AQuA-RAT: jsonl math questions with lettered options `A)...` (choice, or generate the correct option)."""
+"""AQuA-RAT: jsonl math questions with lettered options `A)...` (choice, or generate the correct option;
+unlabelled, `correct` is not read)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ AQUA_HINT = "AQuA-RAT rows have question, options ['A)...', ...] and correct; ch
 AQUA_OPTION = re.compile(r"\s*([A-Z])\s*\)\s*(.*)", re.DOTALL)
 
 
-def read_aqua(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
+def read_aqua(source: SourceFile, data: DataConfig, names: list[str], labelled: bool) -> Iterator[Example]:
     for row in json_rows(source.path, data.encoding or "utf-8"):
         question = string_field(row, "question", AQUA_HINT)
         options = []
@@ -27,6 +28,9 @@ def read_aqua(source: SourceFile, data: DataConfig, names: list[str]) -> Iterato
                     f"{row.where}: option {i + 1} should start with '{LETTERS[i]})', got {excerpt(option)}", AQUA_HINT
                 )
             options.append(match.group(2).strip())
+        if not labelled:
+            yield Example(row.default_id, question, options, -1, [], row.where)
+            continue
         correct = string_field(row, "correct", AQUA_HINT).strip()
         if correct not in LETTERS[: len(options)]:
             raise DataError(

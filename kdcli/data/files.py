@@ -103,6 +103,15 @@ def source_files(data: DataConfig) -> list[SourceFile]:
     return sources
 
 
+def transfer_files(data: DataConfig) -> list[SourceFile]:
+    """The files a stage's transfer set reads (none without one, or from the Hub), checked to exist; each
+    is a part of its own, named by the recipe's text for it (label files are not read)."""
+    transfer = data.transfer
+    if transfer is None or transfer.hub_name:
+        return []
+    return [SourceFile(text, _existing_file(text, "transfer file")) for text in transfer.files or [transfer.path]]
+
+
 def excerpt(text: str, width: int = 80) -> str:
     return repr(text if len(text) <= width else text[:width] + "...")
 

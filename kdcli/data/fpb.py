@@ -1,4 +1,5 @@
-"""Financial PhraseBank: latin-1 lines `sentence@label` (classify; for generate the label's name is the answer)."""
+"""Financial PhraseBank: latin-1 lines `sentence@label` (classify; for generate the label's name is the answer;
+unlabelled, the label is not read)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _looks_utf8(path) -> bool:
     return not ascii_only
 
 
-def read_fpb(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
+def read_fpb(source: SourceFile, data: DataConfig, names: list[str], labelled: bool) -> Iterator[Example]:
     encoding = data.encoding or "latin-1"
     check_text(source.path, encoding)
     # latin-1 decodes any bytes, so a UTF-8 copy of the release (one circulates) would be read as
@@ -45,5 +46,5 @@ def read_fpb(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator
             raise DataError(f"{where}: expected `sentence@label`, got {excerpt(line)}", FPB_HINT)
         if not sentence.strip():
             raise DataError(f"{where}: empty sentence: {excerpt(line)}", "fix or remove that line")
-        label_id = class_index(label.strip(), names, where)
+        label_id = class_index(label.strip(), names, where) if labelled else -1
         yield Example(f"{stem}-{number}", sentence.strip(), [], label_id, [], where)

@@ -124,14 +124,14 @@ class _Codes:
         return classes, failed
 
 
-def _example_maker(columns: Columns, task: str, names: list[str],
-                   codes: _Codes | None = None) -> Callable[[RawRow], Example]:
+def _example_maker(columns: Columns, task: str, names: list[str], codes: _Codes | None = None,
+                   labelled: bool = True) -> Callable[[RawRow], Example]:
     """The function that turns a row into an Example by ``columns`` (the label coded by ``codes``, when
-    given, instead of looked up in ``names``)."""
+    given, instead of looked up in ``names``; neither label nor answers read when not ``labelled``)."""
     text_column, option_columns, label_column = columns.text, list(columns.options), columns.label or ""
-    answers_column, id_column = columns.answers, columns.id
+    answers_column, id_column = (columns.answers if labelled else None), columns.id
     one_column = len(option_columns) == 1
-    classify, choice = task == "classify", task == "choice"
+    classify, choice = task == "classify" and labelled, task == "choice" and labelled
 
     def example(row: RawRow) -> Example:
         data = row.data
@@ -168,18 +168,20 @@ class GenericSource:
     """A generic source being read: ``examples`` gives ``(split, None)`` when a source split begins and
     ``(split, example)`` for each of its rows. ``names`` are the class names; when the recipe does not
     list them they are inferred from every row, and are known once ``examples`` is through: the
-    examples' labels are then codes, and ``classes`` maps each code to its class."""
+    examples' labels are then codes, and ``classes`` maps each code to its class. Rows read unlabelled
+    have neither label nor answers."""
 
-    def __init__(self, parts: RowParts, columns: Columns, task: str, names: list[str]) -> None:
+    def __init__(self, parts: RowParts, columns: Columns, task: str, names: list[str], labelled: bool) -> None:
         self.names = names
         self.classes: list[int] | None = None
-        self.examples = (self._inferring(parts, columns, task) if task == "classify" and not names
-                         else self._examples(parts, columns, task))
+        self.examples = (self._inferring(parts, columns, task) if task == "classify" and not names and labelled
+                         else self._examples(parts, columns, task, labelled))
 
-    def _examples(self, parts: RowParts, columns: Columns, task: str) -> Iterator[tuple[str, Example | None]]:
+    def _examples(self, parts: RowParts, columns: Columns, task: str,
+                  labelled: bool) -> Iterator[tuple[str, Example | None]]:
         # Every row of every file is read before a row that makes no example is reported, so that
         # a row further on that does not parse is reported instead (as reading them all first did).
-        error, make = None, _example_maker(columns, task, self.names)
+        error, make = None, _example_maker(columns, task, self.names, labelled=labelled)
         for split, rows in parts():
             yield split, None
             for row in rows:
@@ -225,7 +227,8 @@ class GenericSource:
         self.names, self.classes = names, classes
 
 
-def read_generic(sources: list[SourceFile], data: DataConfig, task: str, say: Callable[[str], None]) -> GenericSource:
+def read_generic(sources: list[SourceFile], data: DataConfig, task: str, say: Callable[[str], None],
+                 labelled: bool) -> GenericSource:
     """A generic csv, jsonl, parquet or Hub source, read as ``GenericSource`` describes."""
     columns = data.columns
     if task == "choice" and not columns.options:
@@ -233,11 +236,11 @@ def read_generic(sources: list[SourceFile], data: DataConfig, task: str, say: Ca
             "data.columns.options is empty, but task 'choice' needs the option columns",
             "set e.g. columns.options = ['option1', 'option2']",
         )
-    if task in ("classify", "choice") and not columns.label:
+    if labelled and task in ("classify", "choice") and not columns.label:
         raise DataError(
             f"data.columns.label is unset, but task '{task}' needs labels", "set data.columns.label to the label column"
         )
-    if task == "generate" and not columns.answers:
+    if labelled and task == "generate" and not columns.answers:
         raise DataError(
             "data.columns.answers is unset, but task 'generate' needs reference answers",
             "set data.columns.answers to the answer column",
@@ -263,4 +266,4 @@ def read_generic(sources: list[SourceFile], data: DataConfig, task: str, say: Ca
                 else:
                     yield source.split, json_rows(source.path, data.encoding or "utf-8")
 
-    return GenericSource(parts, columns, task, names)
+    return GenericSource(parts, columns, task, names, labelled)

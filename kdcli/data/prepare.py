@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from kdcli import __version__
-from kdcli.data.files import SourceFile, source_files
+from kdcli.data.files import SourceFile, source_files, transfer_files
 from kdcli.data.read import read_source
 from kdcli.data.split import clean, limit_rows, split_parts
 from kdcli.data.store import COLUMNS, ExampleStore
+from kdcli.data.transfer import HELD_OUT, KEY, Transfer, build_transfer, store_keys, table_keys
 from kdcli.errors import DataError
 from kdcli.recipe import DataConfig, Recipe, Stage, fingerprint
 from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, scratch, sha256_file, write_json
@@ -44,6 +45,7 @@ class PrepareResult:
     conflicts: int
     seconds: float
     fingerprint: str
+    transfer: dict[str, Any] | None  # the manifest's account of the transfer set; None without one
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
@@ -246,48 +248,55 @@ class _SplitWriter:
             json.dump({key: info[key] for key in sorted(info)}, handle, indent=2)
 
 
-def _save(prepared: _Prepared, folder: Path, print_id: str) -> None:
-    """The splits as ``DatasetDict.save_to_disk(folder)`` saved them, in one pass over the store:
-    each batch of it gives each split its rows."""
+def _save(pending: "_Pending", folder: Path, print_id: str) -> None:
+    """The splits as ``DatasetDict.save_to_disk(folder)`` saved them, in one pass over each store (the
+    labelled splits', then the transfer set's): each batch of it gives each split its rows."""
     import pyarrow as pa
 
+    prepared, transfer = pending.prepared, pending.transfer
+    stores = [(prepared.store, prepared.splits, prepared.nbytes)]
+    if transfer is not None:
+        stores.append((transfer.store, {"transfer": transfer.rows}, {"transfer": pending.transfer_nbytes}))
     with open(folder / "dataset_dict.json", "w", encoding="utf-8") as handle:
-        json.dump({"splits": list(prepared.splits)}, handle)
-    writers = {
-        name: _SplitWriter(folder / name, len(rows), prepared.nbytes[name],
-                           fingerprint({"prepared": print_id, "split": name}))
-        for name, rows in prepared.splits.items()
-    }
-    for start, batch in prepared.store.batches(COLUMNS):
-        for name, rows in prepared.splits.items():
-            first, end = np.searchsorted(rows, [start, start + batch.num_rows])
-            if first < end:
-                writers[name].write(batch.take(pa.array(rows[first:end] - start)))
-    for writer in writers.values():
-        writer.close()
+        json.dump({"splits": [name for _, splits, _ in stores for name in splits]}, handle)
+    for store, splits, nbytes in stores:
+        writers = {
+            name: _SplitWriter(folder / name, len(rows), nbytes[name],
+                               fingerprint({"prepared": print_id, "split": name}))
+            for name, rows in splits.items()
+        }
+        for start, batch in store.batches(COLUMNS):
+            for name, rows in splits.items():
+                first, end = np.searchsorted(rows, [start, start + batch.num_rows])
+                if first < end:
+                    writers[name].write(batch.take(pa.array(rows[first:end] - start)))
+        for writer in writers.values():
+            writer.close()
+
+
+def _file(split: str, path: Path) -> dict[str, Any]:
+    return {"split": split, "path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _identity(recipe: Recipe, data: DataConfig, sources: list[SourceFile]) -> dict[str, Any]:
-    """Everything that shapes the prepared data; its hash is the fingerprint."""
-    files = []
-    for source in sources:
-        for path in (source.path, source.labels):
-            if path is not None:
-                files.append(
-                    {
-                        "split": source.split,
-                        "path": str(path.resolve()),
-                        "bytes": path.stat().st_size,
-                        "sha256": sha256_file(path),
-                    }
-                )
+    """Everything that shapes a stage's labelled splits; its hash is the fingerprint of a stage without a
+    transfer set (the same as before there were transfer sets)."""
     return {
         "task": recipe.task,
         "seed": recipe.seed,
         "kd_version": __version__,
-        "data": data.model_dump(mode="json"),
-        "sources": files,
+        "data": data.model_dump(mode="json", exclude={"transfer"}),
+        "sources": [_file(source.split, path) for source in sources
+                    for path in (source.path, source.labels) if path is not None],
     }
+
+
+def _with_transfer(identity: dict[str, Any], data: DataConfig, held_out: list[str]) -> dict[str, Any]:
+    """A stage's identity with its transfer set: its settings and files, and the labelled data of every
+    stage (``held_out``: their fingerprints), whose validation and test rows decide which rows it keeps."""
+    files = [{**_file("transfer", source.path), "source": source.split} for source in transfer_files(data)]
+    return {**identity, "data": data.model_dump(mode="json"), "sources": identity["sources"] + files,
+            "held_out": held_out}
 
 
 def _fingerprint(identity: dict[str, Any]) -> str:
@@ -342,6 +351,8 @@ def _why_prepare(old: dict[str, Any] | None, identity: dict[str, Any], force: bo
     ]
     if [f["sha256"] for f in old.get("sources", [])] != [f["sha256"] for f in identity["sources"]]:
         changed.append("the source files")
+    if "held_out" in old and "held_out" in identity and old["held_out"] != identity["held_out"]:
+        changed.append("the data of a stage the transfer set is checked against")
     return "changed: " + ", ".join(changed or ["fingerprint"])
 
 
@@ -361,6 +372,7 @@ def _result(
         conflicts=manifest["conflicts_resolved"],
         seconds=round(seconds, 3),
         fingerprint=manifest["fingerprint"],
+        transfer=manifest.get("transfer"),
     )
 
 
@@ -384,17 +396,19 @@ class _Pending:
     manifest: dict[str, Any]
     prepared: _Prepared
     started: float
+    transfer: Transfer | None = None  # read once every stage is planned (see _read_transfers)
+    transfer_nbytes: int = 0
 
 
 def _plan_stage(
-    recipe: Recipe, stage: Stage, run: RunDir, force: bool, built: dict[str, _Prepared], say: Callable[[str], None],
-    replace: bool, scratch: Callable[[], Path],
+    recipe: Recipe, stage: Stage, labelled: dict[str, Any], held_out: list[str], run: RunDir, force: bool,
+    built: dict[str, _Prepared], say: Callable[[str], None], replace: bool, scratch: Callable[[], Path],
 ) -> PrepareResult | _Pending:
-    """Skip an up-to-date stage, or read, check and split its data (out of core: see ``_build``)."""
+    """Skip an up-to-date stage, or read, check and split its labelled data (out of core: see ``_build``);
+    ``labelled``: its identity without the transfer set, ``held_out``: every stage's labelled fingerprint."""
     started = time.perf_counter()
     out = run.data(stage.name)
-    say(f"stage {stage.name}: checking sources")
-    identity = _identity(recipe, stage.data, source_files(stage.data))
+    identity = _with_transfer(labelled, stage.data, held_out) if stage.data.transfer else labelled
     print_id = _fingerprint(identity)
     old = _complete_manifest(out)
     damage = None
@@ -412,11 +426,12 @@ def _plan_stage(
         )
     if leftovers(out.parent, out.name):  # a prepare killed while writing: its partial copy is removed below
         reason = f"{reason}; an earlier prepare was interrupted, its partial output is discarded"
-    if print_id not in built:  # stages with the same data are read once
-        built[print_id] = _build(
+    data_print = _fingerprint(labelled)
+    if data_print not in built:  # stages with the same labelled data read it once
+        built[data_print] = _build(
             stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}"), scratch
         )
-    prepared = built[print_id]
+    prepared = built[data_print]
     manifest = {
         "kd_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -440,10 +455,49 @@ def _plan_stage(
     return _Pending(out, manifest, prepared, started)
 
 
+def _read_transfers(recipe: Recipe, stages: list[Stage], plans: list[PrepareResult | _Pending], run: RunDir,
+                    say: Callable[[str], None], scratch: Callable[[], Path]) -> None:
+    """Read the transfer set of each stage being prepared, checked against the validation and test rows
+    of every stage (from its store when it is being prepared too, else from its saved splits) and its
+    own train rows; each is added to its plan and manifest."""
+    wanting = [(stage, plan) for stage, plan in zip(stages, plans)
+               if isinstance(plan, _Pending) and stage.data.transfer]
+    if not wanting:
+        return
+    held_out: dict[str, np.ndarray] = {}
+    train: dict[str, np.ndarray] = {}
+    for stage, plan in zip(stages, plans):
+        if isinstance(plan, _Pending):
+            splits = plan.prepared.splits
+            wanted = [*HELD_OUT, "train"] if stage.data.transfer else HELD_OUT
+            keys = store_keys(plan.prepared.store, {name: splits[name] for name in wanted if name in splits})
+        else:
+            saved, _ = load_prepared(run, stage.name)
+            keys = {name: table_keys(saved[name].data.table) for name in HELD_OUT if name in saved}
+        train[stage.name] = keys.pop("train", np.empty(0, dtype=KEY))
+        held_out.update({f"{stage.name}/{name}": found for name, found in keys.items()})
+    for stage, plan in wanting:
+        transfer = plan.transfer = build_transfer(
+            stage.data, transfer_files(stage.data), recipe.task, recipe.seed, held_out, train[stage.name],
+            plan.prepared.num_options, lambda message, name=stage.name: say(f"stage {name}: {message}"), scratch,
+        )
+        plan.transfer_nbytes = _measure(transfer.store, {"transfer": transfer.rows})[0]["transfer"]
+        files = {f["source"]: {"path": f["path"], "sha256": f["sha256"]}
+                 for f in plan.manifest["sources"] if f["split"] == "transfer"}  # none from the Hub
+        plan.manifest["counts"]["transfer"] = len(transfer.rows)
+        plan.manifest["transfer"] = {
+            "sources": [{**part, **files.get(part["source"], {})} for part in transfer.parts],
+            "rows_read": transfer.read,
+            "kept": len(transfer.rows),
+            "dropped": transfer.dropped,
+            "leaked_from": transfer.leaked_from,
+        }
+
+
 def _write_stage(pending: _Pending) -> PrepareResult:
     manifest = pending.manifest
     with atomic_dir(pending.out) as tmp:
-        _save(pending.prepared, tmp, manifest["fingerprint"])
+        _save(pending, tmp, manifest["fingerprint"])
         manifest["seconds"] = round(time.perf_counter() - pending.started, 3)
         write_json(tmp / MANIFEST, manifest)  # last: its presence marks the directory complete
     return _result(manifest["stage"], pending.out, manifest, False, manifest["reason"], manifest["seconds"])
@@ -486,9 +540,17 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
     stages = recipe.resolved_stages()
     # A large source's rows wait in a scratch folder beside the prepared data until they are saved.
     work = scratch(run.data(stages[0].name).parent, "prepare", run.data(stages[0].name))
+    plans: list[PrepareResult | _Pending] = []
     with _status(quiet) as say, work as folder:
         try:
-            plans = [_plan_stage(recipe, stage, run, force, built, say, replace, folder) for stage in stages]
+            labelled = []
+            for stage in stages:
+                say(f"stage {stage.name}: checking sources")
+                labelled.append(_identity(recipe, stage.data, source_files(stage.data)))
+            held_out = sorted({_fingerprint(identity) for identity in labelled})
+            plans = [_plan_stage(recipe, stage, identity, held_out, run, force, built, say, replace, folder)
+                     for stage, identity in zip(stages, labelled)]
+            _read_transfers(recipe, stages, plans, run, say, folder)
             results = []
             for plan in plans:
                 if isinstance(plan, _Pending):
@@ -504,6 +566,9 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
         finally:
             for prepared in built.values():
                 prepared.store.close()
+            for plan in plans:
+                if isinstance(plan, _Pending) and plan.transfer is not None:
+                    plan.transfer.store.close()
 
 
 def load_prepared(run: RunDir, stage: str) -> tuple["datasets.DatasetDict", dict[str, Any]]:

@@ -41,7 +41,8 @@ FORMAT_TASKS: dict[str, tuple[str, ...]] = {
 }
 
 
-ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], Iterator[Example]]] = {
+# (source, data, class names, labelled): a source's examples; unlabelled, without labels or answers.
+ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str], bool], Iterator[Example]]] = {
     "fpb": read_fpb,
     "winogrande": read_winogrande,
     "socialiqa": read_socialiqa,
@@ -52,13 +53,15 @@ ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str]], Iterator[Examp
 
 
 def read_source(
-    data: DataConfig, task: str, store: ExampleStore, say: Callable[[str], None] = lambda message: None
+    data: DataConfig, task: str, store: ExampleStore, say: Callable[[str], None] = lambda message: None,
+    sources: list[SourceFile] | None = None, labelled: bool = True,
 ) -> list[str]:
     """Read and normalise a source into ``store``, a source split ('all' for a single `path`) after
     another, row by row, and check the whole dataset; returns the class names.
 
     Nothing is deduplicated or split here; every row of the source is one example. The store is
-    finished when this returns.
+    finished when this returns. ``sources``: these files rather than the config's own. Not
+    ``labelled`` (a transfer set): labels and answers are not read, every row's label is -1.
     """
     if data.format in FORMAT_TASKS and task not in FORMAT_TASKS[data.format]:
         raise DataError(
@@ -70,22 +73,22 @@ def read_source(
         raise DataError(
             f"data.label_names lists a class twice: {data.label_names}", "give each class name once, in id order"
         )
-    sources = source_files(data)
+    sources = source_files(data) if sources is None else sources
     generic = None
     if data.format in ADAPTERS:
         names = list(data.label_names or DEFAULT_LABEL_NAMES.get(data.format, []))
-        stream = _adapted(sources, data, names, say)
+        stream = _adapted(sources, data, names, say, labelled)
     else:
-        generic = read_generic(sources, data, task, say)
+        generic = read_generic(sources, data, task, say, labelled)
         stream, names = generic.examples, generic.names  # names inferred (classify only) are known at the end
     with _cycles_uncollected() if data.format != "hub" else nullcontext():  # the Hub's rows are not kd's to vouch for
-        first_problem = _stream(stream, task, names, store)
+        first_problem = _stream(stream, task, names, store, labelled)
     store.finish()
     if generic is not None:
         names = generic.names
         if generic.classes is not None:  # the labels were codes of the values, until the names were known
             store.relabel(np.array(generic.classes, dtype=np.int32))
-    _check(store, data, first_problem)
+    _check(store, data, first_problem, labelled)
     if task == "choice":
         most = store.max_options
         names = names or [str(i) for i in range(1, most + 1)]  # option numbers, as prompts show them
@@ -113,10 +116,10 @@ def _cycles_uncollected() -> Iterator[None]:
 
 
 def _stream(stream: Iterator[tuple[str, Example | None]], task: str, names: list[str],
-            store: ExampleStore) -> tuple[int, DataError] | None:
+            store: ExampleStore, labelled: bool) -> tuple[int, DataError] | None:
     """Every example of ``stream`` into the store; the first row the task cannot use, with its error."""
     first_problem = None
-    checked = task in ("choice", "generate")
+    checked = task == "choice" or (task == "generate" and labelled)  # unlabelled, a prompt needs no answer
     read: list[Example] = []  # handed to the store a few at a time
     for split, ex in stream:
         if ex is None:
@@ -159,12 +162,12 @@ def read_examples(
 
 
 def _adapted(
-    sources: list[SourceFile], data: DataConfig, names: list[str], say: Callable[[str], None]
+    sources: list[SourceFile], data: DataConfig, names: list[str], say: Callable[[str], None], labelled: bool
 ) -> Iterator[tuple[str, Example | None]]:
     for source in sources:
         say(f"reading {source.path} ({source.path.stat().st_size / 1e6:.1f} MB)")
         yield source.split, None
-        for ex in ADAPTERS[data.format](source, data, names):
+        for ex in ADAPTERS[data.format](source, data, names, labelled):
             yield source.split, ex
 
 
@@ -181,10 +184,14 @@ def _problem(ex: Example, task: str) -> DataError | None:
     return None
 
 
-def _check(store: ExampleStore, data: DataConfig, first_problem: tuple[int, DataError] | None) -> None:
+def _check(store: ExampleStore, data: DataConfig, first_problem: tuple[int, DataError] | None,
+           labelled: bool) -> None:
     """Whole-dataset checks that no single row can make: no source split is empty, and then, at the
     first row where one fails, the row is usable and its id was not used before."""
     for split, (start, end) in store.parts.items():
+        if start == end and not labelled and data.format != "hub":  # a transfer file: its part is named by it
+            raise DataError(f"{split}: no examples in this transfer file",
+                            "check data.transfer.path / data.transfer.files")
         if start == end:
             where = data.hub_name if data.format == "hub" else (data.path or data.files[split])  # type: ignore[index]
             raise DataError(

@@ -1,4 +1,5 @@
-"""TriviaQA: the llm-foundry subset (`context`, `answer`, `aliases`) or the Hub schema (generate)."""
+"""TriviaQA: the llm-foundry subset (`context`, `answer`, `aliases`) or the Hub schema (generate); unlabelled,
+the answers are not read."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ TRIVIAQA_HINT = (
 TRIVIA_PREFIX, TRIVIA_SUFFIX = "Question: ", "\nAnswer:"
 
 
-def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> Iterator[Example]:
+def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str], labelled: bool) -> Iterator[Example]:
     for row in json_rows(source.path, data.encoding or "utf-8"):
         if "context" in row.data:  # the llm-foundry subset
             context = string_field(row, "context", TRIVIAQA_HINT)
@@ -34,11 +35,11 @@ def read_triviaqa(source: SourceFile, data: DataConfig, names: list[str]) -> Ite
                 )
             question = context[len(TRIVIA_PREFIX) : -len(TRIVIA_SUFFIX)].strip()
             answers = unique([string_field(row, "answer", TRIVIAQA_HINT),
-                              *string_list_field(row, "aliases", TRIVIAQA_HINT)])
+                              *string_list_field(row, "aliases", TRIVIAQA_HINT)]) if labelled else []
             qid = row.default_id
-        elif isinstance(row.data.get("answer"), dict):  # the Hub trivia_qa schema
+        elif isinstance(row.data.get("answer"), dict) or (not labelled and "question" in row.data):  # the Hub schema
             question = string_field(row, "question", TRIVIAQA_HINT).strip()
-            answers = answer_list(row.data["answer"], row.where)
+            answers = answer_list(row.data["answer"], row.where) if labelled else []
             qid = row.data.get("question_id") or row.default_id
         else:
             raise DataError(f"{row.where}: not a TriviaQA row (fields: {', '.join(row.data)})", TRIVIAQA_HINT)
