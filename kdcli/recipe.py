@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import operator
 import sys
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -944,9 +947,26 @@ def _show_default(field: Any) -> str:
 
 
 def _show_type(annotation: Any) -> str:
+    annotation = _without_metadata(annotation)
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
     return text.replace("|", "\\|")
+
+
+def _without_metadata(annotation: Any) -> Any:
+    """``annotation`` without Annotated's metadata: its constraints are in the descriptions, and a
+    discriminator's function would print its address, which changes from run to run."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _without_metadata(args[0])
+    if not args or origin is Literal:
+        return annotation
+    plain = tuple(_without_metadata(arg) for arg in args)
+    if origin is Union:
+        return Union[plain]
+    if origin is types.UnionType:
+        return functools.reduce(operator.or_, plain)
+    return origin[plain]
 
 
 __all__ = ["Recipe", "load", "load_raw", "validate", "apply_overrides", "to_toml", "reference_markdown", "fingerprint"]
