@@ -10,7 +10,7 @@ For each seed:
 
   teacher      the fine-tuned MiniLM (`kd distill`, which fine-tunes it and caches it on train,
                validation and the transfer rows)
-  dataset      the student trained on the 150 labels alone (`kd distill --model dataset`)
+  dataset      the student trained on the 150 labels alone (`kd distill --no-teachers`)
   no_transfer  the student distilled on the 150 labelled sentences alone (the recipe without
                [data.transfer], from the same fine-tuned teacher)
   transfer     the student distilled on the 150 labelled sentences and the transfer rows
@@ -101,7 +101,7 @@ def run_setting(work: Path, seed: int, setting: str, quick: bool) -> dict:
     started = time.perf_counter()
     recipe = base_recipe(work, seed, setting, quick)
     kd(work, "distill", str(recipe))
-    kd(work, "distill", str(recipe), "--model", "dataset")
+    kd(work, "distill", str(recipe), "--no-teachers")
     for role in ("teacher:minilm", "dataset", "student"):
         kd(work, "eval", str(recipe), "--model", role)
     base = work / "runs" / recipe.stem

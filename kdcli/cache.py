@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 3  # 2: generate shards hold per-row lengths and ids folded into the log-probs' sign bits;
 #                  3: the manifest holds each shard's sha256
 SHARD_ROWS = 65_536
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "transfer")
 # Fields that must match for a cache to stand in for the live teacher.
 IDENTITY_FIELDS = (
     "cache_format",

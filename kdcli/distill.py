@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from kdcli.data.stage import Rows, stage_data
+from kdcli.errors import KdError
 from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
@@ -98,6 +99,10 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     out = workdir or run
     if role.kind == "solo":
         require_teacher(recipe, role.name)
+    if role != DATASET and recipe.task == "generate" and any(s.data.transfer for s in recipe.resolved_stages()):
+        raise KdError("a transfer set for task generate is prepared, but distilling from it is not built yet: the "
+                      "teachers' answers to its prompts are not made (issue 16)",
+                      "remove [data.transfer] to distil, or use it with task classify or choice")
     if resume:
         _refuse_a_changed_resume(recipe, role, out, train_fraction)
     preflight(recipe, run)
@@ -139,13 +144,16 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             sources = taught.pop("sources")
             if sources:
                 console.print("teachers: " + ", ".join(f"{n} ({s})" for n, s in sources.items()))
+        # Transfer rows have no label: only a teacher's answers teach from them.
+        transfer_share = stage.data.transfer.share if stage.data.transfer is not None and taught else 0.0
         job = Job(
             name=job_name, student=student, rows=rows, loss=loss, train=stage.train, seed=recipe.seed,
             max_length=stage.data.max_length, template=stage.data.template, checkpoint_dir=out.checkpoints(job_name),
             output_dir=output, metrics_path=out.metrics, label_prior=data.label_prior,
             extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []),
                             "teachers": sources},
-            answer_max_length=stage.data.answer_max_length, identity=_job_identity(identity, train_fraction), **taught,
+            answer_max_length=stage.data.answer_max_length, identity=_job_identity(identity, train_fraction),
+            transfer_share=transfer_share, **taught,
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:

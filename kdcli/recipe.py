@@ -243,8 +243,8 @@ class DataConfig(Section):
         None,
         description="Unlabelled in-domain inputs that only the teachers label, saved as the stage's `transfer` "
         "split. Exact duplicates are dropped, and so is every row whose text (casefolded, whitespace "
-        "collapsed) equals a validation or test row of any stage, or a train row of this stage; the "
-        "manifest counts each. A stage that names its own source does not inherit it.",
+        "collapsed) equals a validation or test row of any stage, or a train row of this stage (before "
+        "`limit`); the manifest counts each. A stage that names its own source does not inherit it.",
     )
 
     @field_validator("template")
@@ -651,10 +651,14 @@ class Recipe(Section):
                 )
             if self.task != "generate" and stage.loss.kd_level == "on_policy":
                 problems.append(f"{where}.kd_level: on_policy needs task 'generate' (the task is '{self.task}')")
+            data_at = f"{'stages.' + str(i) + '.' if self.stages else ''}data"
             if self.task != "generate" and (stage.data.chat or stage.data.format == "messages"):
                 what = "chat = true" if stage.data.chat else "format = 'messages'"
-                problems.append(f"{'stages.' + str(i) + '.' if self.stages else ''}data: {what} needs task "
-                                f"'generate' (the task is '{self.task}')")
+                problems.append(f"{data_at}: {what} needs task 'generate' (the task is '{self.task}')")
+            if stage.data.transfer is not None and not used:
+                problems.append(f"{data_at}.transfer: transfer rows have no labels, only teachers teach from them, "
+                                "and the stage has none")
+
         for key in self.search:
             if not _has_path(self, key.split(".")):
                 problems.append(f"search.{key}: no such recipe key")

@@ -300,6 +300,31 @@ def check_scale(s: dict) -> None:
     assert s["steps"] == 5 and s["plot"] is None
 
 
+def check_fpb_lowlabel(s: dict) -> None:
+    rows = ["teacher", "dataset", "no_transfer", "transfer"]
+    assert list(s["settings"]) == ["low", "full"]
+    for setting, result in s["settings"].items():
+        assert list(result["table"]) == rows and result["seeds"] == ["0"], setting
+        run = result["per_seed"]["0"]
+        for role in rows:
+            mean, std = result["table"][role]["accuracy"]
+            assert share(mean) and std == 0.0 and share(result["table"][role]["macro_f1"][0]), (setting, role)
+            assert mean == run["rows"][role]["accuracy"], (setting, role)
+        assert len({run["rows"][role]["n"] for role in rows}) == 1, setting  # every row scored on the same test rows
+        table = result["table"]
+        assert result["transfer_minus_dataset_points"] == pytest.approx(
+            100 * (table["transfer"]["accuracy"][0] - table["dataset"]["accuracy"][0]), abs=0.006), setting
+        assert result["kept_pct"] == pytest.approx(
+            100 * table["transfer"]["accuracy"][0] / table["teacher"]["accuracy"][0], abs=0.06), setting
+        assert run["counts"]["transfer"] > 0, setting
+        # The quick transfer file holds every labelled sentence too: each one in test or validation is dropped.
+        dropped = run["transfer"]["dropped"]
+        assert dropped["test"] == run["counts"]["test"] and dropped["validation"] == run["counts"]["validation"]
+    low, full = (s["settings"][k]["per_seed"]["0"]["counts"] for k in ("low", "full"))
+    assert low["train"] == 30 < full["train"] and low["test"] == full["test"]  # a limit on train alone
+    assert set(s["targets"]) == {"beats_dataset_by_points", "kept_pct", "met"}
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
@@ -310,6 +335,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
     "fpb_generate.py": check_fpb_generate,
+    "fpb_lowlabel.py": check_fpb_lowlabel,
     "llm_step_cost.py": check_llm_step_cost,
     "prepare_scale.py": check_prepare_scale,
     "teacher_8bit.py": check_teacher_8bit,

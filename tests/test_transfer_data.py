@@ -39,8 +39,9 @@ def labelled(n: int, stem: str = "Sentence") -> list[str]:
 
 
 def raw_recipe(data: dict[str, Any], **top: Any) -> dict[str, Any]:
-    return {"name": "t", "task": "classify", "seed": 42, "student": {"ref": "s"}, "loss": {"alpha": 1.0},
-            "data": data, **top}
+    """A recipe whose stages have a teacher (only teachers teach from transfer rows); nothing is loaded here."""
+    return {"name": "t", "task": "classify", "seed": 42, "student": {"ref": "s"}, "teachers": {"t": {"ref": "t"}},
+            "loss": {"alpha": 0.5}, "data": data, **top}
 
 
 def prepare(raw: dict[str, Any], **options: Any):
@@ -316,3 +317,29 @@ def test_eval_refuses_the_transfer_split(here):
     with pytest.raises(KdError) as error:
         evaluate_role(recipe, Role.parse("baseline"), "transfer")
     assert "unlabelled" in error.value.message and "--split test" in error.value.hint
+
+
+def test_a_transfer_set_needs_a_teacher():
+    from kdcli.recipe import validate
+
+    def recipe(task: str, teachers: dict) -> dict:
+        data = {"format": "jsonl", "path": "l.jsonl", "transfer": {"path": "u.jsonl"}}
+        if task == "generate":
+            data["columns"] = {"text": "text", "label": "", "answers": "answer"}
+        return {"name": "t", "task": task, "data": data, "student": {"ref": "s"}, "teachers": teachers,
+                "loss": {"alpha": 1.0 if not teachers else 0.5}}
+
+    with pytest.raises(RecipeError, match=r"data\.transfer: transfer rows have no labels, only teachers teach"):
+        validate(recipe("classify", {}))
+    assert validate(recipe("classify", {"t": {"ref": "t"}})).data.transfer.share == 0.5
+
+
+def test_distilling_a_generate_student_from_a_transfer_set_is_refused_before_any_work(here):
+    from kdcli.distill import distill
+    from kdcli.roles import STUDENT
+
+    recipe = recipe_mod.validate(raw_recipe({"format": "jsonl", "path": "l.jsonl", "columns": {
+        "text": "text", "label": "", "answers": "answer"}, "transfer": {"path": "u.jsonl"}}, task="generate"))
+    with pytest.raises(KdError, match="distilling from it is not built yet") as info:
+        distill(recipe, role=STUDENT)
+    assert "remove [data.transfer]" in info.value.hint and not (here / "runs").exists()

@@ -66,6 +66,9 @@ class _Prepared:
     conflict_rows_dropped: int
     nbytes: dict[str, int]  # each split's size in Arrow, as datasets counts it (its shards follow from it)
     num_options: int  # the most options a train row has
+    # The train split before `data.limit`: a transfer row equal to one of them is dropped, even to one the
+    # limit left out (a labelled sentence held back to simulate few labels is not unlabelled text).
+    whole_train: np.ndarray
 
 
 def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None],
@@ -88,7 +91,8 @@ def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None],
             parts[split] = kept
         store.drop_keys()
         rng = random.Random(seed)
-        splits = limit_rows(split_parts(parts, store.labels, data, rng), store.labels, data.limit, rng)
+        whole = split_parts(parts, store.labels, data, rng)
+        splits = limit_rows(whole, store.labels, data.limit, rng)
         for name, rows in splits.items():
             if not len(rows):
                 raise DataError(
@@ -97,7 +101,8 @@ def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None],
                     f"use more data, or set data.split.{name} = 0 to leave the split out",
                 )
         nbytes, num_options = _measure(store, splits)
-        return _Prepared(store, splits, names, rows_read, duplicates, conflicts, conflict_rows, nbytes, num_options)
+        return _Prepared(store, splits, names, rows_read, duplicates, conflicts, conflict_rows, nbytes, num_options,
+                         whole.get("train", np.empty(0, dtype=np.int64)))
     except BaseException:
         store.close()
         raise
@@ -468,7 +473,7 @@ def _read_transfers(recipe: Recipe, stages: list[Stage], plans: list[PrepareResu
     train: dict[str, np.ndarray] = {}
     for stage, plan in zip(stages, plans):
         if isinstance(plan, _Pending):
-            splits = plan.prepared.splits
+            splits = {**plan.prepared.splits, "train": plan.prepared.whole_train}
             wanted = [*HELD_OUT, "train"] if stage.data.transfer else HELD_OUT
             keys = store_keys(plan.prepared.store, {name: splits[name] for name in wanted if name in splits})
         else:

@@ -7,8 +7,9 @@ is -1), into a store of its own. A row is then dropped, for the first of these r
   recipe. The teachers' outputs on a held-out sentence would otherwise teach it to the student:
   leakage. Texts are compared casefolded, with whitespace collapsed, so that a variant in case or
   spacing does not slip through.
-- ``train``: its text (the same way) equals a train row of its own stage; it adds nothing and would
-  count that sentence twice in a step.
+- ``train``: its text (the same way) equals a train row of its own stage, before ``data.limit``; it
+  adds nothing and would count that sentence twice in a step (and a labelled sentence that a limit on
+  train holds back, to simulate few labels, is not unlabelled text).
 - ``duplicates``: it repeats an earlier transfer row exactly (text, options and turns; the first is
   kept).
 - ``limit``: it is not among the ``limit`` rows kept by a seeded draw.
