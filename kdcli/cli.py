@@ -152,8 +152,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
             loss += f" beta={stage.loss.beta:g}"
         if stage.loss.gamma:
             loss += f" gamma={stage.loss.gamma:g}"
-        schedule = (f"{stage.train.epochs:g} ep, bs {stage.train.batch_size}x{stage.train.grad_accum}, "
-                    f"lr {stage.train.lr:g}")
+        length = f"{stage.train.max_steps} steps" if stage.train.max_steps else f"{stage.train.epochs:g} ep"
+        schedule = f"{length}, bs {stage.train.batch_size}x{stage.train.grad_accum}, lr {stage.train.lr:g}"
         data = f"{stage.data.format}: {source}" + (" + transfer set" if stage.data.transfer else "")
         table.add_row(stage.name, data, ", ".join(stage.teachers or []) or "(labels only)", loss, schedule)
     console.print(table)
