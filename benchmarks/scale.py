@@ -13,7 +13,8 @@ exits) are recorded. The models are the test kit's tiny ones (tests/kit.py: a 4-
 a 2-layer one; for generate a 3-layer Llama teaching a 2-layer one), so the model's work is small and what
 grows with the rows is kd's own: reading, tokenising, caching and holding the data. Two tasks:
 
-- classify at 10k, 100k and 1M rows; `kd prepare` alone also at 10M;
+- classify at 10k, 100k and 1M rows; with ``--prepare-10m``, `kd prepare` alone also at 10M (the 10M
+  prepare is also benchmarks/prepare_scale.py's);
 - generate (the same CSV: the text is the prompt, the label's name the answer; a top-8 token cache)
   at 10k and 200k.
 
@@ -21,7 +22,7 @@ The targets (issue 15): with a cached teacher, the peak of `kd distill` grows by
 from 10k to 1M classify rows and from 10k to 200k generate answers. A plot of seconds and peak MB
 per phase against rows goes to benchmarks/results/scale.png (where matplotlib is installed).
 
-    python benchmarks/scale.py            # about 25 minutes on 2 CPU cores; about 3 GB of disk under --workdir
+    python benchmarks/scale.py            # about 30 minutes on 2 CPU cores; about 1 GB of disk under --workdir
     python benchmarks/scale.py --quick    # 1k and 4k rows, 500 and 2k answers, 5 steps, no plot (CI)
 
 Writes benchmarks/results/scale[-quick].json and ends with one JSON line.
@@ -47,7 +48,7 @@ from prepare_scale import CHILD, LABELS, load_average, write_csv  # noqa: E402
 
 SIZES = {False: {"classify": [10_000, 100_000, 1_000_000], "generate": [10_000, 200_000]},
          True: {"classify": [1_000, 4_000], "generate": [500, 2_000]}}
-PREPARE_ONLY = {False: [10_000_000], True: []}
+
 PHASES = ("prepare", "cache", "distill", "eval")
 TARGET_MB = 100
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of `kd distill` at batch 32 "
                         "(default 50; quick: 5)")
+    parser.add_argument("--prepare-10m", action="store_true", help="also `kd prepare` at 10M rows (3 GB of disk)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -180,7 +182,7 @@ def main() -> None:
         for task, sizes in SIZES[args.quick].items():
             for rows in sizes:
                 runs.append(measure(task, rows, models[task], args.workdir, args.steps))
-        for rows in PREPARE_ONLY[args.quick]:
+        for rows in [10_000_000] if args.prepare_10m else []:
             runs.append(measure("classify", rows, models["classify"], args.workdir, args.steps, phases=("prepare",)))
 
     growth = {}

@@ -35,9 +35,18 @@ def _stage_identity(recipe: Recipe, stage: Stage, role: Role, data_fingerprint: 
     """Everything that shapes a stage's student: its fingerprint says whether the stage is up to date."""
     teachers = {} if role == DATASET else {n: recipe.teachers[n].model_dump(mode="json") for n in stage.teachers or []}
     return {
-        "student": recipe.student.model_dump(mode="json"), "stage": stage.model_dump(mode="json"), "role": str(role),
+        "student": recipe.student.model_dump(mode="json"), "stage": _stage_dump(stage), "role": str(role),
         "teachers": teachers, "data": data_fingerprint, "seed": recipe.seed, "previous": previous,
     }
+
+
+def _stage_dump(stage: Stage) -> dict:
+    """The stage's settings as its identity holds them. A stage without a transfer set leaves the key out,
+    as stages did before transfer sets existed: their outputs and checkpoints stay current."""
+    dumped = stage.model_dump(mode="json")
+    if dumped["data"]["transfer"] is None:
+        del dumped["data"]["transfer"]
+    return dumped
 
 
 def _job_identity(identity: dict, train_fraction: float) -> dict:
