@@ -28,9 +28,14 @@ class Rows(Sequence):
     format, the turns before the answer; empty otherwise). ``rows[i:j]`` is a list of dicts."""
 
     def __init__(self, table: "pa.Table", stage: Stage, positions: Sequence[int] | None = None):
+        import numpy as np
+
         self._table = table
         self._stage = stage
         self._positions = positions  # a share of the split (a tune trial's): split indices, in this order
+        # The mapped file's record batches (views, no copy) and the split index each starts at.
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
 
     def __len__(self) -> int:
         return self._table.num_rows if self._positions is None else len(self._positions)
@@ -44,13 +49,27 @@ class Rows(Sequence):
         return self.take([i])[0]
 
     def take(self, indices: Sequence[int]) -> list[dict]:
-        """The rows at ``indices``, in that order, in one read: a batch's rows read one by one cost ten
-        times as much (about 130 against 10 microseconds a row)."""
+        """The rows at ``indices``, in that order, in one conversion: a slice of its record batch for each
+        run of consecutive rows. (A take over the whole table costs time in proportion to the split: 30 ms
+        for 64 rows of 1M, against 3.5 ms this way.)"""
+        import numpy as np
+        import pyarrow as pa
+
         n = len(self)
         if any(not -n <= i < n for i in indices):
             raise IndexError(f"rows {[i for i in indices if not -n <= i < n][:3]} of a split of {n} rows")
         idx = [i % n if self._positions is None else self._positions[i] for i in indices]
-        return [_row(row, k, self._stage) for row, k in zip(self._table.take(idx).to_pylist(), idx)]
+        batch_of = (np.searchsorted(self._starts, idx, side="right") - 1).tolist()
+        pieces: list[list[int]] = []  # [batch, first row in it, rows]
+        for i, b in zip(idx, batch_of):
+            local = i - int(self._starts[b])
+            if pieces and pieces[-1][0] == b and pieces[-1][1] + pieces[-1][2] == local:
+                pieces[-1][2] += 1
+            else:
+                pieces.append([b, local, 1])
+        table = pa.Table.from_batches([self._batches[b].slice(first, count) for b, first, count in pieces],
+                                      schema=self._table.schema)
+        return [_row(row, k, self._stage) for row, k in zip(table.to_pylist(), idx)]
 
     def __iter__(self) -> Iterator[dict]:
         for start in range(0, len(self), _READ_AHEAD):
