@@ -19,6 +19,20 @@ def finish(summary: dict[str, Any], out: Path | None = None) -> Path:
     return out
 
 
+def mean_std(runs: dict[str, dict], rows: list[str], columns: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """Per row and column, [mean, std] over ``runs`` (one per seed, each with ``rows[row][column]``;
+    std 0 for a single run)."""
+    import statistics
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        out[row] = {}
+        for column in columns:
+            values = [run["rows"][row][column] for run in runs.values()]
+            out[row][column] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+    return out
+
+
 def kd(work: Path, *args: str) -> None:
     """``kd ARGS`` in ``work``, in this process (torch and transformers are imported once, not per
     command); a failure ends the benchmark, its error printed above."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import RESULTS, finish, kd, tiny_chat_llama, write_recipe, write_variant  # noqa: E402
+from _common import RESULTS, finish, kd, mean_std, tiny_chat_llama, write_recipe, write_variant  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.metrics import squad_normalize  # noqa: E402
@@ -46,6 +45,7 @@ from kdcli.runtime import describe  # noqa: E402
 RECIPE = ROOT / "recipes" / "local" / "fpb-generate.toml"
 OUT = RESULTS / "fpb_generate.json"
 CLASSES = ["negative", "neutral", "positive"]
+COLUMNS = ("accuracy", "macro_f1", "answers_per_s_batch_1", "answers_per_s_batch_32", "parameters")
 ROWS = ["teacher:smollm2", "baseline", "dataset", "student", "on_policy", "sequence"]
 VARIANTS = {"on_policy": {"kd_level": "on_policy", "divergence": "reverse_kl"}, "sequence": {"kd_level": "sequence"}}
 
@@ -112,17 +112,6 @@ def run_seed(work: Path, seed: int, quick: bool) -> dict:
     return {"rows": rows, "max_length": max_length, "seconds": round(time.perf_counter() - started), "env": describe()}
 
 
-def table(seeds: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
-    """Per row and column, the mean and std over the seeds."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for role in ROWS:
-        out[role] = {}
-        for column in ("accuracy", "macro_f1", "answers_per_s_batch_1", "answers_per_s_batch_32", "parameters"):
-            values = [s["rows"][role][column] for s in seeds.values()]
-            out[role][column] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -140,7 +129,7 @@ def main() -> None:
         if str(seed) not in document["seeds"]:
             document["seeds"][str(seed)] = run_seed(work, seed, args.quick)
             seeds_file.write_text(json.dumps(document, indent=2) + "\n")  # a seed at a time: kept if interrupted
-    summary = table(document["seeds"])
+    summary = mean_std(document["seeds"], ROWS, COLUMNS)
     teacher = summary["teacher:smollm2"]
     print(f"{'row':16}{'accuracy':>16}{'macro-F1':>16}{'ans/s b1':>10}{'ans/s b32':>11}{'params':>8}")
     for role, columns in summary.items():

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import RESULTS, finish, kd, write_recipe  # noqa: E402
+from _common import RESULTS, finish, kd, mean_std, write_recipe  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
@@ -115,17 +114,6 @@ def run_setting(work: Path, seed: int, setting: str, quick: bool) -> dict:
             "seconds": round(time.perf_counter() - started), "env": describe()}
 
 
-def table(runs: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
-    """Per row and column, the mean and std over the seeds."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for role in ROWS:
-        out[role] = {}
-        for column in ("accuracy", "macro_f1"):
-            values = [run["rows"][role][column] for run in runs.values()]
-            out[role][column] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -146,7 +134,7 @@ def main() -> None:
     summary: dict = {"benchmark": "fpb_lowlabel", "quick": args.quick, "settings": {}}
     for setting in settings:
         runs = document[setting]
-        means = table(runs)
+        means = mean_std(runs, ROWS, ("accuracy", "macro_f1"))
         teacher, dataset, transfer = (means[r]["accuracy"][0] for r in ("teacher", "dataset", "transfer"))
         summary["settings"][setting] = {
             "seeds": sorted(runs, key=int), "table": means,
