@@ -56,8 +56,11 @@ def write_run(root: Path, bert: Path, rows: int = 80, **train) -> Path:
 def start(root: Path, *args: str) -> subprocess.Popen:
     log = root / f"kd-{time.monotonic_ns()}.log"
     with open(log, "w") as handle:
+        # SIGINT as a terminal would deliver it: a pytest-xdist worker ignores it, and a Python started with
+        # SIGINT ignored keeps ignoring it (no KeyboardInterrupt), as a background job should.
         proc = subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=root, env=ENV, stdout=handle,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.log = log  # type: ignore[attr-defined]
     return proc
 

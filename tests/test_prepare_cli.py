@@ -72,7 +72,7 @@ def test_prepare_and_check_show_the_transfer_set(recipe, tmp_path):
     news = [f"News {i} about costs .@neutral\r\n" for i in range(5)]
     (tmp_path / "news.txt").write_bytes("".join(news + ["Line 3 about sales .@whatever\r\n"]).encode("latin-1"))
     jobs.write_recipe(recipe, {"name": "fin", "task": "classify", "student": {"ref": "bert-base-uncased"},
-                               "loss": {"alpha": 1.0},
+                               "teachers": {"t": {"ref": "bert-base-uncased"}}, "loss": {"alpha": 0.5},
                                "data": {"format": "fpb", "path": "fpb.txt", "transfer": {"files": ["news.txt"]}}})
     wide = {"COLUMNS": "200"}  # no line wrapped
     checked = kd("check", str(recipe), env=wide)
