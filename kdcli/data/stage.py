@@ -42,10 +42,7 @@ class Rows(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if self._positions is None and step == 1:
-                return self._read(start, max(stop - start, 0))
-            return self.take(range(start, stop, step))
+            return self.take(range(*i.indices(len(self))))
         return self.take([i])[0]
 
     def take(self, indices: Sequence[int]) -> list[dict]:
@@ -80,9 +77,6 @@ class Rows(Sequence):
         if self._positions is not None:
             positions = [self._positions[p] for p in positions]
         return Rows(self._table, self._stage, list(positions))
-
-    def _read(self, first: int, count: int) -> list[dict]:
-        return [_row(row, first + k, self._stage) for k, row in enumerate(self._table.slice(first, count).to_pylist())]
 
 
 @dataclass
