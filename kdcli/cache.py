@@ -30,14 +30,15 @@ uint16 ids a token then costs ``2k + 2(k - k // 16)`` bytes, 124 at k = 32, plus
 and one safetensors header (a few hundred bytes) a shard: under 128 bytes a token at k = 32 for
 any cache of more than a few hundred tokens (the manifest's ``bytes_per_token`` is measured on
 the shard files). ``temperature`` and ``top_k`` are part of the cache's identity. A live teacher
-answers in the same form (fp16-rounded top k), so live and cached losses agree. With
-``kd_level = "sequence"`` the cache holds the teacher's greedy answers instead
-(``SPLIT-answers.json``).
+answers in the same form (fp16-rounded top k), so live and cached losses agree. On transfer rows
+(no answer of their own) the teacher first answers greedily, and its top k covers that answer,
+kept beside the shards (``transfer-answers.json``). With ``kd_level = "sequence"`` the cache holds
+the teacher's greedy answers instead (``SPLIT-answers.json``).
 
 Reading is out of core (issue 15): ``CachedTeacher`` keeps an index built from the shards'
 headers (and the top-k shards' ``lengths``), at most 8 bytes a row, and reads each batch's rows
 from the files with positional reads; no shard is loaded whole or concatenated, so a process's
-memory does not grow with the cache. Only the sequence-level answers (text) are held in memory.
+memory does not grow with the cache. Only answers as text (sequence level, transfer rows) are held in memory.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ class CachedTeacher:
             shards = [_Shard(self.path / name) for name in info["shards"]]
             self.splits[split] = (_TokenSplit(shards) if generate
                                   else _RowSplit(shards, ["logits", *(f"hidden.{layer}" for layer in self.layers)]))
+            if "answers" in info:  # transfer rows: the answers the top-k log-probs cover
+                self.answers[split] = read_json(self.path / info["answers"])
+                if len(self.answers[split]) != info["rows"]:
+                    raise ValueError(f"{split} holds {len(self.answers[split])} answers, its manifest says "
+                                     f"{info['rows']}")
 
     def _unreadable(self, exc: Exception) -> CacheError:
         return CacheError(f"the cache at {self.path} cannot be read ({type(exc).__name__}: {exc})",
@@ -172,8 +178,9 @@ class CachedTeacher:
                 f"the cache at {self.path} has no '{split}' split",
                 "run `kd cache-teachers RECIPE` again",
             )
-        if split in self.answers:
-            return TeacherBatch(texts=[self.answers[split][ex["idx"]] for ex in examples])
+        texts = [self.answers[split][ex["idx"]] for ex in examples] if split in self.answers else None
+        if split not in self.splits:
+            return TeacherBatch(texts=texts)
         stored = self.splits[split]
         rows = [ex["idx"] for ex in examples]
         try:
@@ -181,7 +188,7 @@ class CachedTeacher:
                 packed, packed_ids, lengths = stored.read(rows)
                 logprobs, ids = unpack_topk(packed, packed_ids)
                 return TeacherBatch(token_logprobs=logprobs.float().to(self.device),
-                                    token_ids=ids.to(torch.long).to(self.device), lengths=lengths)
+                                    token_ids=ids.to(torch.long).to(self.device), lengths=lengths, texts=texts)
             read = stored.read(rows)
         except _READ_ERRORS as exc:  # a shard changed on disk since it was opened
             raise self._unreadable(exc) from None
@@ -489,6 +496,13 @@ def check_cache(path: Path, expected: dict[str, Any], teacher_name: str, rows: d
             held += info["rows"]
         if rows is not None and held != rows[split]:
             raise damaged(f"its {split} shards hold {held} rows, the {split} split has {rows[split]}")
+        own = info.get("answers")  # top-k log-probs of transfer rows: the teacher's answers they cover
+        if own is not None and (own != f"{split}-answers.json" or not (path / own).is_file()
+                                or sha256_file(path / own) != hashes.get(own)):
+            raise damaged(f"{split}'s answers ({own!r}) are missing or not the file that was written")
+        if (split == "transfer" and own is None and manifest.get("task") == "generate"
+                and manifest.get("kd_level") != "sequence"):
+            raise damaged("its transfer log-probs come without the answers they cover (made by an older kd)")
 
 
 def _shard_rows(shard: Path) -> int:
@@ -732,19 +746,27 @@ def _form(teacher: LiveTeacher, manifest: dict[str, Any]) -> _Form:
     return _Greedy() if teacher.settings.kd_level == "sequence" else _TopK(teacher, manifest)
 
 
-def _save_part(stem: Path, tensors: dict[str, "torch.Tensor"], hits: int, count: int) -> None:
+def _save_part(stem: Path, tensors: dict[str, "torch.Tensor"], hits: int, count: int,
+               texts: list[str] | None = None) -> None:
+    import json
+
     from safetensors.torch import save_file
 
+    meta = {"hits": str(hits), "count": str(count), **({"texts": json.dumps(texts)} if texts is not None else {})}
     save_file({name: t.contiguous() for name, t in tensors.items()}, stem.with_name(stem.name + ".safetensors"),
-              metadata={"hits": str(hits), "count": str(count)})
+              metadata=meta)
 
 
-def _load_part(stem: Path) -> tuple[dict[str, "torch.Tensor"], int, int]:
+def _load_part(stem: Path) -> tuple[dict[str, "torch.Tensor"], int, int, list[str] | None]:
+    import json
+
     from safetensors import safe_open
 
     with safe_open(stem.with_name(stem.name + ".safetensors"), "pt") as handle:
         meta = handle.metadata()
-        return {name: handle.get_tensor(name) for name in handle.keys()}, int(meta["hits"]), int(meta["count"])
+        texts = json.loads(meta["texts"]) if "texts" in meta else None
+        return ({name: handle.get_tensor(name) for name in handle.keys()}, int(meta["hits"]), int(meta["count"]),
+                texts)
 
 
 class _Logits(_Form):
@@ -766,7 +788,7 @@ class _Logits(_Form):
         _save_part(stem, tensors, hits, count)
 
     def load(self, stem: Path) -> tuple[list[Any], int, int]:
-        tensors, hits, count = _load_part(stem)
+        tensors, hits, count, _ = _load_part(stem)
         return [(logits, {layer: tensors[f"hidden.{layer}"][k] for layer in self.layers})
                 for k, logits in enumerate(tensors["logits"])], hits, count
 
@@ -795,7 +817,10 @@ class _Logits(_Form):
 
 class _TopK(_Form):
     """generate, token level: each answer token's top-k log-probs (fp16) and ids, packed, with each
-    row's length, ``SHARD_ROWS`` rows a shard; accuracy: the teacher's top-1 token is the gold one."""
+    row's length, ``SHARD_ROWS`` rows a shard; accuracy: the teacher's top-1 token is the gold one.
+    Transfer rows have no gold answer: the teacher's own greedy answers, which its log-probs cover,
+    are kept beside the shards (``SPLIT-answers.json``, the manifest's ``answers``), and the split has
+    no accuracy."""
 
     def __init__(self, teacher: LiveTeacher, manifest: dict[str, Any]):
         vocab = teacher.model.vocab_size
@@ -806,26 +831,31 @@ class _TopK(_Form):
 
     def answer(self, batch: TeacherBatch, chunk: list[dict]) -> _Answers:
         spans, at = [], 0  # the batch's answer tokens, row after row
-        for n in batch.lengths:
+        texts = batch.texts or [None] * len(batch.lengths)
+        for n, text in zip(batch.lengths, texts):
             spans.append((batch.token_logprobs[at : at + n].half().cpu(),
-                          batch.token_ids[at : at + n].to(self.ids).cpu()))
+                          batch.token_ids[at : at + n].to(self.ids).cpu(), text))
             at += n
+        if batch.texts is not None:  # its own answers: no gold to score against
+            return spans, 0, 0
         return spans, int((batch.token_ids[:, 0] == batch.targets).sum()), len(batch.targets)
 
     def save(self, stem: Path, rows: list[Any], hits: int, count: int) -> None:
         import torch
 
-        _save_part(stem, {"logprobs": torch.cat([logprobs for logprobs, _ in rows]),
-                          "ids": torch.cat([ids for _, ids in rows]),
-                          "lengths": torch.tensor([len(logprobs) for logprobs, _ in rows], dtype=torch.int64)},
-                   hits, count)
+        texts = [text for _, _, text in rows]
+        _save_part(stem, {"logprobs": torch.cat([logprobs for logprobs, _, _ in rows]),
+                          "ids": torch.cat([ids for _, ids, _ in rows]),
+                          "lengths": torch.tensor([len(logprobs) for logprobs, _, _ in rows], dtype=torch.int64)},
+                   hits, count, texts if texts[0] is not None else None)
 
     def load(self, stem: Path) -> tuple[list[Any], int, int]:
         import torch
 
-        tensors, hits, count = _load_part(stem)
+        tensors, hits, count, texts = _load_part(stem)
         lengths = tensors["lengths"].tolist()
-        return (list(zip(torch.split(tensors["logprobs"], lengths), torch.split(tensors["ids"], lengths))),
+        return (list(zip(torch.split(tensors["logprobs"], lengths), torch.split(tensors["ids"], lengths),
+                         texts or [None] * len(lengths))),
                 hits, count)
 
     def write(self, tmp: Path, split: str, rows: list[dict], per_row: list[Any], hits: int, count: int,
@@ -851,6 +881,9 @@ class _TopK(_Form):
             shards.append(name)
         manifest["splits"][split] = {"rows": len(rows), "shards": shards, "accuracy": hits / count if count else None,
                                      "tokens": tokens, "accuracy_kind": "top1_answer_token"}
+        if per_row and per_row[0][2] is not None:
+            write_json(tmp / f"{split}-answers.json", [text for _, _, text in per_row])
+            manifest["splits"][split].update(answers=f"{split}-answers.json", accuracy_kind=None)
 
     def finish(self, tmp: Path, manifest: dict[str, Any]) -> None:
         manifest["tokens"] = self.tokens

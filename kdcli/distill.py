@@ -14,7 +14,6 @@ from pathlib import Path
 from rich.console import Console
 
 from kdcli.data.stage import Rows, stage_data
-from kdcli.errors import KdError
 from kdcli.job import Job
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
@@ -108,10 +107,6 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     out = workdir or run
     if role.kind == "solo":
         require_teacher(recipe, role.name)
-    if role != DATASET and recipe.task == "generate" and any(s.data.transfer for s in recipe.resolved_stages()):
-        raise KdError("a transfer set for task generate is prepared, but distilling from it is not built yet: the "
-                      "teachers' answers to its prompts are not made (issue 16)",
-                      "remove [data.transfer] to distil, or use it with task classify or choice")
     if resume:
         _refuse_a_changed_resume(recipe, role, out, train_fraction)
     preflight(recipe, run)

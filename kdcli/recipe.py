@@ -658,6 +658,9 @@ class Recipe(Section):
             if stage.data.transfer is not None and not used:
                 problems.append(f"{data_at}.transfer: transfer rows have no labels, only teachers teach from them, "
                                 "and the stage has none")
+            elif stage.data.transfer is not None and stage.loss.alpha >= 1 and stage.loss.beta == 0:
+                problems.append(f"{where}.alpha: transfer rows have no labels and teach only through the teacher "
+                                "terms, which alpha = 1 (and beta = 0) turns off; lower alpha")
 
         for key in self.search:
             if not _has_path(self, key.split(".")):

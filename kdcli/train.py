@@ -13,15 +13,16 @@ Every loss term is a mean over its micro-batch's units, and weighted by the micr
 share of the step's units of that term (summed over processes), so batch 8 x
 accumulation 1 and batch 2 x accumulation 4 give the same gradient. A unit is an
 example; for task ``generate`` an answer token: of the gold answer, and for
-sequence-level KD of the teachers' answers (each weighted by its teacher's weight),
-which differ from the gold ones in number. The diversity penalty is the exception to the
+sequence-level KD (and on transfer rows) of the teachers' answers (each weighted by its
+teacher's weight), which differ from the gold ones in number. The diversity penalty is the exception to the
 equality: it is a property of a batch's mean prediction, so it depends on the micro-batch size.
 
 With transfer data (``[data.transfer]``: unlabelled rows the teachers answer) every micro-batch
 holds a fixed number of transfer rows beside its labelled ones (``transfer_share`` of it), drawn
 from their own stream of seeded permutations; they run as a batch of their own, so that a cached
-teacher reads each row from its split. CE and the diversity penalty count labelled examples only,
-KD and the hidden-state MSE every example, so the equality above still holds. An epoch is a pass
+teacher reads each row from its split. CE and the diversity penalty count labelled examples only
+(generate: a transfer batch has no CE), KD and the hidden-state MSE every example, so the
+equality above still holds. An epoch is a pass
 over the labelled rows.
 """
 

@@ -232,6 +232,39 @@ def test_chat_distillation_with_two_templates_through_the_cli(here, llamas, stud
     assert bench["batches"]["1"]["throughput"] > 0
 
 
+@pytest.mark.slow
+def test_transfer_prompts_in_chat_format_are_answered_by_the_teacher_live_and_cached(here, llamas):
+    """Unlabelled questions, asked as chat turns like the labelled ones: the teacher's greedy answers
+    are the targets, and its cache keeps them beside its log-probs."""
+    jobs.write_trivia("trivia.jsonl")
+    Path("questions.jsonl").write_text("".join(json.dumps({"context": f"Question: How many moons has planet {i}?"
+                                                                      "\nAnswer:"}) + "\n" for i in range(24)))
+    recipe = _recipe(llamas["chatml"], llamas["alt"], {"format": "triviaqa", "path": "trivia.jsonl", "chat": True,
+                                                       "transfer": {"path": "questions.jsonl", "share": 0.5}})
+    assert "t (live)" in kd("distill", recipe).output
+    train = [json.loads(line) for line in Path("runs/chat/metrics.jsonl").read_text().splitlines()]
+    assert any(record["kind"] == "train" and record["kd"] > 0 for record in train)
+    kd("cache-teachers", recipe)
+    cache = Path("runs/chat/cache/main/t")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    answers = json.loads((cache / "transfer-answers.json").read_text())
+    assert manifest["splits"]["transfer"]["rows"] == len(answers) == 24
+
+    from kdcli import recipe as recipe_mod
+    from kdcli.cache import LiveTeacher
+    from kdcli.data.stage import stage_data
+    from kdcli.job import TeacherSettings
+    from kdcli.rundir import RunDir
+
+    loaded = recipe_mod.load(Path(recipe), [])
+    rows = stage_data(loaded, RunDir.for_recipe(loaded), loaded.resolved_stages()[0]).rows["transfer"]
+    assert rows[0]["messages"] == [{"role": "user", "content": rows[0]["text"]}]  # asked as a user turn
+    teacher = LiveTeacher(_model(llamas["chatml"]), TeacherSettings(max_length=48, top_k=8, temperature=2.0,
+                                                                    answer_max_length=6))
+    assert teacher([rows[0]], "transfer").texts == [answers[0]]  # what the cache holds: the teacher's answer
+    assert "t (cache)" in kd("distill", recipe, "--set", "train.lr=5e-4").output
+
+
 def test_templates_that_tokenize_the_answer_differently_need_sequence_level_kd(here, llamas):
     jobs.write_trivia("trivia.jsonl")
     recipe = _recipe(llamas["chatml"], llamas["inst"], {"format": "triviaqa", "path": "trivia.jsonl", "chat": True})

@@ -42,8 +42,15 @@ def generate_model(path: Path, *, seed: int | None = None):
     return model
 
 
+def unanswered_rows(n: int) -> list[dict]:
+    """Transfer rows as `kd prepare` stores them: prompts without answers (label -1)."""
+    return [dict(row, id=f"t{i}", text=f"Name something about {row['text']}", answers=[])
+            for i, row in enumerate(qa_rows(n))]
+
+
 def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum: int, top_k: int = 16,
-                 divergence: str = "forward_kl", kd_level: str = "token", max_steps: int = 3) -> Job:
+                 divergence: str = "forward_kl", kd_level: str = "token", max_steps: int = 3,
+                 transfer_share: float = 0.0) -> Job:
     teacher = generate_model(models[family], seed=1)
     torch.manual_seed(0)
     student = student_from_teacher(teacher, [0])
@@ -51,8 +58,9 @@ def generate_job(models, family: str, out: Path, *, batch_size: int, grad_accum:
     data = qa_rows(40)
     loss = LossConfig(alpha=0.5, temperature=2.0, divergence=divergence, kd_level=kd_level, top_k=top_k)
     return Job(
-        name="main", student=student,
-        rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])]},
+        name="main", student=student, transfer_share=transfer_share,
+        rows={"train": data[:32], "validation": [dict(r, idx=i) for i, r in enumerate(data[32:])],
+              **({"transfer": unanswered_rows(24)} if transfer_share else {})},
         loss=loss, train=TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
                                      eval_every=10_000, checkpoint_every=10_000, log_every=8, eval_batch_size=8),
         seed=0, max_length=32, template=None, checkpoint_dir=out / "checkpoints", output_dir=out / "student",
@@ -176,6 +184,53 @@ def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(models, family, 
     assert float(live_total.detach()) == pytest.approx(float(cached_total.detach()), abs=1e-5)
 
 
+@pytest.mark.parametrize("kd_level", ["token", "sequence"])
+def test_the_teacher_answers_transfer_prompts_and_its_cache_gives_the_live_loss(models, kd_level, tmp_path):
+    """Transfer rows have no answer: the teacher's greedy answers are the targets, the student learns them
+    (token level: the teacher's distribution at each of their tokens) with no CE, and a cache holds the
+    answers with the log-probs, so that it gives the live teacher's loss."""
+    job = generate_job(models, "llama", tmp_path, batch_size=8, grad_accum=1, kd_level=kd_level, transfer_share=0.5)
+    live = job.teachers["t"]
+    batch = job.rows["transfer"][8:16]
+    said = live(batch, "transfer")
+    greedy = live.model.generate(batch, 8, 32, None, batch_size=8)
+    assert said.texts == greedy and any(said.texts)  # made-up answers, some of them not empty
+    units = GENERATE.units(job, batch, {"t": said})
+    targets = [dict(row, target=text) for row, text in zip(batch, greedy)]
+    answer_tokens = int((GENERATE.encode(job.student, targets, 32, None, 8)["labels"] != -100).sum())
+    assert units == {"ce": 0, "kd": answer_tokens}  # no gold tokens; the teacher's answer tokens
+    if kd_level == "token":
+        assert said.lengths == [len(GENERATE.encode(job.student, [row], 32, None, 8)["labels"].ne(-100).nonzero())
+                                for row in targets]
+    live_total, live_parts, _ = train.compute_loss(job, batch, "transfer", None)
+    assert set(live_parts) == {"kd"} and float(live_parts["kd"].detach()) > 0
+    manifest = build_cache(tmp_path / "cache", live, {"train": job.rows["train"], "transfer": job.rows["transfer"]},
+                           {"kd_level": kd_level, "task": "generate"}, batch_size=5)
+    assert manifest["splits"]["transfer"]["accuracy"] is None and manifest["splits"]["train"]["accuracy"] is not None
+    cached = CachedTeacher(tmp_path / "cache")
+    assert cached(batch, "transfer").texts == greedy
+    job.teachers = {"t": cached}
+    cached_total, cached_parts, _ = train.compute_loss(job, batch, "transfer", None)
+    assert float(cached_parts["kd"].detach()) == pytest.approx(float(live_parts["kd"].detach()), abs=1e-5)
+    assert float(cached_total.detach()) == pytest.approx(float(live_total.detach()), abs=1e-5)
+
+
+def test_a_token_cache_of_transfer_rows_without_their_answers_is_refused(models, tmp_path):
+    from kdcli.cache import check_cache
+    from kdcli.errors import CacheError
+    from kdcli.rundir import write_json
+
+    live = LiveTeacher(generate_model(models["llama"]), TeacherSettings(max_length=32, top_k=8, answer_max_length=8))
+    manifest = build_cache(tmp_path / "cache", live, {"transfer": unanswered_rows(4)}, {"task": "generate"},
+                           batch_size=2)
+    assert (tmp_path / "cache" / "transfer-answers.json").is_file()
+    check_cache(tmp_path / "cache", dict(manifest), "t", {"transfer": 4})
+    del manifest["splits"]["transfer"]["answers"]  # as a kd before transfer answers would have written it
+    write_json(tmp_path / "cache" / "manifest.json", manifest)
+    with pytest.raises(CacheError, match="without the answers they cover"):
+        check_cache(tmp_path / "cache", dict(manifest), "t", {"transfer": 4})
+
+
 def test_a_top32_cache_takes_at_most_128_bytes_a_token_on_disk_and_reads_back_as_the_live_teacher(models, tmp_path):
     teacher = generate_model(models["llama"], seed=1)
     live = LiveTeacher(teacher, TeacherSettings(max_length=32, top_k=32, temperature=2.0, answer_max_length=8))
@@ -258,6 +313,24 @@ def test_two_teachers_are_mixed_as_full_distributions_by_their_weights(models, t
     # Mixed as distributions, not as losses: KL to a mixture is below the mixed KLs (the mixture's
     # entropy is higher), and strictly so when the teachers differ.
     assert one_three < 0.25 * alone["a"] + 0.75 * alone["b"] - 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kd_level", ["token", "sequence"])
+def test_with_transfer_prompts_batch_8_accumulation_1_equals_batch_2_accumulation_4(models, tmp_path, kd_level):
+    """Half of each micro-batch is transfer prompts, which the (cached) teacher answered: answers of
+    different lengths, so the KD term must weigh each micro-batch by its teacher-answer tokens."""
+    cache = tmp_path / "cache"
+    for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
+        job = generate_job(models, "llama", tmp_path / name, batch_size=batch, grad_accum=accum, max_steps=2,
+                           kd_level=kd_level, transfer_share=0.5)
+        if not cache.exists():
+            build_cache(cache, job.teachers["t"], {s: job.rows[s] for s in ("train", "transfer")},
+                        {"kd_level": kd_level, "task": "generate"}, batch_size=4)
+        job.teachers = {"t": CachedTeacher(cache)}
+        train.run_job(job, make_accelerator(), show_progress=False)
+    final = {name: jobs.state_dict(train._checkpoints(tmp_path / name / "checkpoints")[0]) for name in "ab"}
+    assert jobs.max_difference(final["a"], final["b"]) < 1e-5
 
 
 @pytest.mark.slow

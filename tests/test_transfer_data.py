@@ -332,14 +332,6 @@ def test_a_transfer_set_needs_a_teacher():
     with pytest.raises(RecipeError, match=r"data\.transfer: transfer rows have no labels, only teachers teach"):
         validate(recipe("classify", {}))
     assert validate(recipe("classify", {"t": {"ref": "t"}})).data.transfer.share == 0.5
-
-
-def test_distilling_a_generate_student_from_a_transfer_set_is_refused_before_any_work(here):
-    from kdcli.distill import distill
-    from kdcli.roles import STUDENT
-
-    recipe = recipe_mod.validate(raw_recipe({"format": "jsonl", "path": "l.jsonl", "columns": {
-        "text": "text", "label": "", "answers": "answer"}, "transfer": {"path": "u.jsonl"}}, task="generate"))
-    with pytest.raises(KdError, match="distilling from it is not built yet") as info:
-        distill(recipe, role=STUDENT)
-    assert "remove [data.transfer]" in info.value.hint and not (here / "runs").exists()
+    labels_only = dict(recipe("generate", {"t": {"ref": "t"}}), loss={"alpha": 1.0})
+    with pytest.raises(RecipeError, match=r"loss\.alpha: transfer rows have no labels and teach only through"):
+        validate(labels_only)

@@ -13,6 +13,11 @@ level: T^2 * D(teacher || student) at each answer token, against the teacher's t
 ``losses.topk_to_dense``). Sequence level: cross-entropy on the tokens of the teachers' greedy
 answers, each token weighted by its teacher's static weight.
 
+Transfer rows (``[data.transfer]``: prompts without an answer) have no ``ce``. Each teacher answers
+them greedily (synthetic targets) and, at token level, gives its distribution at each token of its
+own answer; the student learns each teacher's answers separately, weighted like sequence-level KD
+(the teachers' answers differ, so their distributions cannot be mixed token by token).
+
 Evaluation answers with batched greedy decoding and scores exact match and token F1 against every
 alias (``kdcli.metrics``); two models agree when their normalised answers are equal.
 """
@@ -125,11 +130,12 @@ class Generate(TaskKind):
     def units(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch]) -> dict[str, float]:
         """Gold answer tokens; for sequence-level KD, the tokens of the teachers' answers (teacher-weighted);
         on an on-policy step, the tokens the student sampled."""
-        gold = self.answer_tokens(job, _gold(examples))
+        labelled = _labelled(examples)
+        gold = self.answer_tokens(job, _gold(examples)) if labelled else 0
         kd = gold
         if any("sample_ids" in ex for ex in examples):
             kd = sum(len(ex["sample_ids"]) for ex in examples)
-        elif answers and job.loss.kd_level == "sequence":
+        elif answers and (job.loss.kd_level == "sequence" or not labelled):
             kd = sum(job.teacher_weights.get(n, 1.0) * self.answer_tokens(job, _teacher_targets(examples, answers[n]))
                      for n in job.teachers)
         return {"ce": gold, "kd": kd}
@@ -146,17 +152,20 @@ class Generate(TaskKind):
                                                      job.answer_max_length))
 
         sampled = any("sample_ids" in ex for ex in examples)
+        labelled = _labelled(examples)  # a batch of transfer rows has no gold answer: no CE
+        ce = cfg.alpha > 0 and labelled
         # An on-policy step without CE never reads the gold answers: one forward pass fewer.
-        output = run(examples) if sampled and cfg.alpha == 0 else run(_gold(examples))
+        output = run(examples) if sampled and not ce else run(_gold(examples)) if labelled else None
         parts: dict[str, torch.Tensor] = {}
-        if cfg.alpha > 0:
+        if ce:
             parts["ce"] = losses.cross_entropy(output.logits, output.labels)
         if answers and cfg.alpha < 1:
             weights = [job.teacher_weights.get(name, 1.0) for name in job.teachers]
-            if cfg.kd_level == "sequence":
-                parts["kd"] = self._sequence_kd(job, examples, answers, weights, output)
+            if cfg.kd_level == "sequence" or (not labelled and not sampled):
+                parts["kd"] = self._own_answers_kd(job, examples, answers, weights,
+                                                   token_level=cfg.kd_level != "sequence")
             else:  # token level, and on-policy: on the student's samples when the step drew them
-                on_samples = run(examples) if sampled and cfg.alpha > 0 else output
+                on_samples = run(examples) if sampled and ce else output
                 parts["kd"] = self._token_kd(job, answers, weights, on_samples)
         return losses.weighted_sum(parts, part_weights(cfg)), parts, output
 
@@ -173,21 +182,27 @@ class Generate(TaskKind):
             samples.append(ids or [eos])
         return [dict(ex, sample_ids=ids) for ex, ids in zip(examples, samples)]
 
-    def _sequence_kd(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch], weights: list[float],
-                     output: "TaskOutput") -> "torch.Tensor":
+    def _own_answers_kd(self, job: "Job", examples: list[dict], answers: dict[str, TeacherBatch],
+                        weights: list[float], token_level: bool) -> "torch.Tensor":
+        """KD on each teacher's own greedy answers, teacher by teacher, weighted by its weight times its
+        answer tokens: cross-entropy on their tokens (sequence level), or, on transfer rows at token
+        level, the divergence from the teacher's distribution at each of them."""
         from kdcli import losses
 
         student = job.student
-        weighted_sum, weighted_count = 0.0, 0.0
+        weighted_sum, weighted_count, zero = 0.0, 0.0, None
         for name, weight in zip(job.teachers, weights):
             targets = _teacher_targets(examples, answers[name])
             theirs = self.forward(student, self.encode(student, targets, job.max_length, job.template,
                                                        job.answer_max_length))
-            tokens = int((theirs.labels != -100).sum())
-            if tokens:
-                weighted_sum = weighted_sum + weight * tokens * losses.cross_entropy(theirs.logits, theirs.labels)
+            tokens = int(theirs.token_mask.sum())
+            zero = theirs.logits.sum() * 0.0
+            if tokens and weight:
+                term = (self._token_kd(job, {name: answers[name]}, [1.0], theirs) if token_level
+                        else losses.cross_entropy(theirs.logits, theirs.labels))
+                weighted_sum = weighted_sum + weight * tokens * term
                 weighted_count += weight * tokens
-        return weighted_sum / weighted_count if weighted_count else output.logits.sum() * 0.0
+        return weighted_sum / weighted_count if weighted_count else zero
 
     def _token_kd(self, job: "Job", answers: dict[str, TeacherBatch], weights: list[float],
                   output: "TaskOutput") -> "torch.Tensor":
@@ -267,15 +282,22 @@ class Generate(TaskKind):
 
     def teacher_answer(self, model: "TaskModel", examples: list[dict], settings: "TeacherSettings") -> TeacherBatch:
         """Token level: the top-k log-probs at temperature T of every answer token, rounded to fp16 as
-        the cache stores them (so a live teacher and its cache give the same loss). Sequence level:
-        the greedy answers."""
+        the cache stores them (so a live teacher and its cache give the same loss); on transfer rows
+        (no answer of their own) the answer is the teacher's greedy one, returned as ``texts``.
+        Sequence level: the greedy answers."""
         import torch
         import torch.nn.functional as F
 
+        def greedy() -> list[str]:
+            return model.generate(examples, settings.answer_max_length, settings.max_length, settings.template,
+                                  batch_size=len(examples) or 1)
+
         if settings.kd_level == "sequence":
-            texts = model.generate(examples, settings.answer_max_length, settings.max_length, settings.template,
-                                   batch_size=len(examples) or 1)
-            return TeacherBatch(texts=texts)
+            return TeacherBatch(texts=greedy())
+        texts = None
+        if not _labelled(examples) and not any("sample_ids" in ex for ex in examples):
+            texts = greedy()  # transfer rows: the teacher's own answer is the target its distributions cover
+            examples = _teacher_targets(examples, TeacherBatch(texts=texts))
         with torch.no_grad():
             output = self.forward(model, self.encode(model, examples, settings.max_length, settings.template,
                                                      settings.answer_max_length))
@@ -284,7 +306,7 @@ class Generate(TaskKind):
             k = min(settings.top_k or logprobs.shape[-1], logprobs.shape[-1])
             values, ids = logprobs.topk(k, dim=-1)
         return TeacherBatch(token_logprobs=values.half().float(), token_ids=ids, lengths=mask.sum(1).tolist(),
-                            targets=output.labels[mask])
+                            targets=output.labels[mask], texts=texts)
 
     # ----------------------------------------------------------------- kd eval and kd bench
 
@@ -317,6 +339,11 @@ class Generate(TaskKind):
         return (lambda batch: model.generate_ids(batch, max_new_tokens),
                 f"greedy generation of up to {max_new_tokens} new tokens on tokenised prompts already on the device "
                 "(tokenisation and decoding excluded)")
+
+
+def _labelled(examples: list[dict]) -> bool:
+    """Whether a batch is of labelled rows (with gold answers), not transfer rows (a step never mixes them)."""
+    return any(ex["answers"] for ex in examples)
 
 
 def _gold(examples: list[dict]) -> list[dict]:
