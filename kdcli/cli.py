@@ -276,16 +276,32 @@ def eval_(
         str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.")
     ] = "student",
     split: Annotated[Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Score every row of this file instead of a split (no train split needed).",
+        exists=True, dir_okay=False, show_default=False)] = None,
+    data_format: Annotated[Optional[str], typer.Option(
+        "--format", help="The --data file's format, as data.format (default: the recipe's).", show_default=False,
+        metavar="FORMAT")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score a model on a split: accuracy, F1, and agreement with the teachers."""
+    """Score a model on a split, or on any file: accuracy, F1, and agreement with the teachers."""
     from kdcli.evaluate import evaluate_role
     from kdcli.report import print_eval
     from kdcli.roles import Role
 
     recipe = _load(recipe_path, overrides)
+    if data_format is not None:
+        from typing import get_args
+
+        from kdcli.recipe import Format
+
+        if data is None:
+            raise KdError("--format is the format of a --data file", "add --data FILE, or drop --format")
+        if data_format not in get_args(Format) or data_format == "hub":
+            raise KdError(f"--format {data_format!r} is not a file format",
+                          "use one of: " + ", ".join(f for f in get_args(Format) if f != "hub"))
     with _locked(recipe):  # eval writes its result; it never rewrites the run's data or recipe
-        result = evaluate_role(recipe, Role.parse(model), split)
+        result = evaluate_role(recipe, Role.parse(model), split, data_file=data, data_format=data_format)
         _record(recipe, replace=False)
     if as_json:
         _emit_json(result)

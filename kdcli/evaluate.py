@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.data.stage import stage_data
+from kdcli.data.stage import file_data, stage_data
 from kdcli.errors import KdError, ModelError
 from kdcli.models import place
 from kdcli.recipe import Recipe
@@ -34,29 +35,36 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
-                  console: "Console | None" = None) -> dict[str, Any]:
-    """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, save and return the result."""
+def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console: "Console | None" = None,
+                  data_file: Path | None = None, data_format: str | None = None) -> dict[str, Any]:
+    """Score ``role`` on ``split`` (default ``eval.split``) of the last stage, or on every row of
+    ``data_file`` (in ``data_format``, default the stage's; saved apart, see ``RunDir.eval_file``),
+    save and return the result."""
     from kdcli.roles import check
     from kdcli.runtime import describe as environment
 
     check(recipe, role)  # a missing model is reported before any data is prepared
-    split = split or recipe.eval.split
+    if data_file is not None and split is not None:
+        raise KdError("--data and --split both say what to score", "give one of them")
+    split = "file" if data_file is not None else split or recipe.eval.split
     if split == "transfer":
         raise KdError("the transfer split holds unlabelled inputs, which only the teachers label: there is nothing "
                       "in it to score", "score a labelled split: --split test or --split validation")
     task = task_kind(recipe.task)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
-    data = stage_data(recipe, run, stage, replace=False)
+    if data_file is not None:
+        data = file_data(recipe, run, stage, data_file, data_format)
+    else:
+        data = stage_data(recipe, run, stage, replace=False)
     if split not in data.rows:
         raise KdError(f"stage '{stage.name}' has no '{split}' split (it has: {', '.join(data.rows)})",
                       "pick one with --split, or add it to data.split")
     rows = task.scored_rows(data.rows[split])
     if not rows:
-        raise KdError(f"the {split} split of stage '{stage.name}' has nothing to score "
-                      "(no labels or reference answers)",
-                      "score another split with --split")
+        where = str(data_file) if data_file is not None else f"the {split} split of stage '{stage.name}'"
+        raise KdError(f"{where} has nothing to score (no labels or reference answers)",
+                      "score another file, or another split with --split")
     cfg = recipe.eval
 
     def answer(model) -> list[Any]:
@@ -71,6 +79,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
     result: dict[str, Any] = {
         **result_header(recipe, role, model, stage.name, split),
         "data_fingerprint": data.fingerprint,
+        **({"data": data.manifest["source"]} if data_file is not None else {}),
         "n": len(rows),
         "seconds": seconds,
         "examples_per_second": len(rows) / seconds,
@@ -106,6 +115,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None,
             row = rows[i]
             result["disagreements"].append(
                 {"teacher": name, **task.disagreement(row, row["label"], theirs[i], mine[i], data.manifest)})
-    write_json(run.eval(role), result)
-    result["path"] = str(run.eval(role))
+    path = run.eval_file(role, data_file, data.fingerprint) if data_file is not None else run.eval(role)
+    write_json(path, result)
+    result["path"] = str(path)
     return result

@@ -432,7 +432,8 @@ class LossConfig(Section):
     """loss = alpha*CE + (1-alpha)*T^2*D(teacher||student) + beta*hidden MSE + gamma*diversity."""
 
     alpha: float = Field(
-        0.5, ge=0, le=1, description="Weight of cross-entropy on gold labels; 1 - alpha goes to the teacher term."
+        0.5, ge=0, le=1, description="Weight of cross-entropy on gold labels; 1 - alpha goes to the teacher term. "
+        "1 by default in a recipe without teachers."
     )
     temperature: float = Field(2.0, gt=0, description="Softens both distributions; the KD term is scaled by T^2.")
     divergence: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
@@ -614,6 +615,15 @@ class Recipe(Section):
     )
 
     _name = field_validator("name")(_plain_name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_only_without_teachers(cls, raw: Any) -> Any:
+        """A recipe without teachers has nothing to distil from: its loss is CE alone unless it sets alpha."""
+        loss = raw.get("loss", {}) if isinstance(raw, dict) else None
+        if isinstance(loss, dict) and not raw.get("teachers") and "alpha" not in loss:
+            return {**raw, "loss": {**loss, "alpha": 1.0}}
+        return raw
 
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":

@@ -89,6 +89,10 @@ class RunDir:
     def eval(self, role: object) -> Path:
         return self.root / "eval" / f"{role_filename(role)}.json"
 
+    def eval_file(self, role: object, data: Path, data_fingerprint: str) -> Path:
+        """Where `kd eval --data FILE` saves a role's result: apart from the split results `kd compare` reads."""
+        return self.root / "eval" / "files" / f"{data.stem}-{data_fingerprint[:8]}" / f"{role_filename(role)}.json"
+
     def bench(self, role: object) -> Path:
         return self.root / "bench" / f"{role_filename(role)}.json"
 

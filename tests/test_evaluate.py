@@ -180,3 +180,53 @@ def test_choice_eval_counts_answers_and_compares_with_the_teacher(tiny, tmp_path
                 and case["teacher_answer"] != case["model_answer"])
     assert (json.loads((tmp_path / "runs/mc/eval/baseline.json").read_text())["answer_histogram"]
             == result["answer_histogram"])
+
+
+@pytest.mark.slow
+def test_eval_on_a_file_scores_its_rows_as_the_same_rows_of_a_split_and_needs_no_train_split(here, tiny):
+    import json
+    from pathlib import Path
+
+    import jobs
+    from clirun import kd
+
+    model = tiny("bert", "sequence-classification")
+    recipe = jobs.write_classify_run(here, model, name="f", rows=80, loss={"alpha": 0.5}, train={"max_steps": 1})
+    by_split = json.loads(kd("eval", str(recipe), "--model", "teacher:t", "--json").stdout)
+    from kdcli import recipe as recipe_mod
+    from kdcli.data.stage import stage_data
+    from kdcli.rundir import RunDir
+
+    loaded = recipe_mod.load(recipe, [])
+    test = stage_data(loaded, RunDir.for_recipe(loaded), loaded.resolved_stages()[0]).rows["test"]
+    names = jobs.LABELS
+    Path("test.csv").write_text("sentence,gold\n" + "".join(f'"{row["text"]}",{names[row["label"]]}\n'
+                                                            for row in test))
+    by_file = json.loads(kd("eval", str(recipe), "--model", "teacher:t", "--data", "test.csv", "--format", "csv",
+                            "--set", 'data.columns={text="sentence", label="gold"}', "--json").stdout)
+    assert by_file["n"] == by_split["n"] == len(test) and by_file["split"] == "file"
+    assert by_file["metrics"] == by_split["metrics"]
+    assert by_file["data"] == {"path": str(Path("test.csv").resolve()), "format": "csv"}
+    saved = Path(by_file["path"])
+    assert saved.parent.parent == here / "runs" / "f" / "eval" / "files" and saved.name == "teacher-t.json"
+    assert json.loads(saved.read_text())["metrics"] == by_split["metrics"]
+    assert "file" not in kd("compare", str(recipe), "--format", "csv").stdout  # compare reads split results only
+
+    # A new user's recipe: no train data at all, a model path, a file to score.
+    jobs.write_recipe("only-eval.toml", {"name": "e", "task": "classify", "student": {"ref": str(model)},
+                                         "data": {"format": "csv", "path": "nowhere.csv", "label_names": names,
+                                                  "columns": {"text": "sentence", "label": "gold"}}})
+    alone = json.loads(kd("eval", "only-eval.toml", "--model", str(model), "--data", "test.csv", "--json").stdout)
+    assert alone["metrics"]["accuracy"] == by_split["metrics"]["accuracy"] and not Path("runs/e/data").exists()
+
+
+def test_eval_format_without_a_data_file_or_an_unknown_one_is_a_clear_error(here):
+    import jobs
+    from clirun import kd
+
+    jobs.write_recipe("r.toml", {"name": "r", "task": "classify", "student": {"ref": "m"},
+                                 "data": {"format": "jsonl", "path": "x.jsonl", "label_names": ["a", "b"]}})
+    assert "--format is the format of a --data file" in kd("eval", "r.toml", "--format", "csv", code=1).stderr
+    open("f.txt", "w").close()
+    result = kd("eval", "r.toml", "--data", "f.txt", "--format", "xml", code=1)
+    assert "--format 'xml' is not a file format" in result.stderr and "csv" in result.stderr

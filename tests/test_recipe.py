@@ -189,12 +189,24 @@ def test_beta_needs_a_hidden_map():
 def test_alpha_below_one_needs_a_teacher():
     raw = minimal()
     raw["teachers"] = {}
+    raw["loss"] = {"alpha": 0.5}
     assert problems_of(raw) == [
         "loss.alpha: 0.5 gives weight to a teacher term, but the stage has no teachers "
         "(set alpha = 1 to train on labels only)"
     ]
     raw["loss"] = {"alpha": 1.0}
     assert recipe_mod.validate(raw).resolved_stages()[0].teachers == []
+
+
+def test_a_recipe_without_teachers_trains_on_labels_unless_it_sets_alpha():
+    raw = minimal()
+    raw["teachers"] = {}
+    raw["loss"] = {"temperature": 3.0}
+    assert recipe_mod.validate(raw).loss.alpha == 1.0  # nothing to distil from: not an error
+    del raw["loss"]
+    assert recipe_mod.validate(raw).resolved_stages()[0].loss.alpha == 1.0
+    raw["teachers"] = {"t": {"ref": "t"}}
+    assert recipe_mod.validate(raw).loss.alpha == 0.5  # with a teacher the default stays
 
 
 def test_stage_rules_name_the_stage():

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.data.prepare import load_prepared, prepare_recipe
-from kdcli.recipe import Recipe, Stage
-from kdcli.rundir import RunDir
+from kdcli.errors import DataError
+from kdcli.recipe import Recipe, Stage, fingerprint
+from kdcli.rundir import RunDir, sha256_file
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -112,6 +114,47 @@ def stage_data(recipe: Recipe, run: RunDir, stage: Stage, replace: bool = True) 
         total = int(histogram.sum())
         prior = [int(count) / total for count in histogram] if total else None
     return StageData(rows, manifest, num_classes, prior)
+
+
+def file_data(recipe: Recipe, run: RunDir, stage: Stage, path: Path, data_format: str | None) -> StageData:
+    """A file in any supported format (``data_format``, default the stage's) as the one split ``file``:
+    every row as read, none dropped, deduplicated or split off (`kd eval --data`). The file is read
+    into memory. Its class ids are the stage's (``data.label_names``, else the names its prepared data
+    was given), so that an id means what it meant in training."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from kdcli.data.read import DEFAULT_LABEL_NAMES, read_source
+    from kdcli.data.store import COLUMNS, ExampleStore
+    from kdcli.tasks import task_kind
+
+    prepared = None
+    try:
+        prepared = load_prepared(run, stage.name)[1]
+    except DataError:
+        pass  # not prepared: the recipe's own class names, or the format's
+    names = list(stage.data.label_names or (prepared or {}).get("label_names", []))
+    fmt = data_format or stage.data.format
+    if recipe.task == "classify" and not names and fmt not in DEFAULT_LABEL_NAMES:
+        raise DataError(f"the class names of stage '{stage.name}' are not known: its data is not prepared and "
+                        "data.label_names is not set, so the file's labels cannot be given the model's class ids",
+                        "run `kd prepare RECIPE` first, or set data.label_names")
+    data = stage.data.model_copy(update={"format": fmt, "path": str(path), "files": {}, "labels_path": None,
+                                         "hub_name": None, "hub_config": None, "transfer": None,
+                                         "label_names": names})
+    with tempfile.TemporaryDirectory(prefix="kd-eval-") as folder:
+        store = ExampleStore(lambda: Path(folder))
+        try:
+            names = read_source(data, recipe.task, store)
+            table = pa.Table.from_batches([batch for _, batch in store.batches(COLUMNS)])
+            options = store.max_options
+        finally:
+            store.close()
+    manifest = {"label_names": names, "num_options": (prepared or {}).get("num_options", options),
+                "fingerprint": fingerprint({"file": sha256_file(path), "format": fmt, "label_names": names}),
+                "source": {"path": str(path.resolve()), "format": fmt}}
+    return StageData({"file": Rows(table, stage)}, manifest, task_kind(recipe.task).num_classes(manifest), None)
 
 
 def _row(row: dict, idx: int, stage: Stage) -> dict:
