@@ -24,18 +24,20 @@ app = typer.Typer(
     name="kd",
     help="Distil large language models into small, fast ones for one domain, and measure what the student keeps.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
-RecipeArg = Annotated[Path, typer.Argument(help="The TOML recipe.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="The TOML recipe.", show_default=False, metavar="RECIPE")]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option(
-        "--set", help="Override a recipe key: --set train.lr=3e-5 (repeatable; values are TOML).", show_default=False
+        "--set", help="Override a recipe key: --set train.lr=3e-5 (repeatable; values are TOML).", show_default=False,
+        metavar="KEY=VALUE",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+# Flags show no value type (metavar ""): Typer would print <bool> where nothing is typed.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.", metavar="")]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,7 +91,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.",
+                           metavar="")
     ] = False,
 ) -> None:
     """Distil large language models into small, fast ones for one domain, and measure what the student keeps."""
@@ -123,29 +126,47 @@ def _emit_json(payload: Any) -> None:
 def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Validate a recipe (and overrides) without running anything; print what it would do."""
     from kdcli import recipe as recipe_mod
+    from kdcli.errors import RecipeError
     from kdcli.rundir import RunDir
 
-    recipe = _load(recipe_path, overrides)
+    try:
+        recipe = _load(recipe_path, overrides)
+    except RecipeError as exc:
+        exc.hint = exc.hint.replace("; `kd check RECIPE` validates without running anything", "")  # this is kd check
+        raise
     run = RunDir.for_recipe(recipe)
     stages = recipe.resolved_stages()
+    from kdcli.data.files import source_files, transfer_files
+    from kdcli.models import offline_problem
+
+    for stage in stages:  # a missing data file fails here, not an hour into `kd run`
+        source_files(stage.data)
+        transfer_files(stage.data)
+    specs = [("student", recipe.student), *((f"teacher {n}", t) for n, t in recipe.teachers.items())]
+    warnings = [f"{who}: {problem}" for who, spec in specs if spec.ref
+                and (problem := offline_problem(spec.ref, spec.gguf_file, spec.revision))]
     if as_json:
         from kdcli.report import last_transfer
 
         # Each transfer set as last prepared (None: not yet, or with other settings): check reads no data.
         transfer = {stage.name: last_transfer(stage, run)[1] for stage in stages if stage.data.transfer}
         _emit_json({"ok": True, "run_dir": str(run.root), "recipe": recipe.model_dump(mode="json"),
-                    **({"transfer": transfer} if transfer else {})})
+                    "warnings": warnings, **({"transfer": transfer} if transfer else {})})
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from kdcli.report import print_transfer_plan
 
     console = Console()
     table = Table(title=f"{recipe_path}: valid ({recipe.task})", show_lines=False)
-    for column in ("stage", "data", "teachers", "loss", "schedule"):
+    table.add_column("#", justify="right")  # the index --set stages.N takes
+    table.add_column("stage")
+    table.add_column("data", overflow="fold")  # a path cut short with … cannot be checked
+    for column in ("teachers", "loss", "schedule"):
         table.add_column(column)
-    for stage in stages:
+    for index, stage in enumerate(stages):
         source = stage.data.path or ", ".join(f"{k}={v}" for k, v in stage.data.files.items()) or stage.data.hub_name
         loss = f"alpha={stage.loss.alpha:g} T={stage.loss.temperature:g} {stage.loss.divergence}"
         if stage.loss.beta:
@@ -155,7 +176,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
         length = f"{stage.train.max_steps} steps" if stage.train.max_steps else f"{stage.train.epochs:g} ep"
         schedule = f"{length}, bs {stage.train.batch_size}x{stage.train.grad_accum}, lr {stage.train.lr:g}"
         data = f"{stage.data.format}: {source}" + (" + transfer set" if stage.data.transfer else "")
-        table.add_row(stage.name, data, ", ".join(stage.teachers or []) or "(labels only)", loss, schedule)
+        table.add_row(str(index), stage.name, data, ", ".join(stage.teachers or []) or "(labels only)", loss,
+                      schedule)
     console.print(table)
     student = recipe.student.ref or f"from teacher '{recipe.student.from_teacher}' layers {recipe.student.layers}"
     console.print(f"student: {student}")
@@ -166,6 +188,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
     print_transfer_plan(stages, run, console)
     console.print(f"run directory: {run.root}")
     console.print(f"recipe fingerprint: {recipe_mod.fingerprint(recipe)}")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()
@@ -173,7 +197,7 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
 def prepare(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Prepare again even if nothing changed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Prepare again even if nothing changed.", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Read the dataset, normalise it to kd's schema, split it and save it under the run directory."""
@@ -195,7 +219,7 @@ def prepare(
 def cache_teachers(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild caches even if they match.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild caches even if they match.", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run each teacher once over the data and store its outputs for distillation."""
@@ -225,20 +249,22 @@ def cache_teachers(
 def distill(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.", metavar="")] = False,
     no_teachers: Annotated[
-        bool, typer.Option("--no-teachers", help="Train the same student on labels only (the `dataset` role).")
+        bool, typer.Option("--no-teachers", help="Train the same student on labels only (the `dataset` role).",
+                           metavar="")
     ] = False,
     teacher: Annotated[
         Optional[str],
-        typer.Option("--teacher", help="Distil from this teacher alone (the `student:NAME` role).", show_default=False),
+        typer.Option("--teacher", help="Distil from this teacher alone (the `student:NAME` role).", show_default=False,
+                     metavar="NAME"),
     ] = None,
     params: Annotated[
         Optional[list[Path]],
         typer.Option(
             "--params",
             help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).",
-            show_default=False,
+            show_default=False, metavar="TOML",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -273,12 +299,15 @@ def eval_(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
     model: Annotated[
-        str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.")
+        str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.",
+                          metavar="ROLE")
     ] = "student",
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).")] = None,
+    split: Annotated[
+        Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).", metavar="SPLIT")
+    ] = None,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Score every row of this file instead of a split (no train split needed).",
-        exists=True, dir_okay=False, show_default=False)] = None,
+        exists=True, dir_okay=False, show_default=False, metavar="FILE")] = None,
     data_format: Annotated[Optional[str], typer.Option(
         "--format", help="The --data file's format, as data.format (default: the recipe's).", show_default=False,
         metavar="FORMAT")] = None,
@@ -313,12 +342,14 @@ def eval_(
 @_error_boundary
 def bench(
     recipe_path: Annotated[
-        Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False)
+        Optional[Path], typer.Argument(help="The TOML recipe (default: the latest run).", show_default=False,
+                                       metavar="RECIPE")
     ] = None,
     overrides: SetOpt = None,
     model: Annotated[
         str,
-        typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path."),
+        typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path.",
+                     metavar="ROLE"),
     ] = "student",
     as_json: JsonOpt = False,
 ) -> None:
@@ -359,18 +390,26 @@ def bench(
 def compare(
     runs: Annotated[
         Optional[list[Path]],
-        typer.Argument(help="Run directories or recipes (default: every run in ./runs).", show_default=False),
+        typer.Argument(help="Run directories or recipes (default: every run in ./runs).", show_default=False,
+                       metavar="RUN"),
     ] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Write the table as md, csv or json.")] = None,
+    fmt: Annotated[
+        Optional[str], typer.Option("--format", help="Write the table as md, csv or json.", metavar="md|csv|json")
+    ] = None,
     output: Annotated[
-        Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.")
+        Optional[Path], typer.Option("--output", help="Write --format output to this file instead of stdout.",
+                                     metavar="FILE")
     ] = None,
-    plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.")] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="Write loss and accuracy/latency plots.", metavar="")] = False,
     mean: Annotated[
         bool,
         typer.Option(
-            "--mean", help="One table: the runs (one recipe under several seeds) averaged role by role, ± std."
+            "--mean", help="One table: the runs (one recipe under several seeds) averaged role by role, ± std.",
+            metavar="",
         ),
+    ] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column, however narrow the terminal.", metavar="")
     ] = False,
 ) -> None:
     """Put teachers and students side by side: accuracy, F1, latency, size."""
@@ -392,7 +431,7 @@ def compare(
     run_tables = collect_runs(run_roots(runs or []))  # a damaged file is left out, with a warning naming it
     tables = [mean_table(run_tables)] if mean else run_tables
     if fmt is None:
-        print_compare(tables)
+        print_compare(tables, wide=wide)
     else:
         text = render_compare(tables, fmt)
         if output is None:
@@ -422,7 +461,7 @@ def run(
         typer.Option(
             "--params",
             help="TOML overlay merged over the recipe before --set, e.g. runs/NAME/tune/best.toml (repeatable).",
-            show_default=False,
+            show_default=False, metavar="TOML",
         ),
     ] = None,
 ) -> None:
@@ -441,14 +480,18 @@ def tune(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
     trials: Annotated[
-        int, typer.Option("--trials", help="Trials the study should have; a rerun runs only the missing ones.")
+        int, typer.Option("--trials", help="Trials the study should have; a rerun runs only the missing ones.",
+                          metavar="N")
     ] = 25,
-    fraction: Annotated[float, typer.Option("--fraction", help="Share of each train split a trial trains on.")] = 0.05,
-    sampler: Annotated[str, typer.Option("--sampler", help="random (as the study did) or tpe.")] = "random",
+    fraction: Annotated[float, typer.Option("--fraction", help="Share of each train split a trial trains on.",
+                                                      metavar="SHARE")] = 0.05,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="random (as the study did) or tpe.", metavar="random|tpe")
+    ] = "random",
     storage: Annotated[
         Optional[str],
         typer.Option("--storage", help="Optuna RDB URL of the study (default sqlite:///runs/NAME/tune.db); "
-                     "machines sharing one run trials of one study.", show_default=False),
+                     "machines sharing one run trials of one study.", show_default=False, metavar="URL"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -27,8 +27,11 @@ class RecipeError(KdError):
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         body = "\n".join(f"  {p}" for p in problems)
+        # Problems that each name their override ("--set KEY=VALUE: ...") need no source before them.
+        named = source == "--set" and all(p.startswith("--set ") for p in problems)
         super().__init__(
-            f"{source}: {count}\n{body}" if len(problems) > 1 else f"{source}: {problems[0]}",
+            (count + "\n" + body if len(problems) > 1 else problems[0]) if named
+            else f"{source}: {count}\n{body}" if len(problems) > 1 else f"{source}: {problems[0]}",
             hint or "fix the keys above; `kd check RECIPE` validates without running anything",
         )
 

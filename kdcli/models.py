@@ -105,6 +105,25 @@ def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = Fal
     return ref
 
 
+def offline_problem(ref: str, gguf_file: str | None = None, revision: str | None = None) -> str | None:
+    """Why ``ref`` cannot be loaded without network, or None: a missing package or folder, or a Hub id
+    that is not in the local Hugging Face cache (found without loading anything)."""
+    try:
+        resolved = resolve_ref(ref, gguf_file)
+    except ModelError as exc:
+        return exc.message
+    if resolved != ref or Path(resolved).is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(ref, gguf_file or "config.json", revision=revision), str):
+            return None
+    except ValueError as exc:  # HFValidationError: not a Hub id either
+        return f"model {ref}: no such folder, and not a Hub id ({exc})"
+    return f"model {ref}: not in the local Hugging Face cache; distilling downloads it (needs network)"
+
+
 def _check_model_dir(path: Path, ref: str, needed: str) -> None:
     if not path.is_dir():
         raise ModelError(f"model {ref}: {path} is not a directory", hint="check the path, or give a Hub id")

@@ -643,18 +643,21 @@ class Recipe(Section):
                 )
         for name in self.single_teacher_students:
             if name not in self.teachers:
-                problems.append(f"single_teacher_students: no teacher named '{name}' in [teachers]")
+                problems.append(f"single_teacher_students: no teacher named '{name}' in [teachers]"
+                                + did_you_mean(name, list(self.teachers)))
         if self.student.from_teacher and self.student.from_teacher not in self.teachers:
-            problems.append(f"student.from_teacher: no teacher named '{self.student.from_teacher}' in [teachers]")
+            problems.append(f"student.from_teacher: no teacher named '{self.student.from_teacher}' in [teachers]"
+                            + did_you_mean(self.student.from_teacher, list(self.teachers)))
         for i, stage in enumerate(self.resolved_stages()):
             where = f"stages.{i}.loss" if self.stages else "loss"
             for name in stage.teachers or []:
                 if name not in self.teachers:
-                    problems.append(f"stages.{i}.teachers: no teacher named '{name}' in [teachers]")
+                    problems.append(f"stages.{i}.teachers: no teacher named '{name}' in [teachers]"
+                                    + did_you_mean(name, list(self.teachers)))
             used = [self.teachers[n] for n in (stage.teachers or []) if n in self.teachers]
             if stage.loss.beta > 0 and not any(t.hidden for t in used):
                 problems.append(f"{where}.beta: hidden MSE needs a teacher with a `hidden` layer map in this stage")
-            if not used and stage.loss.alpha < 1:
+            if not stage.teachers and stage.loss.alpha < 1:  # an unknown teacher's name is reported above
                 problems.append(
                     f"{where}.alpha: {stage.loss.alpha:g} gives weight to a teacher term, but the stage has no "
                     "teachers (set alpha = 1 to train on labels only)"
@@ -728,8 +731,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
+                    indexes = f"0 to {len(node) - 1}" if len(node) > 1 else "0"
                     raise RecipeError([f"--set {text}: {'.'.join(parts[: i + 1])} is not a stage index"],
-                                      source="--set")
+                                      source="--set", hint=f"the recipe has {len(node)} stage(s), 0-based: {indexes}")
                 node = node[int(part)]
             else:
                 node = node.setdefault(part, {})
@@ -793,14 +797,29 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+# What people coming from Hugging Face's Trainer type for kd's keys.
+HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+            "save_total_limit": "keep_last", "per_device_train_batch_size": "batch_size",
+            "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "scheduler",
+            "warmup_steps": "warmup_ratio"}
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """' (did you mean 'X'?)' for the name of ``names`` closest to ``name`` (its Hugging Face equivalent,
+    the same name in another case, or a close spelling), or ''."""
+    by_case = {n.casefold(): n for n in names}
+    close = ([HF_NAMES[name]] if HF_NAMES.get(name) in names else []) or (
+        [by_case[name.casefold()]] if name.casefold() in by_case else []) or [
+        by_case[m] for m in difflib.get_close_matches(name.casefold(), list(by_case), n=1)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"] if p not in _UNION_TAGS)
     kind = error["type"]
     if kind == "extra_forbidden":
         parent_fields = _fields_at(model, error["loc"][:-1])
-        close = difflib.get_close_matches(str(error["loc"][-1]), parent_fields, n=1)
-        suggestion = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{loc}: unknown key{suggestion}"
+        return f"{loc}: unknown key{did_you_mean(str(error['loc'][-1]), parent_fields)}"
     expected = {
         "bool_type": "expected a boolean (true or false)",
         "int_type": "expected an integer",
@@ -839,15 +858,31 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(node.model_fields) if node is not None else []
 
 
-def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a raw recipe dict; every problem is reported at once in a RecipeError."""
+def validate(raw: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Validate a raw recipe dict; every problem is reported at once in a RecipeError. A problem at a
+    key an override (``--set KEY=VALUE``) set is reported as that override's."""
     try:
         return Recipe.model_validate(_merge_stage_defaults(raw))
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             problems.extend(_describe(error, Recipe).split("\n"))
-        raise RecipeError(problems, source=source) from None
+        problems = _without_stage_copies(problems)
+        set_keys = {".".join(parse_override(text)[0]): text for text in overrides or []}
+        blamed = [next((f"--set {text}: {problem}" for key, text in set_keys.items()
+                        if problem.startswith((key + ":", key + "."))), problem) for problem in problems]
+        if all(line.startswith("--set ") for line in blamed):
+            source = "--set"
+        raise RecipeError(blamed, source=source) from None
+
+
+def _without_stage_copies(problems: list[str]) -> list[str]:
+    """The problems, less a stage's copy of a top-level one: each stage inherits the top-level tables
+    (see ``_merge_stage_defaults``), so a bad top-level key shows up once more in every stage."""
+    import re
+
+    shown = set(problems)
+    return [p for p in problems if not ((m := re.match(r"stages\.\d+\.(.*)", p)) and m.group(1) in shown)]
 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict[str, Any]:
@@ -901,7 +936,7 @@ def load_raw(path: str | Path, overrides: list[str] | None = None,
 
 def load(path: str | Path, overrides: list[str] | None = None, params: list[str | Path] | None = None) -> Recipe:
     """Read a TOML recipe, merge ``params`` files over it, apply ``--set`` overrides and validate."""
-    return validate(load_raw(path, overrides, params), source=str(path))
+    return validate(load_raw(path, overrides, params), source=str(path), overrides=overrides)
 
 
 def to_toml(recipe: Recipe) -> str:

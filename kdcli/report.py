@@ -285,8 +285,13 @@ def _human_count(count: int | None) -> str:
 @dataclass
 class Column:
     key: str  # stable name in csv/json
-    title: str  # header in the rich and markdown tables
+    title: str  # header in the markdown table
     fmt: Callable[[Any], str]
+    short: str = ""  # header in the terminal, where width is scarce (a legend under the table explains it)
+
+    @property
+    def header(self) -> str:
+        return self.short or self.title
 
 
 @dataclass
@@ -312,12 +317,12 @@ _COLUMNS = {
     "f1": Column("f1", "F1", _fixed(4)),
     "precision": Column("precision", "Precision", _fixed(4)),
     "recall": Column("recall", "Recall", _fixed(4)),
-    "ms_per_example": Column("ms_per_example", "ms/example (batch 1)", _fixed(3)),
-    "s_per_question": Column("s_per_question", "s/question (batch 1)", _fixed(4)),
-    "questions_per_s": Column("questions_per_s", "questions/s (batch 1)", _fixed(1)),
-    "kept_pct": Column("kept_pct", "kept vs best teacher", lambda v: f"{v:.1f}%"),
-    "speedup": Column("speedup", "speed-up vs slowest teacher", lambda v: f"{v:.2f}x"),
-    "size_ratio": Column("size_ratio", "size vs largest teacher", lambda v: f"{v:.2f}x"),
+    "ms_per_example": Column("ms_per_example", "ms/example (batch 1)", _fixed(3), "ms b1"),
+    "s_per_question": Column("s_per_question", "s/question (batch 1)", _fixed(4), "s/q b1"),
+    "questions_per_s": Column("questions_per_s", "questions/s (batch 1)", _fixed(1), "q/s b1"),
+    "kept_pct": Column("kept_pct", "kept vs best teacher", lambda v: f"{v:.1f}%", "kept"),
+    "speedup": Column("speedup", "speed-up vs slowest teacher", lambda v: f"{v:.2f}x", "speed-up"),
+    "size_ratio": Column("size_ratio", "size vs largest teacher", lambda v: f"{v:.2f}x", "size"),
 }
 
 def run_roots(paths: list[Path]) -> list[Path]:
@@ -530,9 +535,10 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
                for k in ["role", "model", "parameters", *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
     sizes = {r["batched_size"] for r in rows if r["batched_size"] is not None}
     if "ms_per_example" in kind.compare_columns and sizes:  # batch throughput, beside the interactive latency
-        title = f"ms/example (batch {sizes.pop()})" if len(sizes) == 1 else "ms/example (largest batch)"
+        size = sizes.pop() if len(sizes) == 1 else None
+        title = f"ms/example (batch {size})" if size else "ms/example (largest batch)"
         at = next(i for i, c in enumerate(columns) if c.key == "ms_per_example") + 1
-        columns.insert(at, Column("ms_per_example_batched", title, _fixed(3)))
+        columns.insert(at, Column("ms_per_example_batched", title, _fixed(3), f"ms b{size}" if size else "ms bmax"))
     return RunTable(recipe.get("name", root.name), task, root, columns, rows, _best_row(rows, primary), hints)
 
 
@@ -581,17 +587,62 @@ def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
     return cells
 
 
-def print_compare(tables: list[RunTable], console: Console | None = None) -> None:
+# What a narrow terminal keeps first: who, how good, how much of the teacher, how fast; then the rest.
+_PRIORITY = ("role", "accuracy", "f1", "kept_pct", "speedup", "ms_per_example", "s_per_question", "questions_per_s",
+             "parameters", "model", "ms_per_example_batched", "precision", "recall", "size_ratio")
+_LEGEND = {"kept_pct": "kept = % of the best teacher's {primary}", "speedup": "speed-up = vs the slowest teacher",
+           "size_ratio": "size = parameters vs the largest teacher", "ms_per_example": "b1 = batch 1"}
+_MODEL_WIDTH = 30  # longer descriptions fold onto a second line
+
+
+def print_compare(tables: list[RunTable], console: Console | None = None, wide: bool = False) -> None:
+    """Each run's table, fitted to the terminal: short headers explained by a legend, role names never
+    cut, and the columns of least use left out (and named) when even so the table is too wide;
+    ``wide`` shows every column whatever the width."""
     console = console or Console(highlight=False)
     for table in tables:
+        cells = [[_short_model(c) if col.key == "model" else c for col, c in zip(table.columns, _cells(table, row))]
+                 for row in table.rows]
+        widths = [max([len(col.header), *(len(r[i]) for r in cells)]) for i, col in enumerate(table.columns)]
+        widths = [min(w, _MODEL_WIDTH) if col.key == "model" else w for w, col in zip(widths, table.columns)]
+        shown = list(range(len(table.columns)))
+        primary = task_kind(table.task).primary
+        order = ["role", primary, *(k for k in _PRIORITY if k not in ("role", primary))]
+        while not wide and len(shown) > 2 and sum(widths[i] for i in shown) + 3 * len(shown) + 1 > console.width:
+            shown.remove(max(shown, key=lambda i: order.index(table.columns[i].key)
+                             if table.columns[i].key in order else len(order)))
         rich_table = Table(title=f"{escape(table.name)} ({table.task})")
-        for column in table.columns:
-            rich_table.add_column(column.title, justify="left" if column.key in ("role", "model") else "right")
-        for i, row in enumerate(table.rows):
-            rich_table.add_row(*map(escape, _cells(table, row)), style="bold" if i == table.best else None)
+        for i in shown:
+            column = table.columns[i]
+            model = column.key == "model"
+            rich_table.add_column(column.header, justify="left" if column.key in ("role", "model") else "right",
+                                  no_wrap=not model, overflow="fold", max_width=_MODEL_WIDTH if model else None)
+        for r, row in enumerate(cells):
+            rich_table.add_row(*(escape(row[i]) for i in shown), style="bold" if r == table.best else None)
+        if wide:
+            console = Console(highlight=False, width=max(console.width, sum(widths) + 3 * len(widths) + 1),
+                              file=console.file)
         console.print(rich_table)
+        keys = [table.columns[i].key for i in shown]
+        legend = [_LEGEND[k].format(primary=primary) for k in _LEGEND if k in keys]
+        if legend:
+            console.print(f"[dim]{escape('; '.join(legend))}[/]")
+        left_out = [table.columns[i].header for i in range(len(table.columns)) if i not in shown]
+        if left_out:
+            console.print(f"[dim]left out at {console.width} columns: {escape(', '.join(left_out))} "
+                          "(--wide shows every column)[/]")
         for hint in table.hints:
             console.print(f"[dim]{escape(hint)}[/]")
+
+
+def _short_model(description: str) -> str:
+    """A model description for a narrow cell: a packaged model by its package, a layer list without spaces."""
+    import re
+
+    if description.startswith("package:"):
+        ref, space, rest = description.partition(" ")
+        description = ref.removeprefix("package:").split("/", 1)[0] + space + rest
+    return re.sub(r"layers \[([\d, ]*)\]", lambda m: "layers " + m.group(1).replace(" ", ""), description)
 
 
 def compare_markdown(tables: list[RunTable]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import ModelError
-from kdcli.recipe import ModelSpec, Recipe
+from kdcli.recipe import ModelSpec, Recipe, did_you_mean
 from kdcli.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def teacher_role(name: str) -> Role:
 
 def require_teacher(recipe: Recipe, name: str) -> None:
     if name not in recipe.teachers:
-        raise ModelError(f"no teacher named '{name}' in the recipe",
+        raise ModelError(f"no teacher named '{name}' in the recipe" + did_you_mean(name, list(recipe.teachers)),
                          f"use one of: {', '.join(recipe.teachers) or '(none)'}")
 
 

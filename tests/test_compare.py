@@ -84,6 +84,30 @@ def test_rich_table_shows_missing_values_as_blanks(run):
     assert "kd eval runs/fin/recipe.resolved.toml --model baseline" in text
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_a_narrow_terminal_gets_whole_rows_and_names_what_it_left_out(run, width):
+    """At 80 columns the table used to cut every header and cell ("Accu…", "0.88…") and wrap rows onto 7
+    lines; at 120 the role names were cut ("teacher:m…"). Now every line fits, every row is one line, role
+    names and numbers are whole, and what did not fit is named, with --wide to see it."""
+    bench = json.loads((run / "bench" / "student.json").read_text())
+    bench["batches"]["32"] = {"latency_ms_per_example": {"p50": 2.5, "p95": 3.0, "mean": 2.6}}
+    write_json(run / "bench" / "student.json", bench)
+    out = io.StringIO()
+    print_compare([collect_run(run)], Console(file=out, width=width, color_system=None))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines() if line.startswith(("│", "┃", "┏", "└"))) <= width
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["teacher:big", "teacher:small", "baseline", "student"]
+    student = rows[3]
+    assert "0.8820" in student and "98.0%" in student and "2.00x" in student and "…" not in text
+    if width == 80:
+        assert "left out at 80 columns:" in text and "--wide" in text
+        wide = io.StringIO()
+        print_compare([collect_run(run)], Console(file=wide, width=width, color_system=None), wide=True)
+        assert "left out" not in wide.getvalue() and "model of student" in wide.getvalue()
+    assert "kept = % of the best teacher's accuracy" in text
+
+
 def test_markdown_csv_and_json_agree(run, tmp_path):
     second = write_run(tmp_path / "runs" / "choice", evals={"teacher:big": 0.7, "student": 0.6},
                        benches={"student": (10, 5.0)}, task="choice")

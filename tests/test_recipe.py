@@ -326,8 +326,30 @@ def test_override_that_breaks_the_recipe_is_reported_by_path(tmp_path, override,
     with pytest.raises(RecipeError) as info:
         recipe_mod.load(path, [override])
     (problem,) = info.value.problems
-    assert problem.startswith(expected)
-    assert info.value.message.startswith(str(path))
+    assert problem.startswith(f"--set {override}: {expected}")  # the override is blamed, not the file
+    assert info.value.message == problem
+
+
+def test_a_bad_top_level_key_is_reported_once_not_once_more_per_stage(tmp_path):
+    raw = minimal()
+    raw["stages"] = [{"name": "a"}, {"name": "b"}]
+    raw["train"] = {"learning_rate": 1e-4}
+    assert problems_of(raw) == ["train.learning_rate: unknown key (did you mean 'lr'?)"]
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("num_train_epochs", "epochs"), ("gradient_accumulation_steps",
+                         "grad_accum"), ("save_total_limit", "keep_last"), ("per_device_train_batch_size",
+                                                                            "batch_size")])
+def test_hugging_face_names_suggest_kd_s(typed, meant):
+    raw = minimal()
+    raw["train"] = {typed: 1}
+    assert problems_of(raw) == [f"train.{typed}: unknown key (did you mean '{meant}'?)"]
+
+
+def test_a_teacher_name_in_another_case_is_suggested():
+    raw = minimal()
+    raw["stages"] = [{"name": "a", "teachers": ["BIG"]}]
+    assert problems_of(raw) == ["stages.0.teachers: no teacher named 'BIG' in [teachers] (did you mean 'big'?)"]
 
 
 # --------------------------------------------------------------------------- stages
@@ -439,3 +461,11 @@ def test_readme_recipe_reference_is_current():
     assert updater.render(readme) == readme, (
         "README.md's recipe reference differs from the schema: run `python docs/update_reference.py`"
     )
+
+
+def test_a_role_naming_a_teacher_in_another_case_is_told_the_right_name():
+    from kdcli.errors import ModelError
+    from kdcli.roles import require_teacher
+
+    with pytest.raises(ModelError, match=r"no teacher named 'BIG' in the recipe \(did you mean 'big'\?\)"):
+        require_teacher(recipe_mod.validate(minimal()), "BIG")
