@@ -1,7 +1,7 @@
 """The README's quickstart, measured: `kd run recipes/quickstart.toml` in a fresh, empty directory,
 its whole wall time, and the table `kd compare` prints for it.
 
-    python benchmarks/quickstart.py --threads 1      # the real quickstart (needs the offline extra: MiniLM)
+    python benchmarks/quickstart.py --threads 1      # the real quickstart (needs the minilm extra)
     python benchmarks/quickstart.py --quick          # the same recipe on a tiny BERT from tests/kit.py (CI)
     python benchmarks/quickstart.py --update-readme  # rewrite README.md's quickstart table from the results file
 

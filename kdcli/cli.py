@@ -516,6 +516,53 @@ def tune(
         tuning.print_result(result, recipe_path, console)
 
 
+recipes_app = typer.Typer()
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+@_error_boundary
+def recipes(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the recipes shipped with kd (task, models, data, what each needs); `copy` copies one to edit."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    from kdcli import catalogue
+
+    found = catalogue.entries()
+    if as_json:
+        _emit_json([item.to_json() for item in found])
+    else:
+        catalogue.print_catalogue(found, Console())
+
+
+@recipes_app.command("copy")
+@_error_boundary
+def recipes_copy(
+    name: Annotated[
+        str, typer.Argument(help="A recipe's name, as `kd recipes` lists it.", show_default=False, metavar="NAME")
+    ],
+    dest: Annotated[
+        Optional[Path],
+        typer.Argument(help="A file, or an existing folder (default: ./NAME.toml); .toml is added when missing.",
+                       show_default=False, metavar="DEST"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it exists.", metavar="")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a shipped recipe to edit it; refuses to replace an existing file without --force."""
+    from rich.console import Console
+
+    from kdcli import catalogue
+
+    copied = catalogue.copy(name, dest, force=force)
+    if as_json:
+        _emit_json(copied.to_json())
+    else:
+        catalogue.print_copied(copied, Console())
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops kd the way Ctrl-C does, and says where
 

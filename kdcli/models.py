@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from kdcli.batching import gather, in_data_order, length_sorted_batches, measured_lengths
 from kdcli.errors import ModelError
 from kdcli.lora import is_lora, merge_adapter, save_merged
-from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig
+from kdcli.recipe import HEADS_FOR_TASK, ModelSpec, StudentConfig, model_source
 
 # kd reports what matters itself (a missing head is an error, progress is one rich bar): the
 # libraries' own load reports and per-file progress bars would bury it.
@@ -83,7 +83,8 @@ def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = Fal
     """
     needed = gguf_file or ("tokenizer_config.json" if tokenizer else "adapter_config.json" if adapter
                            else "config.json")
-    if ref.startswith("package:"):
+    source = model_source(ref)
+    if source == "package":
         module, _, sub = ref.removeprefix("package:").partition("/")
         try:
             spec = importlib.util.find_spec(module)
@@ -97,9 +98,8 @@ def resolve_ref(ref: str, gguf_file: str | None = None, *, tokenizer: bool = Fal
         path = Path(next(iter(spec.submodule_search_locations))) / sub
         _check_model_dir(path, ref, needed)
         return str(path.resolve())
-    path = Path(ref).expanduser()
-    looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref
-    if path.exists() or looks_like_path:
+    if source == "path":
+        path = Path(ref).expanduser()
         _check_model_dir(path, ref, needed)
         return str(path.resolve())
     return ref

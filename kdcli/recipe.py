@@ -300,6 +300,19 @@ class DataConfig(Section):
         return self
 
 
+ModelSource = Literal["package", "path", "hub"]
+
+
+def model_source(ref: str) -> ModelSource:
+    """Where a model reference is found: ``package`` (``package:MODULE[/subdir]``, inside an installed
+    package), ``path`` (a path that exists, or one written like a path) or ``hub`` (anything else: a
+    Hugging Face Hub id, which needs the network unless it is in the local cache)."""
+    if ref.startswith("package:"):
+        return "package"
+    looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref
+    return "path" if looks_like_path or Path(ref).expanduser().exists() else "hub"
+
+
 class ModelSpec(Section):
     ref: str = Field(
         ...,
@@ -699,6 +712,8 @@ def _has_path(model: BaseModel, parts: list[str]) -> bool:
             node = getattr(node, part)
         elif isinstance(node, dict) and part in node:
             node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):  # stages.1.train.lr
+            node = node[int(part)]
         else:
             return False
     return not isinstance(node, (BaseModel, dict))

@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["kdcli.cli"],
     ["kdcli.pipeline"],
     ["kdcli.tune"],
-    ["kdcli.bench", "kdcli.evaluate", "kdcli.distill", "kdcli.report"],
+    ["kdcli.bench", "kdcli.evaluate", "kdcli.distill", "kdcli.report", "kdcli.catalogue"],
     ["kdcli.teachers"],
     ["kdcli.roles"],
     ["kdcli.train", "kdcli.cache", "kdcli.data.stage"],

