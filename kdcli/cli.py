@@ -124,8 +124,10 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
     """Validate a recipe (and overrides) without running anything; print what it would do."""
     from kdcli import recipe as recipe_mod
     from kdcli.rundir import RunDir
+    from kdcli.runtime import check_trackers
 
     recipe = _load(recipe_path, overrides)
+    check_trackers(recipe.log.report_to)
     run = RunDir.for_recipe(recipe)
     stages = recipe.resolved_stages()
     if as_json:
@@ -164,6 +166,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
         extras += ["finetune first"] if teacher.finetune else []
         console.print(f"teacher {name}: {teacher.ref}" + (f" ({', '.join(extras)})" if extras else ""))
     print_transfer_plan(stages, run, console)
+    if recipe.log.report_to:
+        console.print(f"trackers: {', '.join(recipe.log.report_to)} (local files in {run.logs})")
     console.print(f"run directory: {run.root}")
     console.print(f"recipe fingerprint: {recipe_mod.fingerprint(recipe)}")
 
