@@ -128,12 +128,14 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
     from kdcli import recipe as recipe_mod
     from kdcli.errors import RecipeError
     from kdcli.rundir import RunDir
+    from kdcli.runtime import check_trackers
 
     try:
         recipe = _load(recipe_path, overrides)
     except RecipeError as exc:
         exc.hint = exc.hint.replace("; `kd check RECIPE` validates without running anything", "")  # this is kd check
         raise
+    check_trackers(recipe.log.report_to)
     run = RunDir.for_recipe(recipe)
     stages = recipe.resolved_stages()
     from kdcli.data.files import source_files, transfer_files
@@ -186,6 +188,8 @@ def check(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = F
         extras += ["finetune first"] if teacher.finetune else []
         console.print(f"teacher {name}: {teacher.ref}" + (f" ({', '.join(extras)})" if extras else ""))
     print_transfer_plan(stages, run, console)
+    if recipe.log.report_to:
+        console.print(f"trackers: {', '.join(recipe.log.report_to)} (local files in {run.logs})")
     console.print(f"run directory: {run.root}")
     console.print(f"recipe fingerprint: {recipe_mod.fingerprint(recipe)}")
     for warning in warnings:

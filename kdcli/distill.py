@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from kdcli.data.stage import Rows, stage_data
-from kdcli.job import Job
+from kdcli.job import Job, Tracking
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
 from kdcli.rundir import RunDir, atomic_dir, done_state, mark_done, record_recipe, write_json
@@ -100,9 +100,10 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     its trials in their own workdirs on ``train_fraction`` of each train split, reporting every
     validation to ``on_eval`` (see ``train.run_job``).
     """
-    from kdcli.runtime import describe, make_accelerator
+    from kdcli.runtime import check_trackers, describe, make_accelerator
 
     console = console or Console()
+    check_trackers(recipe.log.report_to)  # before any work: preflight may prepare data
     run = RunDir.for_recipe(recipe)
     out = workdir or run
     if role.kind == "solo":
@@ -110,7 +111,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
     if resume:
         _refuse_a_changed_resume(recipe, role, out, train_fraction)
     preflight(recipe, run)
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.log.report_to, out.logs)
     if role == STUDENT:
         finetune_teachers(recipe, run, accelerator, console)
     else:
@@ -157,7 +158,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
             extra_metadata={"role": str(role), "label_names": data.manifest.get("label_names", []),
                             "teachers": sources},
             answer_max_length=stage.data.answer_max_length, identity=_job_identity(identity, train_fraction),
-            transfer_share=transfer_share, **taught,
+            transfer_share=transfer_share, tracking=Tracking.for_recipe(recipe), **taught,
         )
         result = run_job(job, accelerator, resume=resume, console=console, show_progress=show_progress, on_eval=on_eval)
         if accelerator.is_main_process:

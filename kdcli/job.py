@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.recipe import LossConfig, TrainConfig
+from kdcli.recipe import LossConfig, Recipe, TrainConfig
 
 if TYPE_CHECKING:
     from kdcli.models import TaskModel
@@ -30,6 +30,28 @@ class TeacherSettings:
     top_k: int | None = None  # generate, token level: log-probs kept per answer token (None: all of them)
     temperature: float = 1.0  # generate, token level: the log-probs are softened at it
     answer_max_length: int = 32  # generate: answer tokens (EOS included)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """How a job reports to the experiment trackers its accelerator was made with (`[log] report_to`):
+    a run named after the job in ``project``, with ``config`` as its hyperparameters."""
+
+    project: str
+    config: dict[str, Any]
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> "Tracking":
+        """The recipe's name as the project, the resolved recipe as the config, one value a dotted key
+        (``train.lr``, ``stages.0.loss.alpha``): every tracker takes flat scalars, TensorBoard nothing else."""
+        return cls(project=recipe.name, config=_flat(recipe.model_dump(mode="json")))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, (dict, list)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return {key: leaf for name, item in items for key, leaf in _flat(item, f"{prefix}{name}.").items()}
+    return {prefix.removesuffix("."): value}
 
 
 @dataclass
@@ -60,3 +82,5 @@ class Job:
     # What shapes the trained weights (recipe sections, data fingerprint, seed): every checkpoint records it,
     # and one made under another identity is never resumed (``train.resume_problem``).
     identity: dict[str, Any] = field(default_factory=dict)
+    # The job's run in the experiment trackers; None: it reports to none, whatever its accelerator has.
+    tracking: Tracking | None = None

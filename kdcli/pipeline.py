@@ -19,6 +19,7 @@ from kdcli.recipe import Recipe
 from kdcli.report import collect_run, print_cache_summary, print_compare, print_distill_summary, print_prepare_summary
 from kdcli.roles import BASELINE, DATASET, Role, every_role
 from kdcli.rundir import RunDir
+from kdcli.runtime import check_trackers
 from kdcli.teachers import cache_teachers
 
 
@@ -40,6 +41,7 @@ def _fresh(result: Path, inputs: list[Path]) -> bool:
 def run_all(recipe: Recipe, console: Console | None = None) -> Path:
     """Every step in order; returns the run directory."""
     console = console or Console()
+    check_trackers(recipe.log.report_to)  # before prepare, the first step
     run = RunDir.for_recipe(recipe)
     roles = every_role(recipe)
 

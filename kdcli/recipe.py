@@ -49,6 +49,8 @@ Task = Literal["classify", "choice", "generate"]
 Head = Literal["auto", "sequence-classification", "multiple-choice", "seq2seq", "causal"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SplitName = Literal["train", "validation", "test"]
+# Experiment trackers accelerate reports to (`[log] report_to`); each is an optional extra of the same name.
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 Format = Literal["fpb", "winogrande", "socialiqa", "aqua", "triviaqa", "messages", "csv", "jsonl", "parquet", "hub"]
 # `limit = 300` (every split) or `limit = { train = 150 }`: the value's shape picks the member, so an error
 # names only that member's problem; the tags are left out of the path an error shows (``_describe``).
@@ -568,6 +570,30 @@ class BenchConfig(Section):
     max_examples: int = Field(256, gt=0, description="Test-split examples used as inputs.")
 
 
+class LogConfig(Section):
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get the training metrics, through accelerate: any of "
+        "tensorboard, wandb, mlflow, trackio, each needing its package (pip install 'kdcli[NAME]'); [] = none. "
+        "Each training job (a stage of a role, a teacher's fine-tuning) is a run named after it (main, "
+        "main.dataset, teacher.NAME) in a project named after the recipe, with the resolved recipe as its config. "
+        "A run gets the numbers of each of its metrics.jsonl lines at the line's optimizer step, as train/... "
+        "(each loss term, lr, samples_per_s) and eval/... (the validation loss and metrics), and train/grad_norm "
+        "(the mean norm before clipping; only with train.max_grad_norm set, since clipping computes it). Local "
+        "files go to runs/NAME/logs/JOB/ (TensorBoard's under NAME/, wandb's under wandb/); MLflow and trackio "
+        "keep runs where their own settings say. metrics.jsonl is written either way; `kd tune`'s trials report "
+        "to no tracker.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named more than once")
+        return value
+
+
 Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
@@ -622,6 +648,7 @@ class Recipe(Section):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="`kd eval` settings.")
     bench: BenchConfig = Field(default_factory=BenchConfig, description="`kd bench` settings.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Experiment trackers for training.")
     search: dict[str, SearchDistribution] = Field(
         default_factory=dict,
         description="`kd tune` search space by dotted key, e.g. 'train.lr' = {log_uniform = [1e-5, 1e-3]}.",
@@ -990,6 +1017,7 @@ def reference_markdown() -> str:
         ("[[stages]]", Stage),
         ("[eval]", EvalConfig),
         ("[bench]", BenchConfig),
+        ("[log]", LogConfig),
         ("[search] values", SearchDistribution),
     ]
     out = []
@@ -998,7 +1026,7 @@ def reference_markdown() -> str:
         out.append("| key | type | default | meaning |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
             if title == "top level" and name in {"data", "student", "teachers", "loss", "train", "stages", "eval",
-                                                 "bench", "search"}:
+                                                 "bench", "log", "search"}:
                 continue
             default = "required" if field.is_required() else _show_default(field)
             out.append(f"| `{name}` | {_show_type(field.annotation)} | {default} | {field.description or ''} |")

@@ -79,6 +79,11 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def logs(self) -> Path:
+        """The experiment trackers' local files (`[log] report_to`), a folder per training job."""
+        return self.root / "logs"
+
+    @property
     def resolved_recipe(self) -> Path:
         return self.root / "recipe.resolved.toml"
 

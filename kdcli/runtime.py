@@ -6,8 +6,11 @@ on a laptop CPU and eight under ``accelerate launch`` take the same code path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kdcli import __version__
@@ -17,10 +20,24 @@ from kdcli.errors import KdError
 SHARDING_FLAGS = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator on the GPU when there is one, else on the CPU (gloo when several processes)."""
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Refuse experiment trackers whose package is missing: accelerate would leave them out without a word.
+    Each tracker's module, and the kd extra that installs it, has the tracker's name."""
+    missing = [name for name in trackers if importlib.util.find_spec(name) is None]
+    if missing:
+        are = "package is" if len(missing) == 1 else "packages are"
+        raise KdError(f"log.report_to: the {', '.join(missing)} {are} not installed",
+                      f"pip install 'kdcli[{','.join(missing)}]' (or pip install {' '.join(missing)}), or take "
+                      "the tracker out of log.report_to")
+
+
+def make_accelerator(mixed_precision: str = "no", trackers: Sequence[str] = (), logging_dir: Path | None = None):
+    """An Accelerator on the GPU when there is one, else on the CPU (gloo when several processes),
+    reporting to ``trackers`` with their local files under ``logging_dir`` (``train`` starts a run per job)."""
     import torch
     from accelerate import Accelerator
+
+    check_trackers(trackers)
 
     on_cpu = not torch.cuda.is_available()
     asked = [name for name, flag in SHARDING_FLAGS.items() if os.environ.get(flag, "").lower() == "true"]
@@ -34,7 +51,8 @@ def make_accelerator(mixed_precision: str = "no"):
     if on_cpu and mixed_precision == "fp16":
         # fp16 autocast with gradient scaling is a CUDA feature; on CPU it would fail deep inside torch.
         mixed_precision = "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, log_with=list(trackers) or None,
+                              project_dir=str(logging_dir) if trackers else None)
     check_model_loading(accelerator)
     return accelerator
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from kdcli.data.stage import StageData, stage_data
 from kdcli.errors import CacheError, ModelError
-from kdcli.job import Job, TeacherSettings
+from kdcli.job import Job, TeacherSettings, Tracking
 from kdcli.recipe import LossConfig, Recipe, Stage, fingerprint
 from kdcli.roles import load_teacher, teacher_spec
 from kdcli.rundir import RunDir, done_state, mark_done, read_json, record_recipe
@@ -71,6 +71,7 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
             extra_metadata={"label_names": data.manifest.get("label_names", [])},
             identity={"teacher": spec.model_dump(mode="json"), "data": data.fingerprint, "seed": recipe.seed,
                       "train": train.model_dump(mode="json")},
+            tracking=Tracking.for_recipe(recipe),
         )
         # A teacher's fine-tuning always continues where it stopped, unless that would not be exact.
         problem = resume_problem(job)
@@ -219,12 +220,13 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from kdcli.cache import LiveTeacher, build_cache, check_cache
-    from kdcli.runtime import from_main_process, make_accelerator
+    from kdcli.runtime import check_trackers, from_main_process, make_accelerator
 
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
+    check_trackers(recipe.log.report_to)  # before any work: preflight may prepare data
     run = RunDir.for_recipe(recipe)
     preflight(recipe, run)
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.log.report_to, run.logs)
     finetune_teachers(recipe, run, accelerator, console)
     reports = []
     for stage in recipe.resolved_stages():

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kdcli.batching import gather
 from kdcli.errors import Interrupted, KdError
-from kdcli.job import Job
+from kdcli.job import Job, Tracking
 from kdcli.metrics import MAXIMISED
 from kdcli.rundir import atomic_dir, clear_folder, read_json, write_json, write_text_atomic
 from kdcli.tasks import part_weights, task_kind
@@ -439,6 +439,49 @@ def _load_checkpoint(job: Job, accelerator, model, projections, optimizer, sched
     return None
 
 
+# --------------------------------------------------------------------------- experiment trackers
+
+
+def _start_tracking(accelerator, name: str, tracking: Tracking | None, done_steps: int) -> bool:
+    """Open job ``name``'s run in the trackers the accelerator reports to (`[log] report_to`), its local
+    files in LOGS/NAME/, the job having ``done_steps`` steps behind it; False when there are none."""
+    if tracking is None or not accelerator.log_with:
+        return False
+    logs = Path(accelerator.project_dir) / name
+    if accelerator.is_main_process:
+        logs.mkdir(parents=True, exist_ok=True)  # wandb writes only into a folder that exists
+    # accelerate writes a TensorBoard run to LOGGING_DIR/PROJECT: a folder per job keeps each job (a teacher's
+    # fine-tuning, a stage of a role) a run of its own there, as the run names below do in the other trackers.
+    accelerator.project_configuration.logging_dir = str(logs)
+    try:
+        # TensorBoard keeps one folder a job, so its run hides the steps after the checkpoint resumed from (a fresh
+        # start: every step), which are logged again, as metrics.jsonl drops them; the other trackers start a run.
+        accelerator.init_trackers(tracking.project, config=tracking.config,
+                                  init_kwargs={"tensorboard": {"purge_step": done_steps + 1},
+                                               "wandb": {"name": name, "dir": str(logs)}, "trackio": {"name": name},
+                                               "mlflow": {"run_name": name}})
+    except Exception as exc:  # the tracker's own failure: not logged in, a server out of reach, ...
+        accelerator.trackers.clear()
+        raise KdError(f"{name}: an experiment tracker could not start its run ({type(exc).__name__}: {exc})",
+                      "fix the tracker's own settings (e.g. `wandb login`, or WANDB_MODE=offline; "
+                      "MLFLOW_TRACKING_URI), or leave it out of log.report_to") from None
+    return True
+
+
+def _end_tracking(accelerator) -> None:
+    """Close the job's runs. Not ``accelerator.end_training()``: it also ends the process group, which the
+    command's next jobs and its last barrier still use."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()  # init_trackers adds to the list, and would start the finished ones again
+
+
+def _tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics.jsonl line, as the trackers get them: train/NAME, or eval/NAME without ``val_``."""
+    return {f"{record['kind']}/{key.removeprefix('val_')}": value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -525,12 +568,16 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     first_step = state.step
     window: dict[str, float] = {}
     window_steps = 0
+    grad_norms: list[Any] = []  # the window's norms before clipping, for the trackers (tensors: no sync a step)
 
-    def log(record: dict[str, Any]) -> None:
+    def log(record: dict[str, Any], tracked: dict[str, float] | None = None) -> None:
+        """Append a metrics.jsonl line; the trackers get its numbers, and ``tracked``, numbers for them alone."""
         if accelerator.is_main_process:
             job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(job.metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"stage": job.name, **record}) + "\n")
+        if reporting:
+            accelerator.log({**_tracker_values(record), **(tracked or {})}, step=record["step"])
 
     def save_best(value: float) -> None:
         # Every process: FSDP and ZeRO-3 gather the whole student from all of them.
@@ -564,6 +611,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
              **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
         return scores
 
+    # Before the progress bar starts: a tracker that cannot start its run ends the job here.
+    reporting = _start_tracking(accelerator, job.name, job.tracking, state.step)
     progress = None
     if show_progress and accelerator.is_main_process:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -600,7 +649,9 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
             for key, value in {**step_parts, "loss": weighted_sum(step_parts, weights)}.items():
                 window[key] = window.get(key, 0.0) + value
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                if reporting and norm is not None:  # None: DeepSpeed, before its engine has measured one
+                    grad_norms.append(norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -620,8 +671,9 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
                 record = {k: v / window_steps for k, v in window.items()}
                 log({"kind": "train", "step": state.step, "samples": samples,
                      "epoch": state.step * labelled_per_step / len(train_rows),
-                     "lr": scheduler.get_last_lr()[0], **record, "samples_per_s": rate, "elapsed": elapsed})
-                window, window_steps = {}, 0
+                     "lr": scheduler.get_last_lr()[0], **record, "samples_per_s": rate, "elapsed": elapsed},
+                    {"train/grad_norm": float(sum(grad_norms)) / len(grad_norms)} if grad_norms else None)
+                window, window_steps, grad_norms = {}, 0, []
                 if progress:
                     progress.update(bar, status=f"loss {record['loss']:.4f}  {rate:.1f} samples/s")
             if crossed(cfg.eval_every) or final:
@@ -662,6 +714,8 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     finally:
         if progress:
             progress.stop()
+        if reporting:
+            _end_tracking(accelerator)
     elapsed = time.perf_counter() - started
     return JobResult(
         name=job.name,

@@ -29,6 +29,7 @@ from kdcli.errors import KdError, RecipeError
 from kdcli.metrics import MAXIMISED
 from kdcli.recipe import Recipe, SearchDistribution, apply_overrides, validate
 from kdcli.rundir import RunDir, write_text_atomic
+from kdcli.runtime import check_trackers
 
 if TYPE_CHECKING:
     import optuna
@@ -80,6 +81,7 @@ def check_arguments(recipe: Recipe, raw: dict[str, Any], *, trials: int, fractio
             hint="search data, loss, train or student keys (stages.N.train.lr for one stage); "
             "teachers are fine-tuned and cached once, before the trials",
         )
+    check_trackers(recipe.log.report_to)  # the teachers' fine-tuning reports to them (the trials to none)
 
 
 def _unsearchable(key: str, raw: dict[str, Any]) -> str | None:
@@ -196,8 +198,10 @@ def run_trials(study: "optuna.Study", recipe: Recipe, raw: dict[str, Any], *, tr
         values = {key: _suggest(trial, key, space) for key, space in recipe.search.items()}
         workdir = RunDir(run.root / "tune" / f"trial-{trial.number}")
         try:
-            sampled = validate(apply_overrides(raw, [f"{k}={_toml_value(v)}" for k, v in values.items()]),
-                               source=f"trial {trial.number}")
+            # A trial reports to no tracker: its curve is in the study and its metrics.jsonl, and its workdir
+            # is emptied but for that file.
+            overrides = [f"{k}={_toml_value(v)}" for k, v in values.items()] + ["log.report_to=[]"]
+            sampled = validate(apply_overrides(raw, overrides), source=f"trial {trial.number}")
             results = distill(sampled, console=console, show_progress=False, train_fraction=fraction,
                                      workdir=workdir, on_eval=_Reporter(trial, sampled, metric))
         except KdError as exc:  # e.g. values that do not combine, or a batch larger than the fraction
