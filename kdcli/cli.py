@@ -334,7 +334,11 @@ def eval_(
             raise KdError(f"--format {data_format!r} is not a file format",
                           "use one of: " + ", ".join(f for f in get_args(Format) if f != "hub"))
     with _locked(recipe):  # eval writes its result; it never rewrites the run's data or recipe
-        result = evaluate_role(recipe, Role.parse(model), split, data_file=data, data_format=data_format)
+        from rich.console import Console
+
+        # Progress on stderr: stdout carries the table, or the JSON document.
+        result = evaluate_role(recipe, Role.parse(model), split, console=Console(stderr=True), data_file=data,
+                               data_format=data_format)
         _record(recipe, replace=False)
     if as_json:
         _emit_json(result)

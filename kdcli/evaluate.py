@@ -67,14 +67,26 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console:
                       "score another file, or another split with --split")
     cfg = recipe.eval
 
-    def answer(model) -> list[Any]:
-        return task.predict(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template, cfg.max_new_tokens)
+    def answer(model, who: str) -> list[Any]:
+        if console is None:
+            return task.predict(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template,
+                                cfg.max_new_tokens)
+        from kdcli.progress import phase_progress
+
+        progress = phase_progress(console)
+        progress.start()
+        try:
+            bar = progress.add_task(f"{who} on {split}", total=len(rows))
+            return task.predict(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template,
+                                cfg.max_new_tokens, on_batch=lambda n: progress.advance(bar, n))
+        finally:
+            progress.stop()
 
     model = load(recipe, role, data.num_classes)
     device = place(model)
     cut = cut_warning(task, model, rows, stage.data.max_length, stage.data.template, f"{role}, {split}")
     started = time.perf_counter()
-    mine = answer(model)
+    mine = answer(model, str(role))
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
         **result_header(recipe, role, model, stage.name, split),
@@ -107,7 +119,7 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console:
             result["agreement_skipped"][name] = exc.message
             continue
         place(other)
-        theirs = answer(other)
+        theirs = answer(other, f"teacher:{name}")
         del other
         same = [task.same_answer(a, b) for a, b in zip(mine, theirs)]
         result["agreement"][name] = sum(same) / len(same)

@@ -39,7 +39,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -263,9 +263,10 @@ class TaskModel:
         return out[:, inputs["input_ids"].shape[1]:] if self.kind == "causal" else out
 
     def generate(self, examples: list[dict], max_new_tokens: int, max_length: int | None = None,
-                 template: str | None = None, batch_size: int = 32) -> list[str]:
+                 template: str | None = None, batch_size: int = 32,
+                 on_batch: Callable[[int], None] | None = None) -> list[str]:
         """Greedy answers (text) for a list of examples, in their order, from batches of ``batch_size``
-        examples of similar prompt lengths (``kdcli.batching``)."""
+        examples of similar prompt lengths (``kdcli.batching``); ``on_batch(rows)`` after each batch."""
         was_training = self.model.training
         self.model.eval()
         batches = length_sorted_batches(
@@ -278,6 +279,8 @@ class TaskModel:
                     new = self.generate_ids(batch, max_new_tokens)
                     answers.append([clean_answer(t)
                                     for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)])
+                    if on_batch is not None:
+                        on_batch(len(index))
         finally:
             self.model.train(was_training)
         return in_data_order(batches, answers)

@@ -217,9 +217,8 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
                    quiet: bool = False) -> list[dict[str, Any]]:
     """`kd cache-teachers`: build the cache of every teacher of every stage (fine-tuning first where
     asked). Returns one report per cache."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from kdcli.cache import LiveTeacher, build_cache, check_cache
+    from kdcli.progress import phase_progress
     from kdcli.runtime import check_trackers, from_main_process, make_accelerator
 
     console = console or Console(stderr=quiet)  # quiet: stdout is kept for the caller's JSON
@@ -255,10 +254,7 @@ def cache_teachers(recipe: Recipe, *, force: bool = False, console: Console | No
             model.model.to(accelerator.device)
             live = LiveTeacher(model, asked)
             splits = {split: data.rows[split] for split in cached_rows(data)}
-            progress = None if quiet or not accelerator.is_main_process else Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=console,
-            )
+            progress = None if quiet or not accelerator.is_main_process else phase_progress(console)
             if progress:
                 progress.start()
             try:

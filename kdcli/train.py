@@ -615,12 +615,9 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     reporting = _start_tracking(accelerator, job.name, job.tracking, state.step)
     progress = None
     if show_progress and accelerator.is_main_process:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from kdcli.progress import phase_progress
 
-        progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"), console=console, transient=False,
-        )
+        progress = phase_progress(console, status=True)
         progress.start()
         bar = progress.add_task(job.name, total=total_steps, completed=state.step, status="")
     last_scores: dict[str, float] = {}

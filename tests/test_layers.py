@@ -38,7 +38,7 @@ LAYERS: list[list[str]] = [
      "kdcli.data.triviaqa", "kdcli.data.messages"],
     ["kdcli.data.fields"],
     ["kdcli.data.files"],
-    ["kdcli.losses", "kdcli.rundir", "kdcli.runtime", "kdcli.lora", "kdcli.batching"],
+    ["kdcli.losses", "kdcli.rundir", "kdcli.runtime", "kdcli.lora", "kdcli.batching", "kdcli.progress"],
     ["kdcli.recipe"],
     ["kdcli.errors"],
     ["kdcli"],

@@ -137,8 +137,8 @@ class TaskKind(ABC):
 
     @abstractmethod
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
-                max_new_tokens: int) -> list[Any]:
-        """The model's answers to rows: argmax indices, or greedy texts."""
+                max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> list[Any]:
+        """The model's answers to rows: argmax indices, or greedy texts; ``on_batch(rows)`` after each batch."""
 
     @abstractmethod
     def score(self, rows: list[dict], answers: list[Any], manifest: dict[str, Any]) -> dict[str, Any]:

@@ -158,7 +158,7 @@ class Classify(TaskKind):
     # ----------------------------------------------------------------- kd eval and kd bench
 
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
-                max_new_tokens: int) -> list[int]:
+                max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> list[int]:
         """The model's answer (argmax over classes or options) for each row, from length-sorted batches."""
         import torch
 
@@ -169,6 +169,8 @@ class Classify(TaskKind):
             for index in batches:
                 batch = self.encode(model, gather(rows, index), max_length, template)
                 answers.append(self.forward(model, batch).logits.argmax(-1).tolist())
+                if on_batch is not None:
+                    on_batch(len(index))
         return in_data_order(batches, answers)
 
     def score(self, rows: list[dict], answers: list[int], manifest: dict[str, Any]) -> dict[str, Any]:

@@ -311,8 +311,8 @@ class Generate(TaskKind):
     # ----------------------------------------------------------------- kd eval and kd bench
 
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
-                max_new_tokens: int) -> list[str]:
-        return model.generate(rows, max_new_tokens, max_length, template, batch_size)
+                max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> list[str]:
+        return model.generate(rows, max_new_tokens, max_length, template, batch_size, on_batch)
 
     def score(self, rows: list[dict], answers: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
         from kdcli.metrics import generation_metrics
