@@ -471,13 +471,14 @@ def push(
     recipe_path: RecipeArg,
     repo: Annotated[
         str, typer.Option("--repo", help="The Hub repository: NAMESPACE/NAME (made when it does not exist).",
-                          show_default=False)
+                          show_default=False, metavar="NAMESPACE/NAME")
     ],
     overrides: SetOpt = None,
     model: Annotated[
-        str, typer.Option("--model", help="student, dataset, student:NAME or a fine-tuned teacher:NAME.")
+        str, typer.Option("--model", help="student, dataset, student:NAME or a fine-tuned teacher:NAME.",
+                          metavar="ROLE")
     ] = "student",
-    private: Annotated[bool, typer.Option("--private", help="Make a new repository private.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Make a new repository private.", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a model kd saved, with its model card, to the Hugging Face Hub (HF_ENDPOINT when set)."""
