@@ -12,8 +12,9 @@ import functools
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 
@@ -104,11 +105,18 @@ def _load(recipe_path: Path, overrides: list[str] | None):
     return recipe.load(recipe_path, overrides or [])
 
 
-def _locked(recipe):
-    """The run's lock, held by every command that writes into the run directory."""
+@contextmanager
+def _locked(recipe) -> Iterator[None]:
+    """The run's lock, held by every command that writes into the run directory. When the command
+    succeeds, the cards of the run's models are written again from what it left (``kdcli.card``)."""
     from kdcli.rundir import RunDir, run_lock
 
-    return run_lock(RunDir.for_recipe(recipe))
+    with run_lock(RunDir.for_recipe(recipe)):
+        yield
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the main process writes them
+            from kdcli.card import write_cards
+
+            write_cards(recipe)
 
 
 def _record(recipe, replace: bool = True) -> None:
@@ -333,7 +341,7 @@ def eval_(
         if data_format not in get_args(Format) or data_format == "hub":
             raise KdError(f"--format {data_format!r} is not a file format",
                           "use one of: " + ", ".join(f for f in get_args(Format) if f != "hub"))
-    with _locked(recipe):  # eval writes its result; it never rewrites the run's data or recipe
+    with _locked(recipe):  # eval writes its result (and the model cards); never the run's data or recipe
         from rich.console import Console
 
         # Progress on stderr: stdout carries the table, or the JSON document.
@@ -374,7 +382,7 @@ def bench(
             typer.echo(f"using the latest run: {recipe_path}", err=True)
     recipe = _load(recipe_path, overrides)
     results, skipped = [], {}
-    with _locked(recipe):  # bench writes its results; it never rewrites the run's data or recipe
+    with _locked(recipe):  # bench writes its results (and the model cards); never the run's data or recipe
         if model == "all":
             for role in roles_for_all(recipe, RunDir.for_recipe(recipe)):
                 try:
@@ -569,6 +577,38 @@ def recipes_copy(
         _emit_json(copied.to_json())
     else:
         catalogue.print_copied(copied, Console())
+
+
+@app.command()
+@_error_boundary
+def push(
+    recipe_path: RecipeArg,
+    repo: Annotated[
+        str, typer.Option("--repo", help="The Hub repository: NAMESPACE/NAME (made when it does not exist).",
+                          show_default=False, metavar="NAMESPACE/NAME")
+    ],
+    overrides: SetOpt = None,
+    model: Annotated[
+        str, typer.Option("--model", help="student, dataset, student:NAME or a fine-tuned teacher:NAME.",
+                          metavar="ROLE")
+    ] = "student",
+    private: Annotated[bool, typer.Option("--private", help="Make a new repository private.", metavar="")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a model kd saved, with its model card, to the Hugging Face Hub (HF_ENDPOINT when set)."""
+    from kdcli.push import push_role
+    from kdcli.roles import Role
+
+    recipe = _load(recipe_path, overrides)
+    with _locked(recipe):  # the card is written again from the run's files, as after every command
+        result = push_role(recipe, Role.parse(model), repo, private=private)
+    if as_json:
+        _emit_json(result)
+        return
+    state = ("new, private" if private else "new, public") if result["created"] else "existing; visibility unchanged"
+    typer.echo(f"pushed {result['role']} ({len(result['files'])} files from {result['folder']}) to "
+               f"{result['url']} ({state})")
+    typer.echo(f"commit: {result['commit_url']}")
 
 
 def _interrupt(signum, frame) -> None:

@@ -18,7 +18,8 @@ PACKAGE = Path(kdcli.__file__).parent
 LAYERS: list[list[str]] = [
     ["kdcli.cli"],
     ["kdcli.pipeline"],
-    ["kdcli.tune"],
+    ["kdcli.tune", "kdcli.push"],
+    ["kdcli.card"],
     ["kdcli.bench", "kdcli.evaluate", "kdcli.distill", "kdcli.report", "kdcli.catalogue"],
     ["kdcli.teachers"],
     ["kdcli.roles"],
