@@ -18,7 +18,7 @@ from kdcli.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
-COMMANDS = ["check", "prepare", "cache-teachers", "distill", "eval", "bench", "compare", "run", "tune"]
+COMMANDS = ["check", "prepare", "cache-teachers", "distill", "export", "eval", "bench", "compare", "run", "tune"]
 
 pytestmark = pytest.mark.usefixtures("here")  # every command in an empty directory, without KD_DEBUG
 
