@@ -168,11 +168,12 @@ def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int],
 
 
 def size_on_disk(path: Path | None) -> int | None:
-    """Bytes of the weight files in a model directory (safetensors when present, else any weight format)."""
+    """Bytes of the weight files in a model directory (safetensors when present, else any weight format, an
+    export's ONNX graph included)."""
     if path is None or not path.is_dir():
         return None
     files = (sorted(path.rglob("*.safetensors"))
-             or sorted(p for p in path.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES)))
+             or sorted(p for p in path.rglob("*") if p.name.endswith((*WEIGHT_SUFFIXES, ".onnx"))))
     return sum(f.stat().st_size for f in files) if files else None
 
 

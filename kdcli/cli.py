@@ -305,14 +305,45 @@ def distill(
         print_distill_summary(results)
 
 
+@app.command("export")
+@_error_boundary
+def export_(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    model: Annotated[
+        str, typer.Option("--model", help="The trained model: student, dataset or student:NAME.", metavar="ROLE")
+    ] = "student",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="onnx (fp32), onnx-int8 (int8 weights, ONNX Runtime) or torch-int8 (PyTorch, "
+                     "int8 linear layers; every task, generate included).", metavar="FORMAT"),
+    ] = "onnx",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a trained model for deployment into runs/NAME/export/ROLE-FORMAT/, checked against the model; eval,
+    bench and compare it as --model export:ROLE-FORMAT."""
+    from kdcli.export import export_role
+    from kdcli.report import print_export
+    from kdcli.roles import Role
+
+    recipe = _load(recipe_path, overrides)
+    with _locked(recipe):
+        result = export_role(recipe, Role.parse(model), fmt)
+        _record(recipe, replace=False)
+    if as_json:
+        _emit_json(result)
+    else:
+        print_export(result, recipe_path)
+
+
 @app.command("eval")
 @_error_boundary
 def eval_(
     recipe_path: RecipeArg,
     overrides: SetOpt = None,
     model: Annotated[
-        str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset or a model path.",
-                          metavar="ROLE")
+        str, typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, export:ROLE-FORMAT "
+                          "or a model path.", metavar="ROLE")
     ] = "student",
     split: Annotated[
         Optional[str], typer.Option("--split", help="Split to score (default: the recipe's).", metavar="SPLIT")
@@ -364,8 +395,8 @@ def bench(
     overrides: SetOpt = None,
     model: Annotated[
         str,
-        typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, all or a model path.",
-                     metavar="ROLE"),
+        typer.Option("--model", help="student, student:NAME, teacher:NAME, baseline, dataset, export:ROLE-FORMAT, all "
+                     "or a model path.", metavar="ROLE"),
     ] = "student",
     as_json: JsonOpt = False,
 ) -> None:

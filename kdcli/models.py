@@ -160,6 +160,10 @@ class TaskModel:
     prompt_suffix: str = ""  # appended to decoder prompts so that the option token comes next
     runner: nn.Module | None = None  # what runs forward when it is not `model` itself: a DDP wrapper in training
     answer_max_length: int = 32  # generate: answer tokens (EOS included) kept as targets
+    # A model read from `kd export`'s files (kdcli.exported) runs on the CPU (ONNX Runtime, int8 linear layers), and
+    # counts the parameters of the model it was exported from: its own weights are not nn.Parameters.
+    cpu_only: bool = False
+    source_parameters: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -369,6 +373,12 @@ class TaskModel:
             save_merged(self.model, path)
         else:
             self.model.save_pretrained(path, state_dict=state_dict)
+        return self.save_companions(path, label_names)
+
+    def save_companions(self, path: str | Path, label_names: list[str] | None = None) -> Path:
+        """What a saved model keeps beside its weights: the tokenizer, and kd.json (head, task, classes). An
+        exported model's folder has them beside its ONNX graph or int8 weights."""
+        path = Path(path)
         _saved_tokenizer(self.tokenizer).save_pretrained(path)
         info = {"kind": self.kind, "task": self.task, "num_classes": self.num_classes, "label_names": label_names or []}
         (path / "kd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -376,12 +386,15 @@ class TaskModel:
 
 
 def parameter_count(model: TaskModel) -> int:
+    if model.source_parameters is not None:
+        return model.source_parameters
     return sum(p.numel() for p in model.model.parameters())
 
 
 def place(model: TaskModel) -> torch.device:
-    """Move the model to the GPU when there is one (quantised models are already placed)."""
-    if not is_weight_quantized(model.model):
+    """Move the model to the GPU when there is one (quantised models are already placed; exported ones run on
+    the CPU)."""
+    if not is_weight_quantized(model.model) and not model.cpu_only:
         model.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model.model.eval()
     return model.device

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdcli.errors import KdError
+from kdcli.exported import FORMATS
 from kdcli.roles import Role, describe, solo_role, teacher_role
 from kdcli.tasks import KINDS, task_kind
 
@@ -266,6 +267,28 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
         console.print(f"saved {escape(r['path'])}")
 
 
+def print_export(result: dict, recipe_path: Path, console: Console | None = None) -> None:
+    """What `kd export` wrote, how it compares with the model it came from, and how to measure it."""
+    console = console or Console(highlight=False)
+    check = result["check"]
+    table = Table(title=f"{escape(result['role'])} exported as {result['format']}")
+    for column in ("size on disk", "the model's", "parameters", "same answer", "largest logit difference"):
+        table.add_column(column, justify="right")
+    agreement = check["argmax_agreement"]
+    table.add_row(
+        _human_bytes(result["size_bytes"]) if result["size_bytes"] is not None else "",
+        _human_bytes(result["source_size_bytes"]) if result["source_size_bytes"] is not None else "",
+        _human_count(result["parameters"]),
+        f"{agreement:.1%} of {check['compared']} {check['unit']}" if agreement is not None else "",
+        f"{check['max_abs_difference']:.2e}",
+    )
+    console.print(table)
+    console.print(f"checked against {escape(result['role'])} on {check['rows']} {check['split']} rows")
+    console.print(f"files: {escape(result['path'])}")
+    role, recipe = escape(result["export_role"]), escape(str(recipe_path))
+    console.print(f"measure it: kd eval {recipe} --model {role}; kd bench {recipe} --model {role}; kd compare")
+
+
 def _human_count(count: int | None) -> str:
     if count is None:
         return ""
@@ -313,6 +336,7 @@ _COLUMNS = {
     "role": Column("role", "Role", str),
     "model": Column("model", "Model", str),
     "parameters": Column("parameters", "Params", lambda v: _human_count(int(v))),
+    "size_bytes": Column("size_bytes", "Size on disk", lambda v: _human_bytes(int(v))),
     "accuracy": Column("accuracy", "Accuracy", _fixed(4)),
     "f1": Column("f1", "F1", _fixed(4)),
     "precision": Column("precision", "Precision", _fixed(4)),
@@ -402,7 +426,7 @@ def _bench_summary(document: dict) -> dict[str, Any]:
         p50[int(size)] = _number(latency, "p50", where + ".", required=True)
     batched = max((size for size in p50 if size > 1), default=None)
     return {"ms_per_example": p50.get(1), "batched_size": batched,
-            "ms_per_example_batched": p50[batched] if batched else None}
+            "ms_per_example_batched": p50[batched] if batched else None, "size_bytes": _number(document, "size_bytes")}
 
 
 def _read_role_files(directory: Path, summarise: Callable[[dict], dict[str, Any]],
@@ -476,14 +500,22 @@ def _is_teacher(role: str) -> bool:
 
 def _ordered_roles(recipe: dict, evals: dict, benches: dict, root: Path) -> list[str]:
     """Teachers (recipe order), baseline, dataset (when trained or measured), students of one teacher
-    (when measured), student, then any other model."""
+    (when measured), student, exports (when measured), then any other model."""
     teachers = [str(teacher_role(name)) for name in recipe.get("teachers", {})]
     measured = list(dict.fromkeys([*evals, *benches]))
     dataset = ["dataset"] if "dataset" in measured or (root / "dataset" / "config.json").is_file() else []
     solos = [str(solo_role(name)) for name in recipe.get("teachers", {}) if str(solo_role(name)) in measured]
+    exports = sorted((r for r in measured if Role.parse(r).kind == "export"), key=_export_order)
     known = [*teachers, *sorted(r for r in measured if _is_teacher(r) and r not in teachers),
-             "baseline", *dataset, *solos, "student"]
+             "baseline", *dataset, *solos, "student", *exports]
     return known + [r for r in measured if r not in known]
+
+
+def _export_order(role: str) -> tuple[str, int]:
+    """Exports by the role they were written from, then in ``exported.FORMATS``' order (fp32 first)."""
+    parsed = Role.parse(role)
+    formats = list(FORMATS)
+    return parsed.name, formats.index(parsed.format) if parsed.format in formats else len(formats)
 
 
 def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunTable:
@@ -509,6 +541,7 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
             "role": role,
             "model": (ev or be or {}).get("model") or describe(recipe, Role.parse(role)),
             "parameters": (ev or be or {}).get("parameters"),
+            "size_bytes": (be or {}).get("size_bytes"),
             **{key: (ev or {}).get(key) for key in ("accuracy", "f1", "precision", "recall")},
             "ms_per_example": ms,
             "batched_size": (be or {}).get("batched_size"),
@@ -531,8 +564,10 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
         row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
 
-    columns = [_COLUMNS[k]
-               for k in ["role", "model", "parameters", *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
+    # An export has its model's parameters in fewer bytes (int8): where the run has one, the table shows the bytes.
+    size = ["size_bytes"] if any(Role.parse(r["role"]).kind == "export" for r in rows) else []
+    columns = [_COLUMNS[k] for k in
+               ["role", "model", "parameters", *size, *kind.compare_columns, "kept_pct", "speedup", "size_ratio"]]
     sizes = {r["batched_size"] for r in rows if r["batched_size"] is not None}
     if "ms_per_example" in kind.compare_columns and sizes:  # batch throughput, beside the interactive latency
         size = sizes.pop() if len(sizes) == 1 else None

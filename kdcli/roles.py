@@ -2,7 +2,9 @@
 
 A role is ``student`` (distilled from every teacher), ``dataset`` (the same student trained on
 labels alone), ``student:NAME`` (taught by teacher NAME alone), ``baseline`` (the student before
-training), ``teacher:NAME``, or any model reference (a path, a Hub id, ``package:...``).
+training), ``teacher:NAME``, ``export:ROLE-FORMAT`` (a trained role as `kd export` wrote it in
+FORMAT: ``export:student-onnx-int8``, ``export:student:NAME-torch-int8``), or any model reference (a
+path, a Hub id, ``package:...``).
 ``Role.parse`` turns the text into a value; everything else here answers questions about it: has
 its model been made (``check``), load it (``load``), describe it in a table (``describe``), and
 where its weights are (``saved_dir``). The teacher and student loaders the roles need
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import ModelError
+from kdcli.exported import FORMATS
 from kdcli.recipe import ModelSpec, Recipe, did_you_mean
 from kdcli.rundir import RunDir
 
@@ -27,11 +30,13 @@ TRAINED = ("student", "dataset", "solo")
 
 @dataclass(frozen=True)
 class Role:
-    """``kind`` is student, dataset, solo (``student:NAME``), baseline, teacher or model; ``name`` is the
-    teacher of a solo or teacher role, or the reference of a model role."""
+    """``kind`` is student, dataset, solo (``student:NAME``), baseline, teacher, export or model; ``name`` is the
+    teacher of a solo or teacher role, the exported role (its text) of an export, or the reference of a model role;
+    ``format`` is an export's (empty where the text names none of ``exported.FORMATS``)."""
 
     kind: str
     name: str = ""
+    format: str = ""
 
     @classmethod
     def parse(cls, text: str) -> "Role":
@@ -40,6 +45,10 @@ class Role:
             return cls("teacher", rest)
         if colon and prefix == "student":
             return cls("solo", rest)
+        if colon and prefix == "export":
+            # Formats do not end one another ("-onnx" is no ending of "-onnx-int8"), so at most one matches.
+            fmt = next((f for f in FORMATS if rest.endswith(f"-{f}")), "")
+            return cls("export", rest.removesuffix(f"-{fmt}") if fmt else rest, fmt)
         if text in ("student", "dataset", "baseline"):
             return cls(text)
         return cls("model", text)
@@ -49,6 +58,8 @@ class Role:
             return f"teacher:{self.name}"
         if self.kind == "solo":
             return f"student:{self.name}"
+        if self.kind == "export":
+            return f"export:{self.name}-{self.format}" if self.format else f"export:{self.name}"
         return self.name if self.kind == "model" else self.kind
 
     @property
@@ -65,6 +76,11 @@ class Role:
     def distill_option(self) -> str:
         """The `kd distill` option that trains this role."""
         return {"student": "", "dataset": " --no-teachers"}.get(self.kind, f" --teacher {self.name}")
+
+    @property
+    def source(self) -> "Role":
+        """The role an export was written from."""
+        return Role.parse(self.name)
 
 
 STUDENT = Role("student")
@@ -147,8 +163,12 @@ def _saved_student(recipe: Recipe, path: Path) -> ModelSpec:
 
 
 def check(recipe: Recipe, role: Role) -> None:
-    """Raise, before any work, when the model a role names has not been made yet."""
+    """Raise, before any work, when the model a role names has not been made yet (or, for an export, when its
+    files are damaged or its source has been trained again since)."""
     run = RunDir.for_recipe(recipe)
+    if role.kind == "export":
+        _check_export(run, role)
+        return
     if role.teacher is not None:
         require_teacher(recipe, role.teacher)
     if role.trained:
@@ -161,12 +181,48 @@ def check(recipe: Recipe, role: Role) -> None:
         _require_finetuned(recipe, run, origin)
 
 
+def require_exportable(role: Role) -> None:
+    """`kd export` writes the models kd trained."""
+    if not role.trained:
+        raise ModelError(f"{role} is not a model kd trained, and only those are exported",
+                         "export student, dataset or student:NAME (`kd distill` trains them)")
+
+
+def _check_export(run: RunDir, role: Role) -> None:
+    from kdcli.exported import whole
+    from kdcli.models import weights_fingerprint
+
+    if not role.format:
+        raise ModelError(f"'{role}' names no export format",
+                         f"write export:ROLE-FORMAT, FORMAT one of {', '.join(FORMATS)}: export:student-onnx-int8")
+    source = role.source
+    require_exportable(source)
+    folder = run.export(source, role.format)
+    again = f"run `kd export RECIPE --model {source} --format {role.format}`"
+    manifest, damage = whole(folder)
+    if manifest is None:
+        raise ModelError(f"{folder} is damaged ({damage})" if damage else f"there is no {role.format} export of "
+                         f"{source} at {folder}", again)
+    made = run.final(source)
+    if (made / "config.json").is_file() and weights_fingerprint(made) != manifest["source"]["weights"]:
+        raise ModelError(f"{folder} was exported from another {source} model than the one in {made} "
+                         "(it was trained again since)", again)
+
+
 def load(recipe: Recipe, role: Role, num_classes: int) -> "TaskModel":
     """The model a role names, checked first (see ``check``)."""
     from kdcli.models import load_task_model
 
     check(recipe, role)
     run = RunDir.for_recipe(recipe)
+    if role.kind == "export":
+        from kdcli.exported import load as load_export
+
+        model = load_export(run.export(role.source, role.format))
+        if model.num_classes != num_classes:
+            raise ModelError(f"{role} scores {model.num_classes} classes or options, the data {num_classes}",
+                             f"export {role.source} again from the model trained on this data")
+        return model
     if role.trained:
         return load_task_model(_saved_student(recipe, run.final(role)), recipe.task, num_classes)
     if role.kind == "baseline":
@@ -183,6 +239,9 @@ def describe(recipe: dict[str, Any], role: Role) -> str:
     can describe roles of runs whose recipe this kd version would not validate.
     """
     student = recipe.get("student", {})
+    if role.kind == "export":
+        fmt = FORMATS.get(role.format)
+        return f"{describe(recipe, role.source)}, {fmt.label if fmt else 'export'}"
     if role.kind == "teacher":
         spec = recipe.get("teachers", {}).get(role.name, {})
         ref = _short_ref(spec.get("ref", "?"))
@@ -218,6 +277,8 @@ def saved_dir(recipe: Recipe, run: RunDir, role: Role) -> Path | None:
 
     if role.trained:
         return run.final(role)
+    if role.kind == "export":
+        return run.export(role.source, role.format)
     if role.kind == "baseline":
         return None  # built in memory (cut from a teacher, or a Hub model's untrained head)
     ref = teacher_spec(recipe, run, role.name).ref if role.kind == "teacher" else role.name

@@ -91,6 +91,10 @@ class RunDir:
     def env(self) -> Path:
         return self.root / "env.json"
 
+    def export(self, role: object, fmt: str) -> Path:
+        """`kd export`'s files of a trained role in one format: `export/student-onnx-int8/`."""
+        return self.root / "export" / f"{role_filename(role)}-{fmt}"
+
     def eval(self, role: object) -> Path:
         return self.root / "eval" / f"{role_filename(role)}.json"
 

@@ -325,6 +325,31 @@ def check_fpb_lowlabel(s: dict) -> None:
     assert set(s["targets"]) == {"beats_dataset_by_points", "kept_pct", "met"}
 
 
+def check_export(s: dict) -> None:
+    rows = ["teacher:minilm", "student", "export:student-onnx", "export:student-onnx-int8", "export:student-torch-int8"]
+    assert s["rows"] == list(s["table"]) == rows and s["seeds"] == ["42"]
+    run = s["per_seed"]["42"]["rows"]
+    for role in rows:
+        r = run[role]
+        assert share(r["accuracy"]) and share(r["macro_f1"]), role
+        assert positive(r["ms_batch_1"], r["ms_batch_32"], r["size_megabytes"], r["parameters"], r["n"]), role
+        assert s["table"][role]["accuracy"] == [r["accuracy"], 0.0], role
+    assert len({run[role]["parameters"] for role in rows[1:]}) == 1  # an export counts its student's parameters
+    assert run["export:student-onnx"]["accuracy"] == run["student"]["accuracy"]  # fp32 ONNX: the same answers
+    assert run["export:student-onnx-int8"]["size_megabytes"] < run["export:student-onnx"]["size_megabytes"]
+    checks = s["per_seed"]["42"]["export_checks"]
+    assert list(checks) == ["onnx", "onnx-int8", "torch-int8"] and checks["onnx"]["max_abs_difference"] < 1e-3
+    for fmt, check in checks.items():
+        assert check["rows"] == check["compared"] > 0 and share(check["argmax_agreement"]), fmt
+    for role, drop in s["accuracy_drop_points"].items():
+        assert drop == pytest.approx(100 * (run["student"]["accuracy"] - run[role]["accuracy"]), abs=0.006), role
+    for role in s["speedup_vs_teacher_batch_1"]:
+        ratio(s["speedup_vs_teacher_batch_1"], role, run["teacher:minilm"]["ms_batch_1"], run[role]["ms_batch_1"])
+    met = s["targets"]["met"]
+    assert list(met) == ["export:student-onnx-int8", "export:student-torch-int8"]
+    assert all(met[r] == (s["accuracy_drop_points"][r] <= 0.5 and s["speedup_vs_teacher_batch_1"][r] >= 3) for r in met)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
@@ -334,6 +359,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "scale.py": check_scale,
     "sorted_batches.py": check_sorted_batches,
     "distill_speed.py": check_distill_speed,
+    "export.py": check_export,
     "fpb_generate.py": check_fpb_generate,
     "fpb_lowlabel.py": check_fpb_lowlabel,
     "llm_step_cost.py": check_llm_step_cost,

@@ -18,8 +18,8 @@ from kdcli.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
-COMMANDS = ["check", "prepare", "cache-teachers", "distill", "eval", "bench", "compare", "run", "tune", "recipes",
-            "push"]
+COMMANDS = ["check", "prepare", "cache-teachers", "distill", "export", "eval", "bench", "compare", "run", "tune",
+            "recipes", "push"]
 
 pytestmark = pytest.mark.usefixtures("here")  # every command in an empty directory, without KD_DEBUG
 
