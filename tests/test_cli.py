@@ -118,14 +118,8 @@ def test_check_fails_on_a_missing_data_file_and_warns_on_a_model_it_cannot_find(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_prepare_reads_each_shipped_recipes_data(path, tmp_path, monkeypatch):
+def test_prepare_reads_each_shipped_recipes_data(path, beside_shared):
     """The shipped recipes' data is local (../shared/data), so `kd prepare` works without network."""
-    shared = REPO.parent / "shared"
-    if not (shared / "data").is_dir():
-        pytest.skip("shared/ data is not beside the repository")
-    (tmp_path / "shared").symlink_to(shared)
-    (tmp_path / "repo").mkdir()
-    monkeypatch.chdir(tmp_path / "repo")
     result = kd("prepare", str(path), "--json")
     stages = json.loads(result.stdout)
     assert [s["stage"] for s in stages] == [s.name for s in recipe_mod.load(path).resolved_stages()]
