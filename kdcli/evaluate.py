@@ -18,6 +18,7 @@ token), ``shortcut`` (a warning or null), ``answer_histogram`` and ``gold_histog
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,19 +69,20 @@ def evaluate_role(recipe: Recipe, role: Role, split: str | None = None, console:
     cfg = recipe.eval
 
     def answer(model, who: str) -> list[Any]:
-        if console is None:
-            return task.predict(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template,
-                                cfg.max_new_tokens)
-        from kdcli.progress import phase_progress
+        progress = on_batch = None
+        if console is not None:
+            from kdcli.progress import phase_progress
 
-        progress = phase_progress(console)
-        progress.start()
-        try:
+            progress = phase_progress(console)
+            progress.start()
             bar = progress.add_task(f"{who} on {split}", total=len(rows))
+            on_batch = functools.partial(progress.advance, bar)
+        try:
             return task.predict(model, rows, cfg.batch_size, stage.data.max_length, stage.data.template,
-                                cfg.max_new_tokens, on_batch=lambda n: progress.advance(bar, n))
+                                cfg.max_new_tokens, on_batch=on_batch)
         finally:
-            progress.stop()
+            if progress is not None:
+                progress.stop()
 
     model = load(recipe, role, data.num_classes)
     device = place(model)

@@ -309,7 +309,7 @@ def _fingerprint(identity: dict[str, Any]) -> str:
     return fingerprint({**identity, "sources": [f["sha256"] for f in identity["sources"]]})
 
 
-def _complete_manifest(path: Path) -> dict[str, Any] | None:
+def complete_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest of a complete prepared directory, else None.
 
     The manifest is written last, inside the temporary directory that is renamed into place,
@@ -415,7 +415,7 @@ def _plan_stage(
     out = run.data(stage.name)
     identity = _with_transfer(labelled, stage.data, held_out) if stage.data.transfer else labelled
     print_id = _fingerprint(identity)
-    old = _complete_manifest(out)
+    old = complete_manifest(out)
     damage = None
     if not force and old is not None and old["fingerprint"] == print_id:
         # Up to date, if it still reads: damaged prepared data is prepared again (it comes from the sources).
@@ -522,7 +522,7 @@ def _writing(out: Path) -> Iterator[None]:
 
 def _written_meanwhile(plan: _Pending, planned_at: float) -> PrepareResult | None:
     """The result of another process that wrote this very data while we waited for the lock, else None."""
-    manifest = _complete_manifest(plan.out)
+    manifest = complete_manifest(plan.out)
     if manifest is None or manifest["fingerprint"] != plan.manifest["fingerprint"]:
         return None
     if (plan.out / MANIFEST).stat().st_mtime < planned_at:
@@ -579,7 +579,7 @@ def prepare_recipe(recipe: Recipe, force: bool = False, quiet: bool = False,
 def load_prepared(run: RunDir, stage: str) -> tuple["datasets.DatasetDict", dict[str, Any]]:
     """A stage's prepared splits and manifest; DataError when they are missing, incomplete or damaged."""
     path = run.data(stage)
-    manifest = _complete_manifest(path)
+    manifest = complete_manifest(path)
     if manifest is None:
         state = "incomplete" if path.exists() else "missing"
         raise DataError(f"prepared data for stage '{stage}' is {state} ({path})", "run kd prepare RECIPE")

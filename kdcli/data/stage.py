@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.data.prepare import load_prepared, prepare_recipe
+from kdcli.data.prepare import complete_manifest, load_prepared, prepare_recipe
 from kdcli.errors import DataError
 from kdcli.recipe import Recipe, Stage, fingerprint
 from kdcli.rundir import RunDir, sha256_file
@@ -129,12 +129,8 @@ def file_data(recipe: Recipe, run: RunDir, stage: Stage, path: Path, data_format
     from kdcli.data.store import COLUMNS, ExampleStore
     from kdcli.tasks import task_kind
 
-    prepared = None
-    try:
-        prepared = load_prepared(run, stage.name)[1]
-    except DataError:
-        pass  # not prepared: the recipe's own class names, or the format's
-    names = list(stage.data.label_names or (prepared or {}).get("label_names", []))
+    prepared = complete_manifest(run.data(stage.name)) or {}  # none: the recipe's own class names, or the format's
+    names = list(stage.data.label_names or prepared.get("label_names", []))
     fmt = data_format or stage.data.format
     if recipe.task == "classify" and not names and fmt not in DEFAULT_LABEL_NAMES:
         raise DataError(f"the class names of stage '{stage.name}' are not known: its data is not prepared and "
@@ -151,7 +147,7 @@ def file_data(recipe: Recipe, run: RunDir, stage: Stage, path: Path, data_format
             options = store.max_options
         finally:
             store.close()
-    manifest = {"label_names": names, "num_options": (prepared or {}).get("num_options", options),
+    manifest = {"label_names": names, "num_options": prepared.get("num_options", options),
                 "fingerprint": fingerprint({"file": sha256_file(path), "format": fmt, "label_names": names}),
                 "source": {"path": str(path.resolve()), "format": fmt}}
     return StageData({"file": Rows(table, stage)}, manifest, task_kind(recipe.task).num_classes(manifest), None)
