@@ -78,5 +78,36 @@ class _LoggedProgress(Progress):
             parts.append(f"{minutes}:{seconds:02d} left")
         status = task.fields.get("status")
         self.console.print(escape(f"{task.description}: {', '.join(parts)}" + (f"  {status}" if status else "")),
-                           highlight=False)
+                           highlight=False, soft_wrap=True)  # a log line is not cut at 80 columns
         self._printed[task_id] = float("inf") if task.finished else time.monotonic()
+
+
+class Steps:
+    """The step a phase without a known total is on (`kd prepare` reading a source of unknown length):
+    rich's spinner on a terminal; elsewhere a line when a step starts and, while rows are counted, one
+    every ``LOG_EVERY`` seconds with the rows so far and the rate. Call it with the step's name; call
+    ``rows`` with the rows done in the step so far."""
+
+    def __init__(self, console: Console, status: Any | None) -> None:
+        self._console, self._status = console, status
+        self._step, self._started, self._printed = "", time.monotonic(), 0.0
+        self._every = LOG_EVERY
+
+    def __call__(self, step: str) -> None:
+        self._step, self._started = step, time.monotonic()
+        if self._status is not None:
+            self._status.update(escape(step))
+        else:
+            self._line(step)
+
+    def rows(self, done: int) -> None:
+        now = time.monotonic()
+        if self._status is not None:
+            self._status.update(escape(f"{self._step}: {done:,} rows"))
+        elif now - self._printed >= self._every:
+            rate = done / (now - self._started) if now > self._started else 0.0
+            self._line(f"{self._step}: {done:,} rows, {rate:,.0f}/s")
+
+    def _line(self, text: str) -> None:
+        self._console.print(escape(text), highlight=False, soft_wrap=True)
+        self._printed = time.monotonic()

@@ -116,6 +116,14 @@ def check_trainer_baseline(s: dict) -> None:
             and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01)
 
 
+def check_fresh_install(s: dict) -> None:
+    names = [step["step"] for step in s["steps"]]
+    assert names == (["kd run"] if s["quick"] else ["python -m venv", "pip install torch", "pip install kd", "kd run"])
+    assert positive(*(step["seconds"] for step in s["steps"]))
+    assert s["total_seconds"] == pytest.approx(sum(step["seconds"] for step in s["steps"]), abs=0.1)
+    assert s["met"] == (s["total_seconds"] < s["target_seconds"])
+
+
 def check_quickstart(s: dict) -> None:
     assert positive(s["wall_seconds"], *s["all_wall_seconds"]) and len(s["all_wall_seconds"]) == s["repeats"]
     assert s["wall_seconds"] == pytest.approx(statistics.median(s["all_wall_seconds"]), abs=0.1)
@@ -355,6 +363,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
     "parallel_cache.py": check_parallel_cache,
+    "fresh_install.py": check_fresh_install,
     "quickstart.py": check_quickstart,
     "scale.py": check_scale,
     "sorted_batches.py": check_sorted_batches,

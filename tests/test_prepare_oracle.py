@@ -447,10 +447,10 @@ def test_any_rows_split_as_the_oracle_splits_them(tmp_path, rows, mode, seed, sp
         old = old_build(data, task, seed)
     except DataError as exc:
         with pytest.raises(DataError) as err:
-            _build(data, task, seed, lambda message: None, lambda: tmp_path)
+            _build(data, task, seed, lambda message: None, lambda done: None, lambda: tmp_path)
         assert (err.value.message, err.value.hint) == (exc.message, exc.hint)
         return
-    new = _build(data, task, seed, lambda message: None, lambda: tmp_path)
+    new = _build(data, task, seed, lambda message: None, lambda done: None, lambda: tmp_path)
     try:
         assert list(new.splits) == list(old.splits)
         for name, examples in old.splits.items():

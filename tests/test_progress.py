@@ -45,3 +45,32 @@ def test_training_into_a_log_reports_its_steps(tmp_path, monkeypatch):
     lines = [line for line in out.getvalue().splitlines() if line.startswith("main")]
     assert lines[0] == "main: 0/3" and ": 3/3" in lines[-1] and "loss" in lines[-1]  # the step, its loss
     assert any(": 1/3" in line for line in lines) and any("left" in line for line in lines)
+
+
+def test_preparing_into_a_log_names_each_step_and_counts_the_rows_read(tmp_path, monkeypatch, capsys):
+    from kdcli import recipe
+    from kdcli.data.prepare import prepare_recipe
+
+    monkeypatch.setattr(progress_mod, "LOG_EVERY", 0.0)
+    monkeypatch.chdir(tmp_path)
+    jobs.write_classify_run(tmp_path, tmp_path / "no-model-needed", name="p", rows=3000, loss={"alpha": 1.0},
+                            train={"max_steps": 1})
+    prepare_recipe(recipe.load(tmp_path / "recipe.toml"))
+    lines = capsys.readouterr().err.splitlines()
+    reading = lines.index(f"stage main: reading s.jsonl ({(tmp_path / 's.jsonl').stat().st_size / 1e6:.1f} MB)")
+    counts = [line for line in lines[reading + 1:] if line.startswith("stage main: reading") and "rows" in line]
+    assert counts[0].startswith("stage main: reading") and ": 1,024 rows, " in counts[0] and counts[0].endswith("/s")
+    assert ": 2,048 rows, " in counts[1]
+    assert "stage main: cleaning and splitting" in lines
+    assert any(line.startswith("stage main: saving") for line in lines)
+
+
+def test_preparing_quietly_prints_nothing(tmp_path, monkeypatch, capsys):
+    from kdcli import recipe
+    from kdcli.data.prepare import prepare_recipe
+
+    monkeypatch.chdir(tmp_path)
+    jobs.write_classify_run(tmp_path, tmp_path / "no-model-needed", name="p", rows=50, loss={"alpha": 1.0},
+                            train={"max_steps": 1})
+    prepare_recipe(recipe.load(tmp_path / "recipe.toml"), quiet=True)
+    assert capsys.readouterr().err == ""

@@ -254,7 +254,7 @@ def test_any_rows_through_cleaning_and_splitting(tmp_path, rows, on_conflict, se
     data = validate(dict(VALID, data={"format": "jsonl", "path": str(path), "on_conflict": on_conflict, "split": split,
                                       "limit": 3})).data
     try:
-        prepared = _build(data, "classify", seed, lambda message: None, lambda: tmp_path)
+        prepared = _build(data, "classify", seed, lambda message: None, lambda done: None, lambda: tmp_path)
     except KdError as exc:
         assert exc.hint
         return

@@ -20,6 +20,7 @@ from kdcli.data.split import clean, limit_rows, split_parts
 from kdcli.data.store import COLUMNS, ExampleStore
 from kdcli.data.transfer import HELD_OUT, KEY, Transfer, build_transfer, store_keys, table_keys
 from kdcli.errors import DataError
+from kdcli.progress import Steps
 from kdcli.recipe import DataConfig, Recipe, Stage, fingerprint
 from kdcli.rundir import RunDir, atomic_dir, leftovers, read_json, scratch, sha256_file, write_json
 
@@ -71,11 +72,11 @@ class _Prepared:
     whole_train: np.ndarray
 
 
-def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None],
+def _build(data: DataConfig, task: str, seed: int, say: Callable[[str], None], rows: Callable[[int], None],
            scratch: Callable[[], Path]) -> _Prepared:
     store = ExampleStore(scratch)
     try:
-        names = read_source(data, task, store, say)
+        names = read_source(data, task, store, say, rows=rows)
         rows_read = {split: end - first for split, (first, end) in store.parts.items()}
         parts, duplicates, conflicts, conflict_rows = {}, 0, 0, 0
         say("cleaning and splitting")
@@ -382,15 +383,16 @@ def _result(
 
 
 @contextmanager
-def _status(quiet: bool) -> Iterator[Callable[[str], None]]:
-    """A transient spinner on stderr with the current step; silent when quiet (--json)."""
-    if quiet:
-        yield lambda message: None
-        return
+def _status(quiet: bool) -> Iterator[Steps]:
+    """The current step on stderr (a transient spinner on a terminal, lines in a log); silent when quiet (--json)."""
     from rich.console import Console
 
-    with Console(stderr=True).status("preparing data") as status:
-        yield status.update
+    console = Console(stderr=True, quiet=quiet)
+    if quiet or not console.is_terminal:
+        yield Steps(console, None)
+        return
+    with console.status("preparing data") as status:
+        yield Steps(console, status)
 
 
 @dataclass
@@ -407,7 +409,7 @@ class _Pending:
 
 def _plan_stage(
     recipe: Recipe, stage: Stage, labelled: dict[str, Any], held_out: list[str], run: RunDir, force: bool,
-    built: dict[str, _Prepared], say: Callable[[str], None], replace: bool, scratch: Callable[[], Path],
+    built: dict[str, _Prepared], say: Steps, replace: bool, scratch: Callable[[], Path],
 ) -> PrepareResult | _Pending:
     """Skip an up-to-date stage, or read, check and split its labelled data (out of core: see ``_build``);
     ``labelled``: its identity without the transfer set, ``held_out``: every stage's labelled fingerprint."""
@@ -434,7 +436,8 @@ def _plan_stage(
     data_print = _fingerprint(labelled)
     if data_print not in built:  # stages with the same labelled data read it once
         built[data_print] = _build(
-            stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}"), scratch
+            stage.data, recipe.task, recipe.seed, lambda message: say(f"stage {stage.name}: {message}"), say.rows,
+            scratch,
         )
     prepared = built[data_print]
     manifest = {
@@ -461,7 +464,7 @@ def _plan_stage(
 
 
 def _read_transfers(recipe: Recipe, stages: list[Stage], plans: list[PrepareResult | _Pending], run: RunDir,
-                    say: Callable[[str], None], scratch: Callable[[], Path]) -> None:
+                    say: Steps, scratch: Callable[[], Path]) -> None:
     """Read the transfer set of each stage being prepared, checked against the validation and test rows
     of every stage (from its store when it is being prepared too, else from its saved splits) and its
     own train rows; each is added to its plan and manifest."""
@@ -484,7 +487,8 @@ def _read_transfers(recipe: Recipe, stages: list[Stage], plans: list[PrepareResu
     for stage, plan in wanting:
         transfer = plan.transfer = build_transfer(
             stage.data, transfer_files(stage.data), recipe.task, recipe.seed, held_out, train[stage.name],
-            plan.prepared.num_options, lambda message, name=stage.name: say(f"stage {name}: {message}"), scratch,
+            plan.prepared.num_options, lambda message, name=stage.name: say(f"stage {name}: {message}"), say.rows,
+            scratch,
         )
         plan.transfer_nbytes = _measure(transfer.store, {"transfer": transfer.rows})[0]["transfer"]
         files = {f["source"]: {"path": f["path"], "sha256": f["sha256"]}

@@ -54,14 +54,15 @@ ADAPTERS: dict[str, Callable[[SourceFile, DataConfig, list[str], bool], Iterator
 
 def read_source(
     data: DataConfig, task: str, store: ExampleStore, say: Callable[[str], None] = lambda message: None,
-    sources: list[SourceFile] | None = None, labelled: bool = True,
+    sources: list[SourceFile] | None = None, labelled: bool = True, rows: Callable[[int], None] = lambda done: None,
 ) -> list[str]:
     """Read and normalise a source into ``store``, a source split ('all' for a single `path`) after
     another, row by row, and check the whole dataset; returns the class names.
 
     Nothing is deduplicated or split here; every row of the source is one example. The store is
     finished when this returns. ``sources``: these files rather than the config's own. Not
-    ``labelled`` (a transfer set): labels and answers are not read, every row's label is -1.
+    ``labelled`` (a transfer set): labels and answers are not read, every row's label is -1. ``rows`` hears
+    the rows read so far, every thousand or so.
     """
     if data.format in FORMAT_TASKS and task not in FORMAT_TASKS[data.format]:
         raise DataError(
@@ -82,7 +83,7 @@ def read_source(
         generic = read_generic(sources, data, task, say, labelled)
         stream, names = generic.examples, generic.names  # names inferred (classify only) are known at the end
     with _cycles_uncollected() if data.format != "hub" else nullcontext():  # the Hub's rows are not kd's to vouch for
-        first_problem = _stream(stream, task, names, store, labelled)
+        first_problem = _stream(stream, task, names, store, labelled, rows)
     store.finish()
     if generic is not None:
         names = generic.names
@@ -116,7 +117,7 @@ def _cycles_uncollected() -> Iterator[None]:
 
 
 def _stream(stream: Iterator[tuple[str, Example | None]], task: str, names: list[str],
-            store: ExampleStore, labelled: bool) -> tuple[int, DataError] | None:
+            store: ExampleStore, labelled: bool, rows: Callable[[int], None]) -> tuple[int, DataError] | None:
     """Every example of ``stream`` into the store; the first row the task cannot use, with its error."""
     first_problem = None
     checked = task == "choice" or (task == "generate" and labelled)  # unlabelled, a prompt needs no answer
@@ -140,6 +141,7 @@ def _stream(stream: Iterator[tuple[str, Example | None]], task: str, names: list
         if len(read) == 1024:
             store.extend(read)
             read = []
+            rows(store.rows)
     store.extend(read)
     return first_problem
 

@@ -100,7 +100,7 @@ def reading_config(data: DataConfig) -> DataConfig:
 
 
 def build_transfer(data: DataConfig, sources: list[SourceFile], task: str, seed: int, held_out: dict[str, np.ndarray],
-                   train: np.ndarray, num_options: int, say: Callable[[str], None],
+                   train: np.ndarray, num_options: int, say: Callable[[str], None], rows: Callable[[int], None],
                    scratch: Callable[[], Path]) -> Transfer:
     """Read ``data.transfer`` (from ``sources``, its files) and drop what the module docstring lists.
 
@@ -112,7 +112,7 @@ def build_transfer(data: DataConfig, sources: list[SourceFile], task: str, seed:
     store = ExampleStore(scratch)
     try:
         say("reading the transfer set")
-        read_source(reading_config(data), task, store, say, sources=sources, labelled=False)
+        read_source(reading_config(data), task, store, say, sources=sources, labelled=False, rows=rows)
         if store.max_options > num_options:
             raise DataError(
                 f"transfer rows have up to {store.max_options} options, the labelled train rows at most {num_options}",
