@@ -6,10 +6,14 @@ student and the student exported as ONNX, ONNX int8 and PyTorch int8, on the off
     python benchmarks/export.py --quick                      # a tiny BERT teacher and student (CI)
 
 For each seed, in runs/ of the checkout: `kd distill` (the recipe's student; reused when up to date), `kd export`
-in every format, then `kd eval` and `kd bench` of each row, so the numbers are those `kd compare` shows. Timing is
-`kd bench`'s: --warmup untimed runs, then the median of --iters timed runs per batch size (1 and 32), torch and
-ONNX Runtime on --threads threads, on consecutive test rows already tokenised. Accuracy is on the seed's test split
-(188 sentences: one is 0.53 points).
+in every format, `kd eval` of each row, then one `kd bench` of every model of the run and the exports together,
+so the numbers are those `kd compare` shows. Timing is `kd bench`'s: --warmup untimed calls, then rounds in which
+every model runs each batch size (1 and 32) in turn, at least --iters of them and more until each median's 95%
+interval is within --precision of it (at most --max-seconds); torch and ONNX Runtime on --threads threads, on
+consecutive test rows already tokenised. A speed-up is the median of the rounds' ratios, with its 95% interval.
+The run's other students are trained too (labels only, and from each single teacher the recipe lists), and every
+model's accuracy and latency is kept (`every_role`), with its interval: docs/benchmarks.md's finance table.
+Accuracy is on the seed's test split (188 sentences: one is 0.53 points).
 
 Targets (issue 17): each int8 student within 0.5 accuracy points of the fp32 student, and at least 3x faster
 than the fp32 MiniLM teacher at batch 1 (means over the seeds). Writes benchmarks/results/export[-quick].json; the
@@ -33,6 +37,7 @@ from _common import finish, fpb_data, kd, mean_std, write_recipe  # noqa: E402
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.exported import FORMATS  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
+from kdcli.timing import Timing, ratio  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "local" / "fpb.toml"
 TEACHER, STUDENT = "teacher:minilm", "student"
@@ -43,13 +48,14 @@ COLUMNS = ("accuracy", "macro_f1", "ms_batch_1", "ms_batch_32", "size_megabytes"
 MAX_DROP_POINTS, MIN_SPEEDUP = 0.5, 3.0
 
 
-def seed_recipe(work: Path, seed: int, quick: bool, threads: int | None, warmup: int, iters: int) -> Path:
+def seed_recipe(work: Path, seed: int, quick: bool, args: argparse.Namespace) -> Path:
     """recipes/local/fpb.toml under ``seed``, named as docs/benchmarks.md's runs (fpb-local, fpb-local-s7, ...), so
     their trained students are reused, with this benchmark's timing settings (bench settings are no part of what a
     student's training depends on); in quick mode a tiny BERT teacher alone on made-up sentences."""
     raw = recipe_mod.load_raw(RECIPE, [f"seed={seed}"])
     raw["name"] = "fpb-local" if seed == 42 else f"fpb-local-s{seed}"
-    raw["bench"].update(batch_sizes=[1, 32], warmup=warmup, iters=iters, threads=threads)
+    raw["bench"].update(batch_sizes=[1, 32], warmup=args.warmup, iters=args.iters, precision=args.precision,
+                        max_seconds=args.max_seconds, threads=args.threads)
     if quick:
         import kit
 
@@ -64,29 +70,58 @@ def seed_recipe(work: Path, seed: int, quick: bool, threads: int | None, warmup:
     return write_recipe(raw, work / "runs" / f"{raw['name']}.toml")
 
 
+def timing(benched: dict, size: str) -> Timing:
+    batch = benched["batches"][size]
+    latency = batch["latency_ms_per_example"]
+    return Timing(latency["p50"], *latency["ci95"], tuple(batch["ms_per_example_by_round"]), benched["session"]["id"])
+
+
 def measured(run: Path, role: str) -> dict:
     """A row from the run's eval and bench results of ``role``."""
     name = role.replace(":", "-")
     evaluated = json.loads((run / "eval" / f"{name}.json").read_text())
     benched = json.loads((run / "bench" / f"{name}.json").read_text())
-    latency = {size: batch["latency_ms_per_example"]["p50"] for size, batch in benched["batches"].items()}
+    latency = {size: batch["latency_ms_per_example"] for size, batch in benched["batches"].items()}
     return {"accuracy": evaluated["metrics"]["accuracy"], "macro_f1": evaluated["metrics"]["f1"], "n": evaluated["n"],
-            "ms_batch_1": latency["1"], "ms_batch_32": latency["32"], "size_megabytes": benched["size_bytes"] / 1e6,
-            "parameters": benched["parameters"], "threads": benched["threads"], "model": evaluated["model"]}
+            "ms_batch_1": latency["1"]["p50"], "ms_batch_32": latency["32"]["p50"],
+            "ms_batch_1_ci95": latency["1"]["ci95"], "ms_batch_32_ci95": latency["32"]["ci95"],
+            "size_megabytes": benched["size_bytes"] / 1e6, "parameters": benched["parameters"],
+            "threads": benched["threads"], "model": evaluated["model"]}
 
 
 def run_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
-    recipe = str(seed_recipe(work, seed, args.quick, args.threads, args.warmup, args.iters))
+    recipe = str(seed_recipe(work, seed, args.quick, args))
     kd(work, "distill", recipe)
+    kd(work, "distill", recipe, "--no-teachers")  # the rows of the finance table, timed with the rest
+    for name in recipe_mod.load(Path(recipe)).single_teacher_students:
+        kd(work, "distill", recipe, "--teacher", name)
     checks = {}
     run = work / "runs" / Path(recipe).stem
     for fmt in FORMATS:
         kd(work, "export", recipe, "--format", fmt)
         checks[fmt] = json.loads((run / "export" / f"student-{fmt}" / "export.json").read_text())["check"]
-    for role in ROWS:
+    kd(work, "bench", recipe, "--model", ",".join(["all", *EXPORTS]))  # one session: every model, round-robin
+    benched = {b["role"]: b for b in (json.loads(path.read_text()) for path in sorted((run / "bench").glob("*.json")))}
+    for role in benched:
         kd(work, "eval", recipe, "--model", role)
-        kd(work, "bench", recipe, "--model", role)
-    return {"rows": {role: measured(run, role) for role in ROWS}, "export_checks": checks, "env": describe()}
+    teacher = timing(benched[TEACHER], "1")
+    speedups = {}
+    for role in [STUDENT, *EXPORTS]:
+        value, low, high = ratio(teacher, timing(benched[role], "1"))
+        speedups[role] = [value, low, high]
+    every = {}
+    for role, b in benched.items():
+        evaluated = json.loads((run / "eval" / f"{role.replace(':', '-')}.json").read_text())
+        every[role] = {"accuracy": evaluated["metrics"]["accuracy"],
+                       "speedup_vs_teacher_batch_1": list(ratio(teacher, timing(b, "1")))}
+        for size, batch in b["batches"].items():
+            every[role][f"ms_batch_{size}"] = batch["latency_ms_per_example"]["p50"]
+            every[role][f"ms_batch_{size}_ci95"] = batch["latency_ms_per_example"]["ci95"]
+    session = benched[TEACHER]["session"]
+    return {"rows": {role: measured(run, role) for role in ROWS}, "export_checks": checks,
+            "speedup_vs_teacher_batch_1": speedups, "every_role": every,
+            "bench_session": {k: session[k] for k in ("roles", "rounds", "seconds", "load_average_1m")},
+            "env": describe()}
 
 
 def main() -> None:
@@ -94,12 +129,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--iters", type=int, default=20, help="timed rounds at least")
+    parser.add_argument("--precision", type=float, default=0.02, help="target half-width of each 95%% interval")
+    parser.add_argument("--max-seconds", type=float, default=300, help="no round starts after this")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.warmup, args.iters = [42], 1, 3
+        args.seeds, args.warmup, args.iters, args.max_seconds = [42], 1, 6, 5
     work = Path(tempfile.mkdtemp()) if args.quick else ROOT  # the runs live in runs/ of the checkout
     per_seed = {str(seed): run_seed(work, seed, args) for seed in args.seeds}
 
@@ -109,20 +146,21 @@ def main() -> None:
     runs = per_seed.values()
     drop = {role: round(mean([100 * (r["rows"][STUDENT]["accuracy"] - r["rows"][role]["accuracy"]) for r in runs]), 2)
             for role in EXPORTS}
-    speedup = {role: round(mean([r["rows"][TEACHER]["ms_batch_1"] / r["rows"][role]["ms_batch_1"] for r in runs]), 2)
+    speedup = {role: round(mean([r["speedup_vs_teacher_batch_1"][role][0] for r in runs]), 2)
                for role in [STUDENT, *EXPORTS]}
     summary = {
         "benchmark": "export", "quick": args.quick,
         "recipe": str(RECIPE.relative_to(ROOT)) + (" (tiny BERT teacher, made-up sentences)" if args.quick else ""),
         "seeds": list(per_seed), "threads_asked": args.threads, "warmup": args.warmup, "iters": args.iters,
+        "precision": args.precision, "max_seconds": args.max_seconds,
         "rows": ROWS, "table": mean_std(per_seed, ROWS, COLUMNS),
         "accuracy_drop_points": drop, "speedup_vs_teacher_batch_1": speedup,
         "targets": {"max_accuracy_drop_points": MAX_DROP_POINTS, "min_speedup_batch_1": MIN_SPEEDUP,
                     "met": {role: drop[role] <= MAX_DROP_POINTS and speedup[role] >= MIN_SPEEDUP for role in INT8}},
         "per_seed": per_seed, "env": describe(),
     }
-    print(f"\n{len(per_seed)} seed(s), {args.threads or 'torch default'} thread(s); ms per example, median of "
-          f"{args.iters} runs")
+    print(f"\n{len(per_seed)} seed(s), {args.threads or 'torch default'} thread(s); ms per example, the median "
+          "over the rounds of one round-robin session per seed; x teacher: the median of the rounds' ratios")
     headings = [("accuracy", 10), ("macro-F1", 10), ("ms b1", 9), ("ms b32", 9), ("MB", 8), ("drop pts", 10),
                 ("x teacher", 11)]
     print(f"{'row':28}" + "".join(f"{title:>{width}}" for title, width in headings))

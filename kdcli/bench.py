@@ -1,167 +1,180 @@
-"""`kd bench`: latency, throughput, size and memory of a model on real inputs.
+"""`kd bench`: latency, throughput, size and memory of models on real inputs, timed so that a
+difference between two models is theirs and not the machine's.
 
-What is timed is the model's forward pass on batches that are already tokenised and on
-the device: the study's "inference time" is the model's, and tokenisation is the same
-for a teacher and a student that share a tokenizer. Each batch size gets ``warmup``
-untimed runs, then ``iters`` timed ones (CUDA synchronised around each); the batches
+What is timed is the model's forward pass on batches that are already tokenised and on the device:
+the study's "inference time" is the model's, and tokenisation is the same for a teacher and a
+student that share a tokenizer (generate: greedy generation, stopping at EOS as in use). The batches
 cycle through real examples of the test split, so padding and lengths are realistic.
 
 The timed batches are consecutive rows of the split, in data order: unlike kd's own inference
 passes (the cache, `kd eval`, validation; ``kdcli.batching``), bench does not sort rows by length.
 It measures what a batch costs as requests arrive together, whatever their lengths, which is what
-a server sees and what every earlier bench result measured; a batch padded to its longest row is
-part of that cost. Sorted, the same batch size would report a throughput no server could reach
-without first holding requests back to group them. The throughput of a whole sorted pass is
-`kd eval`'s ``examples_per_second``.
+a server sees; a batch padded to its longest row is part of that cost. The throughput of a whole
+sorted pass is `kd eval`'s ``examples_per_second``. Batch 1 is always measured (it is what `kd
+compare` reports as ms/example), before the recipe's ``bench.batch_sizes``.
 
-Batch 1 is always measured (it is what ``kd compare`` reports as ms/example), before the
-recipe's ``bench.batch_sizes``.
+How it is timed. The models of one `kd bench` (every role with `--model all`, as `kd run` does) are
+loaded together and timed round-robin: in each round every model runs each batch size once, and
+each round starts with the next model. A burst of load on a shared machine then falls on all of
+them alike rather than on whichever was being timed, and each round is a paired sample: `kd
+compare` divides two models' times round by round. One sample is a block of calls lasting at
+least ``BLOCK_SECONDS`` (a single call when one is slower), its time per call: blocks average away
+the timer's and Python's overhead, as ``torch.utils.benchmark``'s ``blocked_autorange`` does; that
+timer measures one statement at a time and cannot interleave models, hence this loop. After
+``bench.warmup`` untimed calls, at least ``bench.iters`` rounds run, then more until every median's
+95% interval is within ``bench.precision`` of it or ``bench.max_seconds`` have passed.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` from the moment the model is on
-the GPU (weights plus activations). On CPU, the process's peak resident memory (VmHWM)
-during the timed runs, after resetting the high-water mark where Linux allows it
-(``/proc/self/clear_refs``); it includes the Python runtime and libraries, so compare it
-between models measured on the same machine. Where the reset is impossible the number is
-the whole process's peak (``memory_kind`` says which).
+Each batch size reports the median time per example and per batch with a distribution-free 95%
+confidence interval of the median (order statistics: nothing assumed about the shape of the noise)
+and the interquartile range of the rounds, and the throughput at the median. CUDA is synchronised
+around every block.
+
+Memory: what loading the model and its first calls at every batch size added, measured before the
+next model loads. On CUDA, ``torch.cuda.max_memory_allocated`` over that time less what was
+allocated before. On CPU, the process's peak resident memory (VmHWM, reset through
+``/proc/self/clear_refs``) less the resident memory before: weights, activations and what the
+libraries allocated for them. Where Linux does not allow the reset the number is the whole
+process's peak (``memory_kind`` says which).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import resource
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kdcli.data.stage import stage_data
-from kdcli.errors import KdError
+from kdcli.errors import KdError, ModelError
 from kdcli.models import WEIGHT_SUFFIXES, place
 from kdcli.recipe import Recipe
 from kdcli.roles import Role, check, every_role, load, result_header, saved_dir
 from kdcli.rundir import RunDir, write_json
-from kdcli.tasks import TaskKind, task_kind
+from kdcli.tasks import task_kind
+from kdcli.timing import spread, tight
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from kdcli.models import TaskModel
 
-
-def _input_batches(task: TaskKind, model: "TaskModel", rows: list[dict], batch_size: int, count: int, max_length: int,
-                   template: str | None) -> list[dict]:
-    """Up to ``count`` distinct encoded batches of ``batch_size`` rows, on the model's device.
-
-    Rows are taken in data order, not sorted by length (see the module docstring), and reused in
-    order when the split has fewer than ``batch_size * count`` of them.
-    """
-    distinct = max(1, min(count, len(rows) // batch_size))
-    batches = []
-    for b in range(distinct):
-        chunk = [rows[(b * batch_size + i) % len(rows)] for i in range(batch_size)]
-        batches.append(task.bench_inputs(model, chunk, max_length, template))
-    return batches
+BLOCK_SECONDS = 0.05  # a sample's calls last at least this long
 
 
-def _reset_peak_memory(device) -> str:
-    """Start a fresh peak-memory measurement; returns what the peak will mean."""
+@dataclass
+class Timed:
+    """One model being timed: its call, its input batches and, by batch size, the calls in one of
+    its blocks and its samples (seconds per call, one a round)."""
+
+    name: str
+    call: Callable[[Any], Any]
+    batches: dict[int, list[Any]]
+    calls: dict[int, int] = field(default_factory=dict)
+    seconds: dict[int, list[float]] = field(default_factory=dict)
+    _next: dict[int, int] = field(default_factory=dict)
+
+    def block(self, size: int, calls: int, sync: Callable[[], None]) -> float:
+        """Seconds per call over ``calls`` calls at ``size``, each on the next of its batches."""
+        batches, first = self.batches[size], self._next.get(size, 0)
+        sync()
+        started = time.perf_counter()
+        for i in range(first, first + calls):
+            self.call(batches[i % len(batches)])
+        sync()
+        elapsed = time.perf_counter() - started
+        self._next[size] = first + calls
+        return elapsed / calls
+
+    def warm_up(self, warmup: int, sync: Callable[[], None]) -> None:
+        """``warmup`` untimed calls at each batch size, then one timed call that sets the size of its blocks."""
+        for size in self.batches:
+            if warmup:
+                self.block(size, warmup, sync)
+            once = self.block(size, 1, sync)
+            self.calls[size] = max(1, min(1000, math.ceil(BLOCK_SECONDS / max(once, 1e-7))))
+            self.seconds[size] = []
+
+
+def time_round_robin(timed: list[Timed], *, rounds: int, precision: float, max_seconds: float,
+                     sync: Callable[[], None] = lambda: None,
+                     on_round: Callable[[int], None] = lambda done: None) -> int:
+    """Rounds in which each model runs a block at each batch size, the first model of round r being
+    ``timed[r % len(timed)]``: at least ``rounds`` of them, then more until every median's 95% interval
+    is within ``precision`` of it or ``max_seconds`` have passed. Returns the rounds run."""
+    started, done = time.perf_counter(), 0
+    while True:
+        lead = done % len(timed)
+        for model in timed[lead:] + timed[:lead]:
+            for size, calls in model.calls.items():
+                model.seconds[size].append(model.block(size, calls, sync))
+        done += 1
+        on_round(done)
+        if done >= rounds and (time.perf_counter() - started >= max_seconds
+                               or all(tight(s, precision) for model in timed for s in model.seconds.values())):
+            return done
+
+
+def batch_results(model: Timed) -> dict[str, Any]:
+    """Per batch size, the median and spread of the time per example and per batch, the throughput at the
+    median, and the round-by-round times per example that `kd compare` pairs."""
+    out = {}
+    for examples, seconds in model.seconds.items():
+        per_example = [s * 1000 / examples for s in seconds]
+        batch = spread([s * 1000 for s in seconds])
+        out[str(examples)] = {
+            "batch_size": examples,
+            "rounds": len(seconds),
+            "calls_per_round": model.calls[examples],
+            "latency_ms_per_example": spread(per_example),
+            "batch_ms": batch,
+            "throughput": examples * 1000 / batch["p50"],
+            "ms_per_example_by_round": per_example,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _memory_mark(device) -> tuple[str, int]:
+    """Start a peak-memory measurement: what the peak will mean, and the memory in use now."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_allocated"
+        return "cuda_allocated_increase", int(torch.cuda.memory_allocated(device))
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # resets VmHWM to the current resident size
-        return "rss_peak_during_bench"
+        return "rss_increase", _status_bytes("VmRSS:")
     except OSError:
-        return "rss_peak_of_process"
+        return "rss_peak_of_process", 0
 
 
-def _peak_memory_bytes(device, kind: str) -> int:
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _memory_since(device, kind: str, before: int) -> int:
     import torch
 
-    if kind == "cuda_max_allocated":
-        return int(torch.cuda.max_memory_allocated(device))
-    if kind == "rss_peak_during_bench":
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+    if kind == "cuda_allocated_increase":
+        return int(torch.cuda.max_memory_allocated(device)) - before
+    if kind == "rss_increase":
+        return _status_bytes("VmHWM:") - before
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    p50, p95 = np.percentile(values, [50, 95])
-    return {"p50": float(p50), "p95": float(p95), "mean": float(np.mean(values))}
-
-
-def bench_model(model: "TaskModel", rows: list[dict], *, batch_sizes: list[int], warmup: int, iters: int,
-                threads: int | None = None, max_length: int = 128, template: str | None = None,
-                max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Time ``model.forward`` at each batch size (batch 1 first) and measure peak memory.
-
-    generate: the timed call is greedy generation of up to ``max_new_tokens`` tokens (stopping at
-    EOS, as in use), so examples/s are questions answered per second.
-
-    Returns ``threads``, ``device``, ``dtype``, ``peak_memory_bytes``, ``memory_kind`` and
-    ``batches``: per batch size, ``latency_ms_per_example`` and ``batch_ms`` (p50/p95/mean
-    over the timed runs) and ``throughput`` (examples/s at the mean batch time).
-    """
-    import torch
-
-    if not rows:
-        raise KdError("there are no examples to benchmark with", "check the recipe's test split")
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    device = model.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sizes = [1] + [b for b in dict.fromkeys(batch_sizes) if b != 1]
-    results: dict[str, Any] = {}
-    task = task_kind(model.task)
-    run_once, timed = task.bench_call(model, max_new_tokens or 16)
-    try:
-        memory_kind = _reset_peak_memory(device)
-        with torch.inference_mode():
-            for size in sizes:
-                batches = _input_batches(task, model, rows, size, warmup + iters, max_length, template)
-                for i in range(warmup):
-                    run_once(batches[i % len(batches)])
-                batch_seconds = []
-                for i in range(iters):
-                    batch = batches[(warmup + i) % len(batches)]
-                    sync()
-                    started = time.perf_counter()
-                    run_once(batch)
-                    sync()
-                    batch_seconds.append(time.perf_counter() - started)
-                mean = sum(batch_seconds) / len(batch_seconds)
-                results[str(size)] = {
-                    "batch_size": size,
-                    "iters": iters,
-                    "latency_ms_per_example": _summary([s * 1000 / size for s in batch_seconds]),
-                    "batch_ms": _summary([s * 1000 for s in batch_seconds]),
-                    "throughput": size / mean,
-                }
-        peak = _peak_memory_bytes(device, memory_kind)
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
-    return {
-        "threads": used_threads,
-        "device": str(device),
-        "dtype": str(model.model.dtype).removeprefix("torch."),
-        "timed": timed,
-        "peak_memory_bytes": peak,
-        "memory_kind": memory_kind,
-        "batches": results,
-    }
 
 
 # --------------------------------------------------------------------------- roles
@@ -182,48 +195,125 @@ def roles_for_all(recipe: Recipe, run: RunDir) -> list[Role]:
     return [role for role in every_role(recipe) if not role.trained or (run.final(role) / "config.json").is_file()]
 
 
-def bench_role(recipe: Recipe, role: Role, console: "Console | None" = None) -> dict[str, Any]:
-    """Benchmark one role on the last stage's test split; save and return ``runs/NAME/bench/ROLE.json``."""
+def _input_batches(task, model: "TaskModel", rows: list[dict], size: int, count: int, max_length: int,
+                   template: str | None) -> list[Any]:
+    """Up to ``count`` distinct encoded batches of ``size`` rows in data order (see the module docstring), the
+    rows reused in order when the split has fewer than ``size * count``."""
+    distinct = max(1, min(count, len(rows) // size))
+    return [task.bench_inputs(model, [rows[(b * size + i) % len(rows)] for i in range(size)], max_length, template)
+            for b in range(distinct)]
+
+
+def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = None,
+                skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Benchmark ``roles`` together, round-robin, on the last stage's test split; save each one's
+    ``runs/NAME/bench/ROLE.json`` and return them. With ``skipped`` (a dict), a role whose model
+    cannot be loaded is recorded there with the reason and the others are timed; without, it stops."""
+    import torch
     from rich.console import Console
 
+    from kdcli.progress import phase_progress
     from kdcli.runtime import busy_cores
     from kdcli.runtime import describe as environment
 
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
-    check(recipe, role)  # a missing model is reported before any data is prepared
+    cfg = recipe.bench
+    wanted = []
+    for role in dict.fromkeys(roles):
+        try:
+            check(recipe, role)  # a missing model is reported before any data is prepared
+            wanted.append(role)
+        except ModelError as exc:
+            if skipped is None:
+                raise
+            skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    if not wanted:
+        return []
     data = stage_data(recipe, run, stage, replace=False)
     split = "test" if data.rows.get("test") else recipe.eval.split
-    rows = data.rows.get(split, [])[: recipe.bench.max_examples]
-    model = load(recipe, role, data.num_classes)
-    device = place(model)
-    load_average = busy_cores()
-    # kd's own threads count in the load (an earlier role kept every core busy), so only more
-    # runnable threads than cores means other processes share them: the timings then measure those too.
-    if device.type == "cpu" and load_average is not None and load_average > (os.cpu_count() or 1) + 0.5:
-        console.print(f"[yellow]warning: the machine is busy (load {load_average:g} on {os.cpu_count()} cores): "
-                      f"the timings of {role} will be slower and noisier than on an idle machine[/]")
-    cfg = recipe.bench
-    measured = bench_model(model, rows, batch_sizes=cfg.batch_sizes, warmup=cfg.warmup, iters=cfg.iters,
-                           threads=cfg.threads, max_length=stage.data.max_length, template=stage.data.template,
-                           max_new_tokens=recipe.eval.max_new_tokens)
-    directory = saved_dir(recipe, run, role)
-    result = {
-        **result_header(recipe, role, model, stage.name, split),
-        "inputs": len(rows),
-        "size_bytes": size_on_disk(directory),
-        "size_path": str(directory) if directory else None,
-        **measured,
-        "warmup": cfg.warmup,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "env": environment(),
-    }
-    del model
-    gc.collect()  # the next role's memory peak should not include this model
-    write_json(run.bench(role), result)
-    result["path"] = str(run.bench(role))
-    return result
+    rows = data.rows.get(split, [])[: cfg.max_examples]
+    if not rows:
+        raise KdError("there are no examples to benchmark with", "check the recipe's test split")
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sizes = list(dict.fromkeys([1, *cfg.batch_sizes]))  # batch 1 first, each size once
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    loaded: list[tuple[Role, Any, Timed, dict[str, Any]]] = []
+    try:
+        for role in wanted:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            kind, before = _memory_mark(device)
+            try:
+                model = load(recipe, role, data.num_classes)
+            except ModelError as exc:
+                if skipped is None:
+                    raise
+                skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+                continue
+            device = place(model)
+            task = task_kind(model.task)
+            call, timed_what = task.bench_call(model, recipe.eval.max_new_tokens or 16)
+            with torch.inference_mode():
+                batches = {size: _input_batches(task, model, rows, size, cfg.warmup + 8, stage.data.max_length,
+                                                stage.data.template) for size in sizes}
+                timed = Timed(str(role), call, batches)
+                timed.warm_up(cfg.warmup, sync)
+            memory = {"peak_memory_bytes": _memory_since(device, kind, before), "memory_kind": kind}
+            facts = {**result_header(recipe, role, model, stage.name, split), "device": str(device),
+                     "architecture": type(model.model).__name__,
+                     "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what, **memory}
+            loaded.append((role, model, timed, facts))
+        if not loaded:
+            return []
+        load_before = busy_cores()
+        # kd's own threads count in the load, so only more runnable threads than cores means that other
+        # processes share them: the timings then measure those too (alike for every role, being interleaved).
+        if load_before is not None and load_before > (os.cpu_count() or 1) + 0.5 and not torch.cuda.is_available():
+            console.print(f"[yellow]warning: the machine is busy (load {load_before:g} on {os.cpu_count()} cores): "
+                          "the timings will be slower and noisier than on an idle machine[/]")
+        progress = phase_progress(console)
+        progress.start()
+        task_id = progress.add_task(f"bench {len(loaded)} model{'s' if len(loaded) > 1 else ''}", total=cfg.iters)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                rounds = time_round_robin(
+                    [timed for _, _, timed, _ in loaded], rounds=cfg.iters, precision=cfg.precision,
+                    max_seconds=cfg.max_seconds, sync=sync,
+                    on_round=lambda done: progress.update(task_id, completed=done, total=max(cfg.iters, done)))
+        finally:
+            progress.stop()
+        session = {"id": uuid.uuid4().hex, "roles": [str(role) for role, *_ in loaded], "rounds": rounds,
+                   "order": "round-robin", "seconds": round(time.perf_counter() - started, 2),
+                   "block_seconds": BLOCK_SECONDS, "precision": cfg.precision, "max_seconds": cfg.max_seconds,
+                   "load_average_1m": {"before": load_before, "after": busy_cores()}}
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    results = []
+    for role, model, timed, facts in loaded:
+        directory = saved_dir(recipe, run, role)
+        result = {
+            **facts,
+            "inputs": len(rows),
+            "size_bytes": size_on_disk(directory),
+            "size_path": str(directory) if directory else None,
+            "threads": used_threads,
+            "batches": batch_results(timed),
+            "session": session,
+            "warmup": cfg.warmup,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "env": environment(),
+        }
+        write_json(run.bench(role), result)
+        result["path"] = str(run.bench(role))
+        results.append(result)
+    del loaded
+    gc.collect()
+    return results
 
 
 def latest_run(root: Path = Path("runs")) -> Path:

@@ -232,12 +232,14 @@ def _bench_section(role: Role, bench: dict[str, Any] | None) -> str:
     lines += [f"`kd bench` on {bench.get('device')} ({bench.get('threads')} torch threads, "
               f"dtype {bench.get('dtype')}), {bench.get('created', 'date not recorded')}; "
               f"{bench.get('timed', 'the model call')}:", "",
-              "| batch | p50 ms/example | p95 ms/example | examples/s |", "|---:|---:|---:|---:|"]
+              "| batch | median ms/example | 95% interval | examples/s |", "|---:|---:|---:|---:|"]
     for size, batch in batches.items():
         latency = batch.get("latency_ms_per_example") if isinstance(batch, dict) else None
-        if (isinstance(latency, dict) and _number(latency.get("p50")) and _number(latency.get("p95"))
-                and _number(batch.get("throughput"))):
-            lines.append(f"| {size} | {latency['p50']:.3f} | {latency['p95']:.3f} | {batch['throughput']:,.1f} |")
+        interval = latency.get("ci95") if isinstance(latency, dict) else None
+        if (isinstance(latency, dict) and _number(latency.get("p50")) and isinstance(interval, list)
+                and len(interval) == 2 and all(map(_number, interval)) and _number(batch.get("throughput"))):
+            lines.append(f"| {size} | {latency['p50']:.3f} | {interval[0]:.3f}–{interval[1]:.3f} | "
+                         f"{batch['throughput']:,.1f} |")
     facts = []
     if _number(bench.get("parameters")):
         facts.append(f"{bench['parameters']:,} parameters")

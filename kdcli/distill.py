@@ -7,8 +7,10 @@ starts; the last one becomes the role's final model (``student/``, ``dataset/``,
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -136,6 +138,7 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
         if damage:
             console.print(f"[yellow]stage {stage.name} ({role}): {output} is not whole ({damage}); "
                           "training it again[/]")
+        stage_started = time.perf_counter()
         student = initial_student(recipe, run, data.num_classes, previous)
         cut = cut_warning(task_kind(recipe.task), student, rows["train"], stage.data.max_length, stage.data.template,
                           f"stage {stage.name}, train")
@@ -166,6 +169,15 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
                                "best_step": result.best_step, "stopped_early": result.stopped_early,
                                "samples_per_second": result.samples_per_second})
         accelerator.wait_for_everyone()
+        # The whole stage's pace, beside the optimizer steps' own: validation, saving and setup cost time too.
+        result.wall_seconds = time.perf_counter() - stage_started
+        result.wall_samples_per_second = result.samples_this_run / max(result.wall_seconds, 1e-9)
+        if accelerator.is_main_process:
+            with open(out.metrics, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"stage": job_name, "kind": "done", "step": result.steps,
+                                         "samples": result.samples, "wall_seconds": result.wall_seconds,
+                                         "wall_samples_per_s": result.wall_samples_per_second,
+                                         "samples_per_s": result.samples_per_second}) + "\n")
         results.append(result)
         previous, previous_fingerprint = output, wanted
     if previous is not None and accelerator.is_main_process:

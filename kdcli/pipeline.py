@@ -7,16 +7,24 @@ result is current when it is newer than every file it depends on (``_inputs_of``
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.console import Console
 
-from kdcli.bench import bench_role
+from kdcli.bench import bench_roles
 from kdcli.data import prepare_recipe
 from kdcli.distill import distill
 from kdcli.evaluate import evaluate_role
 from kdcli.recipe import Recipe
-from kdcli.report import collect_run, print_cache_summary, print_compare, print_distill_summary, print_prepare_summary
+from kdcli.report import (
+    collect_run,
+    print_cache_summary,
+    print_compare,
+    print_distill_summary,
+    print_prepare_summary,
+    print_step_times,
+)
 from kdcli.roles import BASELINE, DATASET, Role, every_role
 from kdcli.rundir import RunDir
 from kdcli.runtime import check_trackers
@@ -39,13 +47,18 @@ def _fresh(result: Path, inputs: list[Path]) -> bool:
 
 
 def run_all(recipe: Recipe, console: Console | None = None) -> Path:
-    """Every step in order; returns the run directory."""
+    """Every step in order; returns the run directory. The summary ends with each step's wall time."""
     console = console or Console()
     check_trackers(recipe.log.report_to)  # before prepare, the first step
     run = RunDir.for_recipe(recipe)
     roles = every_role(recipe)
+    walls: list[list] = []  # [title, seconds] per step; the running step's holds its start until it ends
 
     def step(title: str) -> None:
+        now = time.perf_counter()
+        if walls:
+            walls[-1][1] = now - walls[-1][1]
+        walls.append([title, now])
         console.rule(f"[bold]{title}")
 
     step("prepare")
@@ -61,22 +74,26 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
         step(f"distil: student taught by {role.name} alone")
         print_distill_summary(distill(recipe, role=role, console=console), console)
 
-    step("evaluate and benchmark")
+    step("evaluate")
     for role in roles:
-        inputs = _inputs_of(recipe, run, role)
-        if _fresh(run.eval(role), inputs):
+        if _fresh(run.eval(role), _inputs_of(recipe, run, role)):
             console.print(f"eval {role}: up to date")
+            continue
+        metrics = evaluate_role(recipe, role, console=console)["metrics"]
+        if "accuracy" in metrics:
+            console.print(f"eval {role}: accuracy {metrics['accuracy']:.4f}")
         else:
-            metrics = evaluate_role(recipe, role, console=console)["metrics"]
-            if "accuracy" in metrics:
-                console.print(f"eval {role}: accuracy {metrics['accuracy']:.4f}")
-            else:
-                console.print(f"eval {role}: exact match {metrics['exact_match']:.4f}, token F1 {metrics['f1']:.4f}")
-        if _fresh(run.bench(role), inputs):
-            console.print(f"bench {role}: up to date")
-        else:
-            bench_role(recipe, role, console=console)
-            console.print(f"bench {role}: done")
+            console.print(f"eval {role}: exact match {metrics['exact_match']:.4f}, token F1 {metrics['f1']:.4f}")
+    step("benchmark")
+    # Timed together or not at all: a role benched alone, at another moment, would not pair with the rest.
+    if all(_fresh(run.bench(role), _inputs_of(recipe, run, role)) for role in roles):
+        console.print("bench: every role up to date")
+    else:
+        for result in bench_roles(recipe, roles, console=console):
+            console.print(f"bench {result['role']}: {result['batches']['1']['latency_ms_per_example']['p50']:.3f} "
+                          "ms/example at batch 1")
     step("compare")
     print_compare([collect_run(run.root)], console)
+    walls[-1][1] = time.perf_counter() - walls[-1][1]
+    print_step_times([(title, seconds) for title, seconds in walls], console)
     return run.root

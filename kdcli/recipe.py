@@ -564,8 +564,16 @@ class EvalConfig(Section):
 
 class BenchConfig(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to time.")
-    warmup: int = Field(3, ge=0, description="Untimed runs before timing.")
-    iters: int = Field(20, gt=0, description="Timed runs per batch size; the median is reported.")
+    warmup: int = Field(3, ge=0, description="Untimed calls per model and batch size before timing.")
+    iters: int = Field(
+        10, gt=0, description="Timed rounds at least. In a round every model benched together runs each batch size "
+        "once, as a block of calls lasting at least 50 ms; the median over the rounds is reported, with its 95% "
+        "interval (6 rounds are the fewest for which that interval is narrower than the whole range).")
+    precision: float = Field(
+        0.03, gt=0, description="After `iters` rounds, more run until every median's 95% interval is within this "
+        "share of the median (0.03: ±3%), or until `max_seconds`.")
+    max_seconds: float = Field(60.0, gt=0, description="No round starts after this many seconds of timing "
+                               "(the `iters` rounds always run).")
     threads: int | None = Field(None, gt=0, description="torch threads; unset = all cores. Recorded in the result.")
     max_examples: int = Field(256, gt=0, description="Test-split examples used as inputs.")
 

@@ -15,6 +15,7 @@ from kdcli.errors import KdError
 from kdcli.exported import FORMATS
 from kdcli.roles import Role, describe, solo_role, teacher_role
 from kdcli.tasks import KINDS, task_kind
+from kdcli.timing import Timing, pooled, ratio
 
 if TYPE_CHECKING:
     from kdcli.data import PrepareResult
@@ -135,15 +136,39 @@ def print_distill_summary(results: list, console: Console | None = None) -> None
         console.print("every stage is up to date; nothing to train")
         return
     table = Table(title="distillation")
-    for column in ("stage", "steps", "samples", "best", "at step", "samples/s", "early stop", "model"):
+    for column in ("stage", "steps", "samples", "best", "at step", "wall time", "samples/s wall", "samples/s steps",
+                   "early stop", "model"):
         table.add_column(column)
     for r in results:
         table.add_row(
             r.name, str(r.steps), f"{r.samples:,}", "" if r.best_metric is None else f"{r.best_metric:.4f}",
-            "" if r.best_step is None else str(r.best_step), f"{r.samples_per_second:.1f}",
+            "" if r.best_step is None else str(r.best_step), _duration(r.wall_seconds),
+            f"{r.wall_samples_per_second:.1f}", f"{r.samples_per_second:.1f}",
             "yes" if r.stopped_early else "no", str(r.output_dir),
         )
     console.print(table)
+    console.print("[dim]samples/s wall: over the whole stage (setup, validation and saves included); "
+                  "steps: over the optimizer steps alone[/]")
+
+
+def print_step_times(walls: list[tuple[str, float]], console: Console | None = None) -> None:
+    """`kd run`'s steps and the wall time of each, and their total."""
+    console = console or Console()
+    table = Table(title="wall time by step")
+    table.add_column("step")
+    table.add_column("wall time", justify="right")
+    for title, seconds in walls:
+        table.add_row(escape(title), _duration(seconds))
+    table.add_row("[bold]total[/]", f"[bold]{_duration(sum(seconds for _, seconds in walls))}[/]")
+    console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    """12.3 s, 4m05s, 1h02m."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _human_bytes(count: int) -> str:
@@ -242,14 +267,14 @@ def _print_disagreements(result: dict, console: Console) -> None:
 
 
 def print_bench(results: list[dict], skipped: dict[str, str] | None = None, console: Console | None = None) -> None:
-    """One row per role and batch size: latency percentiles per example, throughput, memory, size."""
+    """One row per role and batch size: the median time per example with its 95% interval and interquartile
+    range, throughput, memory, size; then how the timing went (rounds, load, threads, machine)."""
     console = console or Console(highlight=False)
     if results:
         first = results[0]
         table = Table(title=f"bench on {first['device']} "
                             f"({first['threads']} threads; model forward, tokenisation excluded)")
-        for column in ("role", "parameters", "size", "batch", "p50 ms/ex", "p95 ms/ex", "mean ms/ex", "ex/s",
-                       "peak memory"):
+        for column in ("role", "parameters", "size", "batch", "ms/ex", "95% interval", "IQR", "ex/s", "memory"):
             table.add_column(column, justify="left" if column == "role" else "right")
         for r in results:
             for i, b in enumerate(r["batches"].values()):
@@ -257,10 +282,18 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
                 table.add_row(
                     escape(r["role"]) if i == 0 else "", _human_count(r["parameters"]) if i == 0 else "",
                     (_human_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "") if i == 0 else "",
-                    str(b["batch_size"]), f"{latency['p50']:.3f}", f"{latency['p95']:.3f}", f"{latency['mean']:.3f}",
+                    str(b["batch_size"]), f"{latency['p50']:.3f}",
+                    "{:.3f}–{:.3f}".format(*latency["ci95"]), "{:.3f}–{:.3f}".format(*latency["iqr"]),
                     f"{b['throughput']:,.1f}", _human_bytes(r["peak_memory_bytes"]) if i == 0 else "",
                 )
         console.print(table)
+        session, env = first["session"], first["env"]
+        load = session["load_average_1m"]
+        machine = env.get("gpu") or env.get("cpu") or env.get("platform", "")
+        together = f"{len(session['roles'])} models timed round-robin" if len(session["roles"]) > 1 else "timed"
+        console.print(escape(f"{together}: {session['rounds']} rounds in {session['seconds']:.0f} s; "
+                             f"load average {load['before']} before, {load['after']} after, on {env['cpu_count']} "
+                             f"cores ({machine}); memory: {first['memory_kind'].replace('_', ' ')}"))
     for role, why in (skipped or {}).items():
         console.print(f"[yellow]skipped {escape(role)}: {escape(why)}[/]")
     for r in results:
@@ -415,18 +448,35 @@ def _eval_summary(document: dict) -> dict[str, Any]:
     return {key: _number(metrics, key, "metrics.") for key in ("accuracy", "f1", "precision", "recall")}
 
 
+def _timing(batch: dict, where: str, session: str | None) -> Timing:
+    """A batch size's median time per example, with its interval and its rounds where the file has them."""
+    latency = _table(batch.get("latency_ms_per_example"), where)
+    median = _number(latency, "p50", where + ".", required=True)
+    interval = latency.get("ci95")
+    rounds = batch.get("ms_per_example_by_round")
+    low, high = interval if _numbers(interval) and len(interval) == 2 else (None, None)
+    return Timing(median, low, high, tuple(rounds) if _numbers(rounds) and rounds else None, session)
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+
+
 def _bench_summary(document: dict) -> dict[str, Any]:
-    """What compare shows of a bench result: the median latency at batch 1, and at its largest batch above 1."""
-    p50 = {}
+    """What compare shows of a bench result: the median latency at batch 1 and at its largest batch above 1, with
+    their intervals, the session that timed them (to pair rounds) and what makes two models one architecture."""
+    session = document.get("session", {}).get("id") if isinstance(document.get("session"), dict) else None
+    timings = {}
     for size, batch in _table(document.get("batches"), "batches").items():
         if not size.isdigit():
             raise _Shape(f"batch size {size!r} is not a number")
-        where = f"batches.{size}.latency_ms_per_example"
-        latency = _table(_table(batch, f"batches.{size}").get("latency_ms_per_example"), where)
-        p50[int(size)] = _number(latency, "p50", where + ".", required=True)
-    batched = max((size for size in p50 if size > 1), default=None)
-    return {"ms_per_example": p50.get(1), "batched_size": batched,
-            "ms_per_example_batched": p50[batched] if batched else None, "size_bytes": _number(document, "size_bytes")}
+        timings[int(size)] = _timing(_table(batch, f"batches.{size}"), f"batches.{size}.latency_ms_per_example",
+                                     session)
+    batched = max((size for size in timings if size > 1), default=None)
+    architecture = (document.get("architecture"), document.get("parameters"), document.get("dtype"))
+    return {"timing": timings.get(1), "batched_size": batched, "timing_batched": timings.get(batched) if batched
+            else None, "size_bytes": _number(document, "size_bytes"),
+            "architecture": architecture if architecture[0] is not None else None}
 
 
 def _read_role_files(directory: Path, summarise: Callable[[dict], dict[str, Any]],
@@ -533,10 +583,18 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
     except ValueError:
         shown = recipe_path
 
+    timings = {role: be["timing"] for role, be in benches.items() if be["timing"] is not None}
+    batched = {role: be["timing_batched"] for role, be in benches.items() if be["timing_batched"] is not None}
+    groups = _same_speed(benches, timings)
+    for group in groups:  # one architecture whose timings overlap is shown as one speed
+        for found in (timings, batched):
+            if all(role in found for role in group):
+                one = pooled([found[role] for role in group])
+                found.update(dict.fromkeys(group, one))
     rows, hints = [], []
     for role in _ordered_roles(recipe, evals, benches, root):
-        ev, be = evals.get(role), benches.get(role)
-        ms = (be or {}).get("ms_per_example")
+        ev, be, timing = evals.get(role), benches.get(role), timings.get(role)
+        ms = timing.median if timing else None
         row = {
             "role": role,
             "model": (ev or be or {}).get("model") or describe(recipe, Role.parse(role)),
@@ -544,10 +602,13 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
             "size_bytes": (be or {}).get("size_bytes"),
             **{key: (ev or {}).get(key) for key in ("accuracy", "f1", "precision", "recall")},
             "ms_per_example": ms,
+            "ms_per_example_ci95": _interval(timing),
             "batched_size": (be or {}).get("batched_size"),
-            "ms_per_example_batched": (be or {}).get("ms_per_example_batched"),
+            "ms_per_example_batched": batched[role].median if role in batched else None,
+            "ms_per_example_batched_ci95": _interval(batched.get(role)),
             "s_per_question": ms / 1000 if ms is not None else None,
             "questions_per_s": 1000 / ms if ms else None,
+            "same_speed_as": next(([r for r in group if r != role] for group in groups if role in group), []),
         }
         rows.append(row)
         if ev is None:
@@ -557,12 +618,23 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
 
     teachers = [r for r in rows if _is_teacher(r["role"])]
     best_quality = max((r[primary] for r in teachers if r[primary] is not None), default=None)
-    slowest = max((r["ms_per_example"] for r in teachers if r["ms_per_example"] is not None), default=None)
+    slowest = max((r["role"] for r in teachers if r["role"] in timings), key=lambda role: timings[role].median,
+                  default=None)
     largest = max((r["parameters"] for r in teachers if r["parameters"] is not None), default=None)
     for row in rows:
         row["kept_pct"] = 100 * row[primary] / best_quality if best_quality and row[primary] is not None else None
-        row["speedup"] = slowest / row["ms_per_example"] if slowest and row["ms_per_example"] else None
+        row["speedup"], row["speedup_ci95"], row["speedup_measurable"] = None, None, None
+        if slowest and row["role"] in timings and row["role"] != slowest:
+            row["speedup"], low, high = ratio(timings[slowest], timings[row["role"]])
+            if low is not None:
+                row["speedup_ci95"], row["speedup_measurable"] = [low, high], not low <= 1.0 <= high
+        elif row["role"] == slowest:
+            row["speedup"] = 1.0
         row["size_ratio"] = row["parameters"] / largest if largest and row["parameters"] is not None else None
+    for group in groups:
+        hints.append(f"{', '.join(group)}: one architecture whose timings overlap, shown as one speed (=)")
+    if any(row["speedup_measurable"] is False for row in rows):
+        hints.append("≈: the speed-up's 95% interval holds 1x: no measurable difference from the slowest teacher")
 
     # An export has its model's parameters in fewer bytes (int8): where the run has one, the table shows the bytes.
     size = ["size_bytes"] if any(Role.parse(r["role"]).kind == "export" for r in rows) else []
@@ -575,6 +647,21 @@ def collect_run(root: Path, warn: Callable[[str], None] = print_warning) -> RunT
         at = next(i for i, c in enumerate(columns) if c.key == "ms_per_example") + 1
         columns.insert(at, Column("ms_per_example_batched", title, _fixed(3), f"ms b{size}" if size else "ms bmax"))
     return RunTable(recipe.get("name", root.name), task, root, columns, rows, _best_row(rows, primary), hints)
+
+
+def _interval(timing: Timing | None) -> list[float] | None:
+    return [timing.low, timing.high] if timing is not None and timing.low is not None else None
+
+
+def _same_speed(benches: dict[str, dict[str, Any]], timings: dict[str, Timing]) -> list[list[str]]:
+    """Roles of one architecture (class, parameters, dtype) whose batch-1 intervals all overlap: their
+    differences are noise, so compare shows them as one speed. Roles without an interval are left alone."""
+    by_architecture: dict[Any, list[str]] = {}
+    for role, be in benches.items():
+        if be["architecture"] is not None and role in timings and timings[role].low is not None:
+            by_architecture.setdefault(be["architecture"], []).append(role)
+    return [group for group in by_architecture.values()
+            if len(group) > 1 and all(timings[a].overlaps(timings[b]) for a in group for b in group)]
 
 
 def _best_row(rows: list[dict[str, Any]], primary: str) -> int | None:
@@ -612,13 +699,23 @@ def mean_table(tables: list[RunTable]) -> RunTable:
                     hints)
 
 
-def _cells(table: RunTable, row: dict[str, Any]) -> list[str]:
-    """Formatted cells; a missing measurement is blank, never 0; a mean shows its spread (± std)."""
+def _cells(table: RunTable, row: dict[str, Any], intervals: tuple[str, ...] = ("all",)) -> list[str]:
+    """Formatted cells; a missing measurement is blank, never 0; a mean shows its spread (± std), a timing its
+    95% interval (for the columns in ``intervals``), a speed-up within the noise ≈, and pooled timings =."""
     cells = []
     for column in table.columns:
         value, spread = row[column.key], row.get(f"{column.key}_std")
         cell = column.fmt(value) if value is not None else ""
-        cells.append(f"{cell} ± {column.fmt(spread)}" if spread else cell)
+        if spread:
+            cell = f"{cell} ± {column.fmt(spread)}"
+        interval = row.get(f"{column.key}_ci95")
+        if interval and value is not None and ("all" in intervals or column.key in intervals):
+            cell = f"{cell} [{column.fmt(interval[0])}, {column.fmt(interval[1])}]"
+        if column.key == "speedup" and row.get("speedup_measurable") is False:
+            cell = f"{cell} ≈"
+        if column.key in ("ms_per_example", "ms_per_example_batched") and row.get("same_speed_as") and value:
+            cell = f"{cell} ="
+        cells.append(cell)
     return cells
 
 
@@ -636,7 +733,8 @@ def print_compare(tables: list[RunTable], console: Console | None = None, wide: 
     ``wide`` shows every column whatever the width."""
     console = console or Console(highlight=False)
     for table in tables:
-        cells = [[_short_model(c) if col.key == "model" else c for col, c in zip(table.columns, _cells(table, row))]
+        cells = [[_short_model(c) if col.key == "model" else c
+                  for col, c in zip(table.columns, _cells(table, row, intervals=("speedup",)))]
                  for row in table.rows]
         widths = [max([len(col.header), *(len(r[i]) for r in cells)]) for i, col in enumerate(table.columns)]
         widths = [min(w, _MODEL_WIDTH) if col.key == "model" else w for w, col in zip(widths, table.columns)]
@@ -705,23 +803,30 @@ def compare_csv(tables: list[RunTable]) -> str:
 
     keys = list(dict.fromkeys(c.key for table in tables for c in table.columns))
     keys += [f"{k}_std" for k in keys if any(f"{k}_std" in row for table in tables for row in table.rows)]
+    intervals = [k for k in keys if any(row.get(f"{k}_ci95") for table in tables for row in table.rows)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["run", "task", *keys, "best"])
+    writer.writerow(["run", "task", *keys, *(f"{k}_ci95_{end}" for k in intervals for end in ("low", "high")), "best"])
     for table in tables:
         for i, row in enumerate(table.rows):
+            bounds = [row.get(f"{k}_ci95") or ["", ""] for k in intervals]
             writer.writerow([table.name, table.task, *("" if row.get(k) is None else row[k] for k in keys),
-                             i == table.best])
+                             *(bound for pair in bounds for bound in pair), i == table.best])
     return out.getvalue()
 
 
 def _json_row(table: RunTable, row: dict[str, Any]) -> dict[str, Any]:
-    """A row's values by column key, and each one's spread (``KEY_std``) where it is a mean."""
+    """A row's values by column key, each one's spread (``KEY_std``) where it is a mean, its 95% interval
+    (``KEY_ci95``) where it is a timing or a speed-up, and which timings it was pooled with."""
     values = {}
     for column in table.columns:
         values[column.key] = row[column.key]
-        if f"{column.key}_std" in row:
-            values[f"{column.key}_std"] = row[f"{column.key}_std"]
+        for extra in (f"{column.key}_std", f"{column.key}_ci95"):
+            if extra in row:
+                values[extra] = row[extra]
+    for key in ("speedup_measurable", "same_speed_as"):
+        if key in row:
+            values[key] = row[key]
     return values
 
 

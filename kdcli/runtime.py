@@ -108,6 +108,18 @@ def busy_cores() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(accelerator=None, dtype: str | None = None, why: str = "",
              requested_precision: str | None = None) -> dict[str, Any]:
     """What ran where: recorded in env.json and in every eval/bench result."""
@@ -120,6 +132,7 @@ def describe(accelerator=None, dtype: str | None = None, why: str = "",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_1m": busy_cores(),
         "torch_threads": torch.get_num_threads(),

@@ -60,6 +60,9 @@ class JobResult:
     stopped_early: bool
     seconds: float  # wall time, validation and checkpoints included
     samples_per_second: float  # training throughput: samples over the time spent in optimizer steps
+    samples_this_run: int  # samples trained by this call (a resumed job's earlier steps excluded)
+    wall_seconds: float = 0.0  # the whole stage, as `kd distill` timed it: setup, steps, validation, saves
+    wall_samples_per_second: float = 0.0  # samples_this_run over wall_seconds
 
 
 @dataclass
@@ -724,4 +727,5 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
         stopped_early=state.stopped_early,
         seconds=elapsed,
         samples_per_second=(state.step - first_step) * per_step / max(train_seconds, 1e-9),
+        samples_this_run=(state.step - first_step) * per_step,
     )

@@ -76,6 +76,7 @@ def write_classify_run(root: Path, model: Path, *, name: str, rows: int, loss: d
         "teachers": {"t": {"ref": str(model)}},
         "loss": loss,
         "train": train,
+        "bench": {"iters": 2, "warmup": 1, "max_seconds": 1, "max_examples": 8},  # a quick timing: no test needs more
     })
 
 

@@ -351,8 +351,21 @@ def check_export(s: dict) -> None:
         assert check["rows"] == check["compared"] > 0 and share(check["argmax_agreement"]), fmt
     for role, drop in s["accuracy_drop_points"].items():
         assert drop == pytest.approx(100 * (run["student"]["accuracy"] - run[role]["accuracy"]), abs=0.006), role
-    for role in s["speedup_vs_teacher_batch_1"]:
-        ratio(s["speedup_vs_teacher_batch_1"], role, run["teacher:minilm"]["ms_batch_1"], run[role]["ms_batch_1"])
+    seed = s["per_seed"]["42"]
+    for role, value in s["speedup_vs_teacher_batch_1"].items():  # the median of the rounds' ratios, in its interval
+        paired, low, high = seed["speedup_vs_teacher_batch_1"][role]
+        assert value == pytest.approx(paired, abs=0.006) and 0 < low <= paired <= high, role
+    every = seed["every_role"]
+    assert set(seed["bench_session"]["roles"]) == set(every) >= set(rows) | {"dataset"}  # one session, every model
+    assert seed["bench_session"]["rounds"] >= s["iters"]
+    for role, r in every.items():
+        assert share(r["accuracy"]), role
+        for size in ("1", "32"):
+            low, high = r[f"ms_batch_{size}_ci95"]
+            assert 0 < low <= r[f"ms_batch_{size}"] <= high, role
+        speedup, low, high = r["speedup_vs_teacher_batch_1"]
+        assert low <= speedup <= high, role
+    assert every["teacher:minilm"]["speedup_vs_teacher_batch_1"] == [1.0, 1.0, 1.0]
     met = s["targets"]["met"]
     assert list(met) == ["export:student-onnx-int8", "export:student-torch-int8"]
     assert all(met[r] == (s["accuracy_drop_points"][r] <= 0.5 and s["speedup_vs_teacher_batch_1"][r] >= 3) for r in met)

@@ -60,7 +60,7 @@ def test_cards_of_a_trained_run_follow_eval_and_bench(here, tiny):
         "teachers": {"t": {"ref": str(teacher), "finetune": {"epochs": 1, "batch_size": 8}}},
         "student": {"from_teacher": "t", "layers": [0, 2]},
         "train": {"epochs": 1, "batch_size": 8, "eval_every": 16, "log_every": 8, "eval_batch_size": 16},
-        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iters": 2, "threads": 1, "max_examples": 8},
+        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iters": 2, "max_seconds": 1, "threads": 1, "max_examples": 8},
     })
     kd("distill", "tiny.toml")
     student, finetuned = Path("runs/tiny/student"), Path("runs/tiny/teachers/t")

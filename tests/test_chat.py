@@ -153,7 +153,7 @@ def _recipe(teacher: Path, student: Path, data: dict, **loss) -> Path:
         "loss": {"alpha": 0.5, "temperature": 2.0, "top_k": 8} | loss,
         "train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "eval_every": 10_000, "eval_batch_size": 16},
         "eval": {"max_new_tokens": 4, "batch_size": 16},
-        "bench": {"batch_sizes": [1], "iters": 1, "warmup": 1, "threads": 1},
+        "bench": {"batch_sizes": [1], "iters": 1, "max_seconds": 1, "warmup": 1, "threads": 1},
     })
 
 

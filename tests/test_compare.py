@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from kdcli.report import (
     plot_quality_speed,
     print_compare,
     read_metrics,
+    render_compare,
 )
 from kdcli.rundir import write_json
+from kdcli.timing import median_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -229,7 +232,8 @@ def write_tiny_recipe(teacher: Path) -> Path:
         "student": {"from_teacher": "t", "layers": [0, 2]},
         "train": {"epochs": 1, "batch_size": 8, "eval_every": 16, "log_every": 8, "eval_batch_size": 16},
         "eval": {"examples": 2},
-        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iters": 3, "threads": 1, "max_examples": 8},
+        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iters": 3, "max_seconds": 1, "threads": 1,
+                  "max_examples": 8},
     })
 
 
@@ -276,3 +280,54 @@ def test_eval_bench_compare_end_to_end(tiny, tmp_path, monkeypatch):
              if line.startswith("plot: ")]
     assert {p.name for p in plots} == {"loss-teacher.t.png", "loss-main.png", "accuracy-latency.png"}
     assert all(p.read_bytes()[:8] == PNG for p in plots)
+
+
+def timed_bench(root: Path, role: str, parameters: int, rounds: list[float], session: str = "s1") -> None:
+    """A bench result as `kd bench` writes it: the rounds of a round-robin session and their median and interval."""
+    median, low, high = median_interval(rounds)
+    write_json(root / "bench" / f"{role.replace(':', '-')}.json", {
+        "role": role, "model": f"model of {role}", "parameters": parameters, "architecture": "BertModel",
+        "dtype": "float32", "session": {"id": session},
+        "batches": {"1": {"latency_ms_per_example": {"p50": median, "ci95": [low, high], "iqr": [low, high]},
+                          "ms_per_example_by_round": rounds}}})
+
+
+def test_compare_gives_speed_ups_intervals_and_one_speed_to_one_architecture_in_the_noise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_run(tmp_path / "runs" / "fin", evals={"teacher:big": 0.9, "student": 0.88, "dataset": 0.85},
+                     benches={})
+    burst = [1.0] * 8 + [1.6, 1.0, 1.0, 2.0]  # two rounds the machine was busy: every model slowed alike
+    timed_bench(root, "teacher:big", 110_000_000, [40 * b for b in burst])
+    timed_bench(root, "teacher:small", 4_400_000,
+                [40 * b * (1.01 if i % 3 == 0 else 0.97) for i, b in enumerate(burst)])
+    timed_bench(root, "dataset", 66_000_000, [20 * b * (1.03 if i % 2 else 0.97) for i, b in enumerate(burst)])
+    timed_bench(root, "student", 66_000_000, [20.5 * b for b in burst])
+    table = collect_run(root)
+    rows = {row["role"]: row for row in table.rows}
+    # Paired round by round, the bursts cancel: the student is 40/20.5 faster, with a narrow interval.
+    assert rows["student"]["speedup"] == pytest.approx(40 / ((20.5 + 20) / 2), rel=0.02)
+    assert rows["student"]["speedup_measurable"] and rows["student"]["speedup_ci95"][0] > 1.9
+    # dataset and student: one architecture, overlapping intervals: shown as one speed.
+    assert rows["dataset"]["same_speed_as"] == ["student"] and rows["student"]["same_speed_as"] == ["dataset"]
+    assert rows["dataset"]["ms_per_example"] == rows["student"]["ms_per_example"]
+    # teacher:small is 1% slower or 3% faster than teacher:big, round by round: no measurable difference.
+    low, high = rows["teacher:small"]["speedup_ci95"]
+    assert low <= 1.0 <= high and rows["teacher:small"]["speedup_measurable"] is False
+    assert rows["teacher:big"]["speedup"] == 1.0 and rows["teacher:big"]["speedup_ci95"] is None  # the reference
+    assert "dataset, student: one architecture whose timings overlap, shown as one speed (=)" in table.hints
+    assert any(hint.startswith("≈: the speed-up's 95% interval holds 1x") for hint in table.hints)
+
+    md = compare_markdown([table])
+    small = next(line for line in md.splitlines() if line.startswith("| teacher:small"))
+    assert re.search(r"\d\.\d\dx \[\d\.\d\dx, \d\.\d\dx\] ≈", small) and re.search(r"\d+\.\d{3} \[", small)
+    assert " = " in next(line for line in md.splitlines() if line.startswith("| dataset"))
+    shown = json.loads(render_compare([table], "json"))[0]["rows"]
+    student = next(row for row in shown if row["role"] == "student")
+    assert student["speedup_ci95"] == rows["student"]["speedup_ci95"] and student["same_speed_as"] == ["dataset"]
+    assert len(student["ms_per_example_ci95"]) == 2 and student["speedup_measurable"] is True
+    header = render_compare([table], "csv").splitlines()[0].split(",")
+    assert {"speedup_ci95_low", "speedup_ci95_high", "ms_per_example_ci95_low"} <= set(header)
+    out = io.StringIO()
+    print_compare([table], Console(file=out, width=200, color_system=None))
+    terminal = out.getvalue()
+    assert "≈" in terminal and "[" in next(line for line in terminal.splitlines() if "│ student" in line)

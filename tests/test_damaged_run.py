@@ -43,7 +43,7 @@ def write_run(root: Path, bert: Path) -> Path:
         "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 400, "checkpoint_every": 2,
                   "log_every": 400, "eval_batch_size": 32},
         "eval": {"examples": 0},
-        "bench": {"batch_sizes": [1], "warmup": 0, "iters": 2, "threads": 1, "max_examples": 4},
+        "bench": {"batch_sizes": [1], "warmup": 0, "iters": 2, "max_seconds": 1, "threads": 1, "max_examples": 4},
     })
 
 

@@ -306,7 +306,8 @@ def test_an_8bit_teacher_caches_logits_close_to_the_full_precision_teacher(minil
 @pytest.mark.slow
 def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
     recipe = classify_recipe(models, single_teacher_students=["roberta"],
-                             bench={"batch_sizes": [1, 4], "iters": 3, "warmup": 1, "threads": 1})
+                             bench={"batch_sizes": [1, 4], "iters": 3, "max_seconds": 1, "warmup": 1,
+                                    "threads": 1})
     first = kd("run", str(recipe))
     run = workdir / "runs" / "cls"
     assert "student taught by roberta alone" in first.output
@@ -314,6 +315,19 @@ def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
         assert run.joinpath("eval", role.replace(":", "-") + ".json").is_file(), role
         assert run.joinpath("bench", role.replace(":", "-") + ".json").is_file(), role
     assert "student" in first.output and "compare" in first.output
+    steps = first.output[first.output.index("wall time by step"):]
+    for title in ("prepare", "teachers: fine-tune and cache", "distil: student trained on the dataset alone",
+                  "distil: student", "evaluate", "benchmark", "compare", "total"):
+        assert f"│ {title} " in steps, title
+    # Each distillation's whole stage, beside its optimizer steps: the wall pace is never the faster one.
+    done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "done"]
+    assert {record["stage"] for record in done} == {"main", "main.dataset", "main.student-roberta"}
+    for record in done:
+        assert 0 < record["wall_samples_per_s"] <= record["samples_per_s"] and record["wall_seconds"] > 0, record
+        assert record["wall_samples_per_s"] == pytest.approx(record["samples"] / record["wall_seconds"])
+    assert "samples/s wall" in first.output
     second = kd("run", str(recipe))
-    assert second.output.count("up to date") >= 15  # prepare, three distils, 6 evals, 6 benches
+    assert second.output.count("up to date") >= 10  # prepare, three distils, 6 evals
+    assert "bench: every role up to date" in second.output and "wall time by step" in second.output
     assert "fine-tuning" not in second.output

@@ -192,7 +192,8 @@ def test_a_causal_generator_exports_as_torch_int8(tiny, here):
                                    "data": {"format": "triviaqa", "path": "trivia.jsonl"},
                                    "student": {"ref": str(tiny("llama", "causal", layers=2))},
                                    "loss": {"alpha": 1.0}, "eval": {"max_new_tokens": 4},
-                                   "bench": {"batch_sizes": [2], "warmup": 1, "iters": 2, "max_examples": 4}})
+                                   "bench": {"batch_sizes": [2], "warmup": 1, "iters": 2, "max_seconds": 1,
+                                                             "max_examples": 4}})
     failed = kd("export", "gen.toml", "--format", "onnx", code=1)
     assert "decoding one token after another" in failed.stderr and "export it as torch-int8" in failed.stderr
 

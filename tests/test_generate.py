@@ -390,7 +390,7 @@ def generate_recipe(models, family: str, **teachers: dict) -> Path:
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 16, "checkpoint_every": 64, "log_every": 8,
                   "metric": "token_f1", "eval_batch_size": 16},
         "eval": {"max_new_tokens": 6, "batch_size": 16},
-        "bench": {"batch_sizes": [1, 4], "iters": 2, "warmup": 1, "threads": 1},
+        "bench": {"batch_sizes": [1, 4], "iters": 2, "max_seconds": 1, "warmup": 1, "threads": 1},
     })
 
 

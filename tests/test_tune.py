@@ -111,7 +111,7 @@ class FakeDistill:
         (workdir.root / "student").mkdir()
         for samples in (4, 8, 12, 16):
             on_eval(samples, {"loss": 1.0, "accuracy": recipe.loss.alpha, "f1": 0.0})
-        return [JobResult("main", workdir.root, 4, 16, recipe.loss.alpha, 4, False, 0.1, 160.0)]
+        return [JobResult("main", workdir.root, 4, 16, recipe.loss.alpha, 4, False, 0.1, 160.0, 16)]
 
 
 @pytest.mark.slow
