@@ -29,12 +29,12 @@ confidence interval of the median (order statistics: nothing assumed about the s
 and the interquartile range of the rounds, and the throughput at the median. CUDA is synchronised
 around every block.
 
-Memory: what loading the model and its first calls at every batch size added, measured before the
-next model loads. On CUDA, ``torch.cuda.max_memory_allocated`` over that time less what was
-allocated before. On CPU, the process's peak resident memory (VmHWM, reset through
-``/proc/self/clear_refs``) less the resident memory before: weights, activations and what the
-libraries allocated for them. Where Linux does not allow the reset the number is the whole
-process's peak (``memory_kind`` says which).
+Memory, per model, as two parts, since the models of a session share one process: its weights (the
+bytes of its tensors; an export's files) and what its first calls at every batch size added on top
+(the warm-up, before the next model loads). On CUDA the calls' part is
+``torch.cuda.max_memory_allocated`` over them less what was allocated before; on CPU the process's
+peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``) less the resident memory
+before. Where Linux does not allow the reset the calls' part is unknown (None).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import resource
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -143,19 +141,19 @@ def batch_results(model: Timed) -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory
 
 
-def _memory_mark(device) -> tuple[str, int]:
-    """Start a peak-memory measurement: what the peak will mean, and the memory in use now."""
+def _memory_mark(device) -> tuple[str | None, int]:
+    """Start measuring what the next calls allocate: how it is measured (None: it cannot be), and the memory now."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_allocated_increase", int(torch.cuda.memory_allocated(device))
+        return "cuda_allocated", int(torch.cuda.memory_allocated(device))
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # resets VmHWM to the current resident size
-        return "rss_increase", _status_bytes("VmRSS:")
+        return "rss", _status_bytes("VmRSS:")
     except OSError:
-        return "rss_peak_of_process", 0
+        return None, 0
 
 
 def _status_bytes(key: str) -> int:
@@ -166,18 +164,23 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def _memory_since(device, kind: str, before: int) -> int:
+def _memory_since(device, kind: str | None, before: int) -> int | None:
     import torch
 
-    if kind == "cuda_allocated_increase":
+    if kind == "cuda_allocated":
         return int(torch.cuda.max_memory_allocated(device)) - before
-    if kind == "rss_increase":
+    if kind == "rss":
         return _status_bytes("VmHWM:") - before
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return None
 
 
-# --------------------------------------------------------------------------- roles
+def _weight_bytes(model: "TaskModel", directory: Path | None) -> int | None:
+    """The bytes of a model's tensors (parameters and buffers); an export, which holds no torch tensors of
+    its own, by its files."""
+    tensors = [*model.model.parameters(), *model.model.buffers()] if hasattr(model.model, "parameters") else []
+    if tensors:
+        return sum(t.numel() * t.element_size() for t in tensors)
+    return size_on_disk(directory)
 
 
 def size_on_disk(path: Path | None) -> int | None:
@@ -244,8 +247,6 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
     loaded: list[tuple[Role, Any, Timed, dict[str, Any]]] = []
     try:
         for role in wanted:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            kind, before = _memory_mark(device)
             try:
                 model = load(recipe, role, data.num_classes)
             except ModelError as exc:
@@ -260,8 +261,11 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
                 batches = {size: _input_batches(task, model, rows, size, cfg.warmup + 8, stage.data.max_length,
                                                 stage.data.template) for size in sizes}
                 timed = Timed(str(role), call, batches)
+                kind, before = _memory_mark(device)
                 timed.warm_up(cfg.warmup, sync)
-            memory = {"peak_memory_bytes": _memory_since(device, kind, before), "memory_kind": kind}
+            weights, calls = _weight_bytes(model, saved_dir(recipe, run, role)), _memory_since(device, kind, before)
+            memory = {"weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind,
+                      "peak_memory_bytes": weights + calls if weights is not None and calls is not None else None}
             facts = {**result_header(recipe, role, model, stage.name, split), "device": str(device),
                      "architecture": type(model.model).__name__,
                      "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what, **memory}

@@ -245,8 +245,9 @@ def _bench_section(role: Role, bench: dict[str, Any] | None) -> str:
         facts.append(f"{bench['parameters']:,} parameters")
     if _number(bench.get("size_bytes")):
         facts.append(f"{bench['size_bytes'] / 1e6:,.1f} MB of weights")
-    if _number(bench.get("peak_memory_bytes")):
-        facts.append(f"peak memory {bench['peak_memory_bytes'] / 1e6:,.0f} MB ({bench.get('memory_kind')})")
+    if _number(bench.get("weight_bytes")) and _number(bench.get("call_memory_bytes")):
+        facts.append(f"{bench['weight_bytes'] / 1e6:,.1f} MB of weights in memory and "
+                     f"{bench['call_memory_bytes'] / 1e6:,.1f} MB more while it runs")
     if facts:
         lines += ["", "; ".join(facts) + "."]
     return "\n".join(lines)

@@ -268,13 +268,15 @@ def _print_disagreements(result: dict, console: Console) -> None:
 
 def print_bench(results: list[dict], skipped: dict[str, str] | None = None, console: Console | None = None) -> None:
     """One row per role and batch size: the median time per example with its 95% interval and interquartile
-    range, throughput, memory, size; then how the timing went (rounds, load, threads, machine)."""
+    range, throughput, memory (weights, and what its calls added), size; then how the timing went (rounds,
+    load, threads, machine)."""
     console = console or Console(highlight=False)
     if results:
         first = results[0]
         table = Table(title=f"bench on {first['device']} "
                             f"({first['threads']} threads; model forward, tokenisation excluded)")
-        for column in ("role", "parameters", "size", "batch", "ms/ex", "95% interval", "IQR", "ex/s", "memory"):
+        for column in ("role", "parameters", "size", "batch", "ms/ex", "95% interval", "IQR", "ex/s",
+                       "memory (weights + calls)"):
             table.add_column(column, justify="left" if column == "role" else "right")
         for r in results:
             for i, b in enumerate(r["batches"].values()):
@@ -284,7 +286,7 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
                     (_human_bytes(r["size_bytes"]) if r["size_bytes"] is not None else "") if i == 0 else "",
                     str(b["batch_size"]), f"{latency['p50']:.3f}",
                     "{:.3f}–{:.3f}".format(*latency["ci95"]), "{:.3f}–{:.3f}".format(*latency["iqr"]),
-                    f"{b['throughput']:,.1f}", _human_bytes(r["peak_memory_bytes"]) if i == 0 else "",
+                    f"{b['throughput']:,.1f}", _memory(r) if i == 0 else "",
                 )
         console.print(table)
         session, env = first["session"], first["env"]
@@ -293,11 +295,18 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
         together = f"{len(session['roles'])} models timed round-robin" if len(session["roles"]) > 1 else "timed"
         console.print(escape(f"{together}: {session['rounds']} rounds in {session['seconds']:.0f} s; "
                              f"load average {load['before']} before, {load['after']} after, on {env['cpu_count']} "
-                             f"cores ({machine}); memory: {first['memory_kind'].replace('_', ' ')}"))
+                             f"cores ({machine})"))
     for role, why in (skipped or {}).items():
         console.print(f"[yellow]skipped {escape(role)}: {escape(why)}[/]")
     for r in results:
         console.print(f"saved {escape(r['path'])}")
+
+
+def _memory(result: dict) -> str:
+    weights, calls = result.get("weight_bytes"), result.get("call_memory_bytes")
+    if weights is None:
+        return ""
+    return _human_bytes(weights) + (f" + {_human_bytes(calls)}" if calls is not None else "")
 
 
 def print_export(result: dict, recipe_path: Path, console: Console | None = None) -> None:
@@ -765,7 +774,7 @@ def print_compare(tables: list[RunTable], console: Console | None = None, wide: 
             console.print(f"[dim]left out at {console.width} columns: {escape(', '.join(left_out))} "
                           "(--wide shows every column)[/]")
         for hint in table.hints:
-            console.print(f"[dim]{escape(hint)}[/]")
+            console.print(f"[dim]{escape(hint)}[/]", emoji=False)  # "teacher:a: ..." is no emoji
 
 
 def _short_model(description: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 import jobs
 from clirun import kd
@@ -169,7 +170,10 @@ def test_a_bench_result_says_how_it_was_measured(tiny, tmp_path, monkeypatch):
     assert result["threads"] == 1 and torch.get_num_threads() == threads_before  # recorded, then restored
     assert result["device"] == "cpu" and result["dtype"] == "float32"
     assert result["architecture"] == "BertForSequenceClassification"
-    assert result["peak_memory_bytes"] > 0 and result["memory_kind"] == "rss_increase"
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    assert result["weight_bytes"] == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert result["call_memory_bytes"] >= 0 and result["memory_kind"] == "rss"
+    assert result["peak_memory_bytes"] == result["weight_bytes"] + result["call_memory_bytes"]
     session = result["session"]
     assert session["roles"] == ["teacher:a"] and session["order"] == "round-robin" and session["seconds"] > 0
     assert set(session["load_average_1m"]) == {"before", "after"} and result["env"]["cpu"]
