@@ -267,7 +267,8 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
             memory = {"weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind,
                       "peak_memory_bytes": weights + calls if weights is not None and calls is not None else None}
             facts = {**result_header(recipe, role, model, stage.name, split), "device": str(device),
-                     "architecture": type(model.model).__name__,
+                     # An export runs other arithmetic (int8, ONNX Runtime) on the same weights: not one architecture.
+                     "architecture": type(model.model).__name__ + (f" ({role.format})" if role.format else ""),
                      "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what, **memory}
             loaded.append((role, model, timed, facts))
         if not loaded:

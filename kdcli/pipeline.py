@@ -27,8 +27,8 @@ from kdcli.report import (
 )
 from kdcli.roles import BASELINE, DATASET, Role, every_role
 from kdcli.rundir import RunDir
-from kdcli.runtime import check_trackers
-from kdcli.teachers import cache_teachers
+from kdcli.runtime import check_trackers, make_accelerator
+from kdcli.teachers import cache_teachers, finetune_teachers, preflight
 
 
 def _inputs_of(recipe: Recipe, run: RunDir, role: Role) -> list[Path]:
@@ -64,7 +64,12 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
     step("prepare")
     print_prepare_summary(prepare_recipe(recipe))
     if recipe.teachers:
-        step("teachers: fine-tune and cache")
+        if any(spec.finetune is not None for spec in recipe.teachers.values()):
+            step("teachers: fine-tune")
+            preflight(recipe, run)
+            accelerator = make_accelerator(recipe.train.mixed_precision, recipe.log.report_to, run.logs)
+            finetune_teachers(recipe, run, accelerator, console)
+        step("teachers: cache")
         print_cache_summary(cache_teachers(recipe, console=console), console)
         step("distil: student trained on the dataset alone")
         print_distill_summary(distill(recipe, role=DATASET, console=console), console)

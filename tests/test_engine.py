@@ -316,7 +316,7 @@ def test_kd_run_does_every_step_and_a_second_run_reuses_them(models, workdir):
         assert run.joinpath("bench", role.replace(":", "-") + ".json").is_file(), role
     assert "student" in first.output and "compare" in first.output
     steps = first.output[first.output.index("wall time by step"):]
-    for title in ("prepare", "teachers: fine-tune and cache", "distil: student trained on the dataset alone",
+    for title in ("prepare", "teachers: fine-tune", "teachers: cache", "distil: student trained on the dataset alone",
                   "distil: student", "evaluate", "benchmark", "compare", "total"):
         assert f"│ {title} " in steps, title
     # Each distillation's whole stage, beside its optimizer steps: the wall pace is never the faster one.
