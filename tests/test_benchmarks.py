@@ -116,6 +116,27 @@ def check_trainer_baseline(s: dict) -> None:
             and speed["kd_cached_wall"] <= speed["kd_cached_steps"] * 1.01)
 
 
+def check_bench_repeat(s: dict) -> None:
+    assert s["verdicts"]["of"] == len(s["repeats"]) == 2
+    for verdict in ("same_one_speed", "speedup_excludes_1"):
+        assert s["verdicts"][verdict] == sum(
+            r["same_shown_as_one_speed"] if verdict == "same_one_speed" else r["speedup"]["excludes_1"]
+            for r in s["repeats"])
+    for r in s["repeats"]:
+        assert set(r["models"]) == {"teacher:tiny", "baseline", "dataset", "student", "export:student-torch-int8"}
+        for role, m in r["models"].items():
+            for size in ("1", "8"):
+                low, high = m[f"ms_batch_{size}_ci95"]
+                assert 0 < low <= m[f"ms_batch_{size}"] <= high, role
+            assert role not in m["same_speed_as"] and "export:student-torch-int8" not in m["same_speed_as"], role
+        speedup = r["speedup"]
+        assert speedup["ci95"][0] <= speedup["value"] <= speedup["ci95"][1]
+        assert speedup["excludes_1"] == (not speedup["ci95"][0] <= 1 <= speedup["ci95"][1])
+        assert r["same_shown_as_one_speed"] == all(
+            sorted([role, *r["models"][role]["same_speed_as"]]) == sorted(s["same"]) for role in s["same"])
+        assert r["session"]["rounds"] >= 6
+
+
 def check_fresh_install(s: dict) -> None:
     names = [step["step"] for step in s["steps"]]
     assert names == (["kd run"] if s["quick"] else ["python -m venv", "pip install torch", "pip install kd", "kd run"])
@@ -372,6 +393,7 @@ def check_export(s: dict) -> None:
 
 
 CHECKS: dict[str, Callable[[dict], None]] = {
+    "bench_repeat.py": check_bench_repeat,
     "cache_memory.py": check_cache_memory,
     "cache_payoff.py": check_cache_payoff,
     "cache_verify.py": check_cache_verify,
