@@ -5,7 +5,8 @@ student and the student exported as ONNX, ONNX int8 and PyTorch int8, on the off
     python benchmarks/export.py --threads 1 --seeds 42 7 123 # the seeds of docs/benchmarks.md's finance table
     python benchmarks/export.py --quick                      # a tiny BERT teacher and student (CI)
 
-For each seed, in runs/ of the checkout: `kd distill` (the recipe's student; reused when up to date), `kd export`
+For each seed, in runs/ of the checkout: `kd cache-teachers` and `kd distill` (the recipe's student; both reused
+when up to date), `kd export`
 in every format, `kd eval` of each row, then one `kd bench` of every model of the run and the exports together,
 so the numbers are those `kd compare` shows. Timing is `kd bench`'s: --warmup untimed calls, then rounds in which
 every model runs each batch size (1 and 32) in turn, at least --iters of them and more until each median's 95%
@@ -91,6 +92,7 @@ def measured(run: Path, role: str) -> dict:
 
 def run_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
     recipe = str(seed_recipe(work, seed, args.quick, args))
+    kd(work, "cache-teachers", recipe)  # as `kd run` does: a live SmolLM2 teacher makes a step 20x dearer
     kd(work, "distill", recipe)
     kd(work, "distill", recipe, "--no-teachers")  # the rows of the finance table, timed with the rest
     for name in recipe_mod.load(Path(recipe)).single_teacher_students:

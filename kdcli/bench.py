@@ -169,8 +169,8 @@ def _memory_since(device, kind: str | None, before: int) -> int | None:
 
     if kind == "cuda_allocated":
         return int(torch.cuda.max_memory_allocated(device)) - before
-    if kind == "rss":
-        return _status_bytes("VmHWM:") - before
+    if kind == "rss":  # the kernel counts resident pages per CPU in batches: a few pages either way
+        return max(0, _status_bytes("VmHWM:") - before)
     return None
 
 
