@@ -66,8 +66,11 @@ def minutes(seconds: float) -> str:
 
 
 def md_table(compare_md: str) -> str:
-    """The table lines of `kd compare --format md` (without its heading)."""
-    return "\n".join(line for line in compare_md.splitlines() if line.startswith("|"))
+    """The table lines of `kd compare --format md` and the notes under it (without its heading)."""
+    lines = compare_md.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    notes = [line for line in lines if line.startswith("- ")]
+    return "\n".join(table + ([""] + notes if notes else []))
 
 
 def readme_block(summary: dict) -> str:

@@ -77,7 +77,21 @@ def test_readme_quickstart_table_is_the_results_files_table(results):
             assert (cell == "") == (value is None), f"{raw['role']} {column['key']}: {cell!r} vs {value!r}"
             if value is not None:
                 where = f"{raw['role']} {column['key']}: README {cell!r}, file {value!r}"
-                assert agrees(cell, value, column["key"]), where
+                if column["key"] in ("role", "model"):
+                    assert cell == value, where
+                    continue
+                shown = re.fullmatch(r"(\S+)(?: \[(\S+), (\S+)\])?(?: ([=≈]))?", cell)
+                assert shown, where
+                main, low, high, mark = shown.groups()
+                assert agrees(main, value, column["key"]), where
+                interval = raw.get(f"{column['key']}_ci95")
+                assert (low is None) == (interval is None), where  # a timing shows its 95% interval
+                if low is not None:
+                    assert agrees(low, interval[0], column["key"]) and agrees(high, interval[1], column["key"]), where
+                if mark == "=":  # one speed for one architecture, as the file says
+                    assert raw["same_speed_as"], where
+                if mark == "≈":
+                    assert raw["speedup_measurable"] is False, where
     assert [r["role"] for r, b in zip(table["rows"], bold) if b] == [table["best"]]
 
 
