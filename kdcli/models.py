@@ -655,10 +655,16 @@ def _load(loader, where: str, ref: str, **kwargs):
                 f"model {ref}: could not be downloaded from the Hugging Face Hub ({text.splitlines()[0]})",
                 hint="check the name and network, or use a local directory or a package:MODULE/subdir ref",
             ) from None
-        if Path(where).is_dir():
+        if isinstance(exc, OSError) and Path(where).is_dir():  # a file missing or unreadable
             raise ModelError(
                 f"model {ref}: {text.splitlines()[0] if text else type(exc).__name__}",
                 hint="the model folder is damaged or incomplete: save or download it again",
+            ) from None
+        if Path(where).is_dir():  # the files are there: transformers refused what it was asked to do with them
+            raise ModelError(
+                f"model {ref}: transformers could not load it: {text.splitlines()[0] if text else type(exc).__name__}",
+                hint="check this model's settings in the recipe (head, dtype, gguf_file, load_in_8bit/4bit) against "
+                "what transformers says",
             ) from None
         raise
 

@@ -336,10 +336,13 @@ class ModelSpec(Section):
     )
     load_in_8bit: bool = Field(
         False,
-        description="Load linear layers in 8-bit (bitsandbytes): about 4x less memory than fp32, a little accuracy.",
+        description="Load linear layers in 8-bit (bitsandbytes): about 4x less memory than fp32, a little accuracy. "
+        "A teacher with a finetune table is fine-tuned in full precision; its fine-tuned copy loads in 8-bit, for "
+        "caching and live use. Not with gguf_file unless the teacher is fine-tuned.",
     )
     load_in_4bit: bool = Field(
-        False, description="Load linear layers in 4-bit NF4 (bitsandbytes): about 8x less memory."
+        False, description="Load linear layers in 4-bit NF4 (bitsandbytes): about 8x less memory. As load_in_8bit, "
+        "after fine-tuning."
     )
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off unless you trust its author."
@@ -410,6 +413,17 @@ class TeacherConfig(ModelSpec):
     hidden: HiddenMap | None = Field(
         None, description="Layer map for the hidden-state MSE from this teacher; unset = no hidden loss from it."
     )
+
+    @model_validator(mode="after")
+    def _gguf_quantisation(self) -> "TeacherConfig":
+        bits = "load_in_8bit" if self.load_in_8bit else "load_in_4bit" if self.load_in_4bit else None
+        if self.gguf_file and bits and self.finetune is None:
+            raise ValueError(
+                f"gguf_file with {bits}: transformers dequantises a GGUF file to full precision as it loads it and "
+                f"cannot quantise it in the same load. Give this teacher a finetune table (it is fine-tuned in full "
+                f"precision, saved as safetensors, and that copy loads with {bits} for caching and live use), or "
+                f"drop {bits}")
+        return self
 
 
 class StudentConfig(ModelSpec):

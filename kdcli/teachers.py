@@ -57,7 +57,10 @@ def finetune_teachers(recipe: Recipe, run: RunDir, accelerator, console: Console
             console.print(f"[yellow]the fine-tuned teacher {name} in {run.teacher(name)} is not whole ({damage})[/]")
         console.print(f"fine-tuning teacher [bold]{name}[/] on {stage.name}/train ({len(data.rows['train'])} rows)")
         seed_everything(recipe.seed)  # the new classification head is drawn here
-        model = load_task_model(spec, recipe.task, data.num_classes, max_length=stage.data.max_length)
+        # Fine-tuned in full precision: bitsandbytes' int8 and NF4 weights do not train. load_in_8bit/4bit apply
+        # to the fine-tuned copy, when it is cached or used live.
+        full = spec.model_copy(update={"load_in_8bit": False, "load_in_4bit": False})
+        model = load_task_model(full, recipe.task, data.num_classes, max_length=stage.data.max_length)
         ft = spec.finetune
         train = recipe.train.model_copy(
             update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "grad_accum": 1,

@@ -154,6 +154,8 @@ RECIPE_CASES = [
          _set("student.head", "causal")),
     Case("8-bit and 4-bit at once", "choose one of load_in_8bit and load_in_4bit",
          _edits(_set("teachers.t.load_in_8bit", True), _set("teachers.t.load_in_4bit", True))),
+    Case("GGUF teacher in 8-bit, not fine-tuned", "gguf_file with load_in_8bit: transformers dequantises a GGUF file",
+         _edits(_set("teachers.t.gguf_file", "model.gguf"), _set("teachers.t.load_in_8bit", True)), command="check"),
     Case("search key that does not exist", "search.train.lrr: no such recipe key",
          _set("search", {"train.lrr": {"uniform": [0.1, 0.2]}})),
     Case("run name with '..'", "name: '../elsewhere' is not a plain name", _set("name", "../elsewhere")),

