@@ -6,14 +6,14 @@ student and the student exported as ONNX, ONNX int8 and PyTorch int8, on the off
     python benchmarks/export.py --quick                      # a tiny BERT teacher and student (CI)
 
 For each seed, in runs/ of the checkout: `kd cache-teachers` and `kd distill` (the recipe's student; both reused
-when up to date), `kd export`
-in every format, `kd eval` of each row, then one `kd bench` of every model of the run and the exports together,
-so the numbers are those `kd compare` shows. Timing is `kd bench`'s: --warmup untimed calls, then rounds in which
-every model runs each batch size (1 and 32) in turn, at least --iters of them and more until each median's 95%
-interval is within --precision of it (at most --max-seconds); torch and ONNX Runtime on --threads threads, on
-consecutive test rows already tokenised. A speed-up is the median of the rounds' ratios, with its 95% interval.
-The run's other students are trained too (labels only, and from each single teacher the recipe lists), and every
-model's accuracy and latency is kept (`every_role`), with its interval: docs/benchmarks.md's finance table.
+when up to date), `kd export` in every format, one `kd bench` of every model of the run and the exports together,
+then `kd eval` of each, so the numbers are those `kd compare` shows. Timing is `kd bench`'s: --warmup untimed
+calls, then rounds in which every model runs each batch size (1 and 32) in turn, at least --iters of them and more
+until each median's 95% interval is within --precision of it (at most --max-seconds); torch and ONNX Runtime on
+--threads threads, on consecutive test rows already tokenised. A speed-up is the median of the rounds' ratios, with
+its 95% interval. The run's other students are trained too (labels only, and from each single teacher the recipe
+lists), and every model's accuracy and latency is kept (`every_role`), with its interval: docs/benchmarks.md's
+finance table.
 Accuracy is on the seed's test split (188 sentences: one is 0.53 points).
 
 Targets (issue 17): each int8 student within 0.5 accuracy points of the fp32 student, and at least 3x faster
