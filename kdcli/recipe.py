@@ -582,7 +582,7 @@ class BenchConfig(Section):
     iters: int = Field(
         10, gt=0, description="Timed rounds at least. In a round every model benched together runs each batch size "
         "once, as a block of calls lasting at least 50 ms; the median over the rounds is reported, with its 95% "
-        "interval (6 rounds are the fewest for which that interval is narrower than the whole range).")
+        "interval (the whole range up to 8 rounds; from 9 on, narrower).")
     precision: float = Field(
         0.03, gt=0, description="After `iters` rounds, more run until every median's 95% interval is within this "
         "share of the median (0.03: ±3%), or until `max_seconds`.")
