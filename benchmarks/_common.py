@@ -106,3 +106,19 @@ def fpb_data(work: Path, quick: bool) -> dict[str, Any]:
         (work / "fpb.txt").write_bytes("".join(line + "\r\n" for line in lines).encode("latin-1"))
         data["path"] = str(work / "fpb.txt")
     return data
+
+
+def bench_results(run: Path) -> dict[str, dict]:
+    """The `kd bench` results of a run directory, by role."""
+    results = (json.loads(path.read_text()) for path in sorted((run / "bench").glob("*.json")))
+    return {result["role"]: result for result in results}
+
+
+def bench_timing(result: dict, size: str):
+    """A bench result's median per example at batch ``size`` as a ``kdcli.timing.Timing``: with its interval and
+    rounds, so that two results of one session divide round by round."""
+    from kdcli.timing import Timing
+
+    batch = result["batches"][size]
+    latency = batch["latency_ms_per_example"]
+    return Timing(latency["p50"], *latency["ci95"], tuple(batch["ms_per_example_by_round"]), result["session"]["id"])

@@ -18,7 +18,6 @@ the table is printed and the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,24 +26,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish, kd, write_recipe  # noqa: E402
+from _common import bench_results, bench_timing, finish, kd, write_recipe  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.exported import FORMATS  # noqa: E402
 from kdcli.report import collect_run  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
-from kdcli.timing import Timing, ratio  # noqa: E402
+from kdcli.timing import ratio  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "local" / "fpb.toml"
 SAME = ["baseline", "dataset", "student:minilm", "student"]  # the student's architecture: MiniLM's layers [0, 2, 4]
 DEFAULT_SETS = ("name=fpb-local", "bench.batch_sizes=[1, 32]", "bench.threads=1", "bench.warmup=10", "bench.iters=20",
                 "bench.precision=0.02", "bench.max_seconds=300")
-
-
-def timing(benched: dict, size: str) -> Timing:
-    batch = benched["batches"][size]
-    latency = batch["latency_ms_per_example"]
-    return Timing(latency["p50"], *latency["ci95"], tuple(batch["ms_per_example_by_round"]), benched["session"]["id"])
 
 
 def quick_run(work: Path) -> Path:
@@ -94,9 +87,9 @@ def main() -> None:
     for _ in range(args.repeats):
         load_before = os.getloadavg()[0]
         kd(work, "bench", str(recipe_path), "--model", ",".join(["all", *exports]))
-        benched = {b["role"]: b for b in (json.loads(p.read_text()) for p in sorted((run / "bench").glob("*.json")))}
+        benched = bench_results(run)
         rows = {row["role"]: row for row in collect_run(run).rows if row["role"] in benched}
-        speedup, low, high = ratio(timing(benched[args.slow], "1"), timing(benched[args.fast], "1"))
+        speedup, low, high = ratio(bench_timing(benched[args.slow], "1"), bench_timing(benched[args.fast], "1"))
         sizes = sorted(benched[args.fast]["batches"], key=int)
         repeats.append({
             "models": {role: {**{f"ms_batch_{size}": b["batches"][size]["latency_ms_per_example"]["p50"]

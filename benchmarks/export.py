@@ -33,12 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import finish, fpb_data, kd, mean_std, write_recipe  # noqa: E402
+from _common import bench_results, bench_timing, finish, fpb_data, kd, mean_std, write_recipe  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
 from kdcli.exported import FORMATS  # noqa: E402
 from kdcli.runtime import describe  # noqa: E402
-from kdcli.timing import Timing, ratio  # noqa: E402
+from kdcli.timing import ratio  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "local" / "fpb.toml"
 TEACHER, STUDENT = "teacher:minilm", "student"
@@ -71,17 +71,9 @@ def seed_recipe(work: Path, seed: int, quick: bool, args: argparse.Namespace) ->
     return write_recipe(raw, work / "runs" / f"{raw['name']}.toml")
 
 
-def timing(benched: dict, size: str) -> Timing:
-    batch = benched["batches"][size]
-    latency = batch["latency_ms_per_example"]
-    return Timing(latency["p50"], *latency["ci95"], tuple(batch["ms_per_example_by_round"]), benched["session"]["id"])
-
-
-def measured(run: Path, role: str) -> dict:
-    """A row from the run's eval and bench results of ``role``."""
-    name = role.replace(":", "-")
-    evaluated = json.loads((run / "eval" / f"{name}.json").read_text())
-    benched = json.loads((run / "bench" / f"{name}.json").read_text())
+def measured(run: Path, role: str, benched: dict) -> dict:
+    """A row from ``role``'s eval result and its bench result ``benched``."""
+    evaluated = json.loads((run / "eval" / f"{role.replace(':', '-')}.json").read_text())
     latency = {size: batch["latency_ms_per_example"] for size, batch in benched["batches"].items()}
     return {"accuracy": evaluated["metrics"]["accuracy"], "macro_f1": evaluated["metrics"]["f1"], "n": evaluated["n"],
             "ms_batch_1": latency["1"]["p50"], "ms_batch_32": latency["32"]["p50"],
@@ -103,24 +95,21 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
         kd(work, "export", recipe, "--format", fmt)
         checks[fmt] = json.loads((run / "export" / f"student-{fmt}" / "export.json").read_text())["check"]
     kd(work, "bench", recipe, "--model", ",".join(["all", *EXPORTS]))  # one session: every model, round-robin
-    benched = {b["role"]: b for b in (json.loads(path.read_text()) for path in sorted((run / "bench").glob("*.json")))}
+    benched = bench_results(run)
     for role in benched:
         kd(work, "eval", recipe, "--model", role)
-    teacher = timing(benched[TEACHER], "1")
-    speedups = {}
-    for role in [STUDENT, *EXPORTS]:
-        value, low, high = ratio(teacher, timing(benched[role], "1"))
-        speedups[role] = [value, low, high]
+    teacher = bench_timing(benched[TEACHER], "1")
     every = {}
     for role, b in benched.items():
         evaluated = json.loads((run / "eval" / f"{role.replace(':', '-')}.json").read_text())
         every[role] = {"accuracy": evaluated["metrics"]["accuracy"],
-                       "speedup_vs_teacher_batch_1": list(ratio(teacher, timing(b, "1")))}
+                       "speedup_vs_teacher_batch_1": list(ratio(teacher, bench_timing(b, "1")))}
         for size, batch in b["batches"].items():
             every[role][f"ms_batch_{size}"] = batch["latency_ms_per_example"]["p50"]
             every[role][f"ms_batch_{size}_ci95"] = batch["latency_ms_per_example"]["ci95"]
+    speedups = {role: every[role]["speedup_vs_teacher_batch_1"] for role in [STUDENT, *EXPORTS]}
     session = benched[TEACHER]["session"]
-    return {"rows": {role: measured(run, role) for role in ROWS}, "export_checks": checks,
+    return {"rows": {role: measured(run, role, benched[role]) for role in ROWS}, "export_checks": checks,
             "speedup_vs_teacher_batch_1": speedups, "every_role": every,
             "bench_session": {k: session[k] for k in ("roles", "rounds", "seconds", "load_average_1m")},
             "env": describe()}

@@ -207,6 +207,37 @@ def _input_batches(task, model: "TaskModel", rows: list[dict], size: int, count:
             for b in range(distinct)]
 
 
+def _loaded(recipe: Recipe, run: RunDir, role: Role, num_classes: int, split: str, rows: list[dict],
+            sizes: list[int], sync: Callable[[], None]) -> tuple["TaskModel", Timed, dict[str, Any]]:
+    """``role``'s model, loaded, placed and warmed up, ready for the rounds; and what its result says of it
+    (the header, the model's kind, its size and what its weights and first calls hold in memory)."""
+    import torch
+
+    stage, cfg = recipe.resolved_stages()[-1], recipe.bench
+    model = load(recipe, role, num_classes)
+    device = place(model)
+    task = task_kind(model.task)
+    call, timed_what = task.bench_call(model, recipe.eval.max_new_tokens or 16)
+    with torch.inference_mode():
+        batches = {size: _input_batches(task, model, rows, size, cfg.warmup + 8, stage.data.max_length,
+                                        stage.data.template) for size in sizes}
+        timed = Timed(str(role), call, batches)
+        kind, before = _memory_mark(device)
+        timed.warm_up(cfg.warmup, sync)
+    directory = saved_dir(recipe, run, role)
+    weights, calls = _weight_bytes(model, directory), _memory_since(device, kind, before)
+    facts = {
+        **result_header(recipe, role, model, stage.name, split), "device": str(device),
+        # An export runs other arithmetic (int8, ONNX Runtime) on the same weights: not one architecture.
+        "architecture": type(model.model).__name__ + (f" ({role.format})" if role.format else ""),
+        "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what,
+        "weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind,
+        "peak_memory_bytes": weights + calls if weights is not None and calls is not None else None,
+        "inputs": len(rows), "size_bytes": size_on_disk(directory), "size_path": str(directory) if directory else None,
+    }
+    return model, timed, facts
+
+
 def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = None,
                 skipped: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Benchmark ``roles`` together, round-robin, on the last stage's test split; save each one's
@@ -219,6 +250,11 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
     from kdcli.runtime import busy_cores
     from kdcli.runtime import describe as environment
 
+    def skip(role: Role, exc: ModelError) -> None:
+        if skipped is None:
+            raise exc
+        skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+
     console = console or Console(stderr=True)
     run = RunDir.for_recipe(recipe)
     stage = recipe.resolved_stages()[-1]
@@ -229,9 +265,7 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
             check(recipe, role)  # a missing model is reported before any data is prepared
             wanted.append(role)
         except ModelError as exc:
-            if skipped is None:
-                raise
-            skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            skip(role, exc)
     if not wanted:
         return []
     data = stage_data(recipe, run, stage, replace=False)
@@ -244,33 +278,13 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
         torch.set_num_threads(cfg.threads)
     sizes = list(dict.fromkeys([1, *cfg.batch_sizes]))  # batch 1 first, each size once
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    loaded: list[tuple[Role, Any, Timed, dict[str, Any]]] = []
+    loaded: list[tuple[Role, Any, Timed, dict[str, Any]]] = []  # the models stay loaded until the rounds end
     try:
         for role in wanted:
             try:
-                model = load(recipe, role, data.num_classes)
+                loaded.append((role, *_loaded(recipe, run, role, data.num_classes, split, rows, sizes, sync)))
             except ModelError as exc:
-                if skipped is None:
-                    raise
-                skipped[str(role)] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-                continue
-            device = place(model)
-            task = task_kind(model.task)
-            call, timed_what = task.bench_call(model, recipe.eval.max_new_tokens or 16)
-            with torch.inference_mode():
-                batches = {size: _input_batches(task, model, rows, size, cfg.warmup + 8, stage.data.max_length,
-                                                stage.data.template) for size in sizes}
-                timed = Timed(str(role), call, batches)
-                kind, before = _memory_mark(device)
-                timed.warm_up(cfg.warmup, sync)
-            weights, calls = _weight_bytes(model, saved_dir(recipe, run, role)), _memory_since(device, kind, before)
-            memory = {"weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind,
-                      "peak_memory_bytes": weights + calls if weights is not None and calls is not None else None}
-            facts = {**result_header(recipe, role, model, stage.name, split), "device": str(device),
-                     # An export runs other arithmetic (int8, ONNX Runtime) on the same weights: not one architecture.
-                     "architecture": type(model.model).__name__ + (f" ({role.format})" if role.format else ""),
-                     "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what, **memory}
-            loaded.append((role, model, timed, facts))
+                skip(role, exc)
         if not loaded:
             return []
         load_before = busy_cores()
@@ -298,24 +312,13 @@ def bench_roles(recipe: Recipe, roles: list[Role], console: "Console | None" = N
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
+    shared = {"threads": used_threads, "session": session, "warmup": cfg.warmup,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "env": environment()}
     results = []
-    for role, model, timed, facts in loaded:
-        directory = saved_dir(recipe, run, role)
-        result = {
-            **facts,
-            "inputs": len(rows),
-            "size_bytes": size_on_disk(directory),
-            "size_path": str(directory) if directory else None,
-            "threads": used_threads,
-            "batches": batch_results(timed),
-            "session": session,
-            "warmup": cfg.warmup,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "env": environment(),
-        }
+    for role, _, timed, facts in loaded:
+        result = {**facts, **shared, "batches": batch_results(timed)}
         write_json(run.bench(role), result)
-        result["path"] = str(run.bench(role))
-        results.append(result)
+        results.append({**result, "path": str(run.bench(role))})
     del loaded
     gc.collect()
     return results

@@ -7,7 +7,6 @@ starts; the last one becomes the role's final model (``student/``, ``dataset/``,
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ from kdcli.roles import DATASET, STUDENT, Role, initial_student, require_teacher
 from kdcli.rundir import RunDir, atomic_dir, done_state, mark_done, record_recipe, write_json
 from kdcli.tasks import cut_warning, task_kind
 from kdcli.teachers import finetune_teachers, open_teachers, preflight
-from kdcli.train import JobResult, cannot_resume, identity_changes, run_job
+from kdcli.train import JobResult, append_metrics, cannot_resume, identity_changes, run_job
 
 
 def _fraction(rows: Rows, fraction: float, seed: int) -> Rows:
@@ -171,13 +170,11 @@ def distill(recipe: Recipe, *, resume: bool = False, role: Role = STUDENT, conso
         accelerator.wait_for_everyone()
         # The whole stage's pace, beside the optimizer steps' own: validation, saving and setup cost time too.
         result.wall_seconds = time.perf_counter() - stage_started
-        result.wall_samples_per_second = result.samples_this_run / max(result.wall_seconds, 1e-9)
         if accelerator.is_main_process:
-            with open(out.metrics, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"stage": job_name, "kind": "done", "step": result.steps,
-                                         "samples": result.samples, "wall_seconds": result.wall_seconds,
-                                         "wall_samples_per_s": result.wall_samples_per_second,
-                                         "samples_per_s": result.samples_per_second}) + "\n")
+            append_metrics(out.metrics, job_name, {"kind": "done", "step": result.steps, "samples": result.samples,
+                                                   "wall_seconds": result.wall_seconds,
+                                                   "wall_samples_per_s": result.wall_samples_per_second,
+                                                   "samples_per_s": result.samples_per_second})
         results.append(result)
         previous, previous_fingerprint = output, wanted
     if previous is not None and accelerator.is_main_process:

@@ -52,13 +52,10 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
     check_trackers(recipe.log.report_to)  # before prepare, the first step
     run = RunDir.for_recipe(recipe)
     roles = every_role(recipe)
-    walls: list[list] = []  # [title, seconds] per step; the running step's holds its start until it ends
+    starts: list[tuple[str, float]] = []  # each step's title and when it started
 
     def step(title: str) -> None:
-        now = time.perf_counter()
-        if walls:
-            walls[-1][1] = now - walls[-1][1]
-        walls.append([title, now])
+        starts.append((title, time.perf_counter()))
         console.rule(f"[bold]{title}")
 
     step("prepare")
@@ -99,6 +96,6 @@ def run_all(recipe: Recipe, console: Console | None = None) -> Path:
                           "ms/example at batch 1")
     step("compare")
     print_compare([collect_run(run.root)], console)
-    walls[-1][1] = time.perf_counter() - walls[-1][1]
-    print_step_times([(title, seconds) for title, seconds in walls], console)
+    ends = [started for _, started in starts[1:]] + [time.perf_counter()]
+    print_step_times([(title, end - started) for (title, started), end in zip(starts, ends)], console)
     return run.root

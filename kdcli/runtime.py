@@ -6,6 +6,7 @@ on a laptop CPU and eight under ``accelerate launch`` take the same code path.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -108,6 +109,7 @@ def busy_cores() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+@functools.cache  # the processor does not change while kd runs; describe() is called for every result
 def _cpu_name() -> str:
     """The processor's model name (Linux's /proc/cpuinfo), else what the platform says."""
     try:

@@ -62,7 +62,17 @@ class JobResult:
     samples_per_second: float  # training throughput: samples over the time spent in optimizer steps
     samples_this_run: int  # samples trained by this call (a resumed job's earlier steps excluded)
     wall_seconds: float = 0.0  # the whole stage, as `kd distill` timed it: setup, steps, validation, saves
-    wall_samples_per_second: float = 0.0  # samples_this_run over wall_seconds
+
+    @property
+    def wall_samples_per_second(self) -> float:
+        return self.samples_this_run / max(self.wall_seconds, 1e-9)
+
+
+def append_metrics(path: Path, job_name: str, record: dict[str, Any]) -> None:
+    """One line of metrics.jsonl: ``record`` of the job ``job_name``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"stage": job_name, **record}) + "\n")
 
 
 @dataclass
@@ -576,9 +586,7 @@ def run_job(job: Job, accelerator, *, resume: bool = False, console=None, show_p
     def log(record: dict[str, Any], tracked: dict[str, float] | None = None) -> None:
         """Append a metrics.jsonl line; the trackers get its numbers, and ``tracked``, numbers for them alone."""
         if accelerator.is_main_process:
-            job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"stage": job.name, **record}) + "\n")
+            append_metrics(job.metrics_path, job.name, record)
         if reporting:
             accelerator.log({**_tracker_values(record), **(tracked or {})}, step=record["step"])
 
