@@ -34,7 +34,11 @@ bytes of its tensors; an export's files) and what its first calls at every batch
 (the warm-up, before the next model loads). On CUDA the calls' part is
 ``torch.cuda.max_memory_allocated`` over them less what was allocated before; on CPU the process's
 peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``) less the resident memory
-before. Where Linux does not allow the reset the calls' part is unknown (None).
+before. Where Linux does not allow the reset the calls' part is unknown (None). Loading is measured
+the same way (``load_memory_bytes``: the peak over loading and placing the model, less what was held
+before), which is where an 8-bit teacher can need more than its full-precision self: transformers
+reads the full weights before quantising them. A model's own process gives the cleanest figure
+(``benchmarks/teacher_8bit.py`` loads each one in a fresh process).
 """
 
 from __future__ import annotations
@@ -214,8 +218,11 @@ def _loaded(recipe: Recipe, run: RunDir, role: Role, num_classes: int, split: st
     import torch
 
     stage, cfg = recipe.resolved_stages()[-1], recipe.bench
+    target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load_kind, load_before = _memory_mark(target)
     model = load(recipe, role, num_classes)
     device = place(model)
+    loading = _memory_since(target, load_kind, load_before)
     task = task_kind(model.task)
     call, timed_what = task.bench_call(model, recipe.eval.max_new_tokens or 16)
     with torch.inference_mode():
@@ -226,12 +233,14 @@ def _loaded(recipe: Recipe, run: RunDir, role: Role, num_classes: int, split: st
         timed.warm_up(cfg.warmup, sync)
     directory = saved_dir(recipe, run, role)
     weights, calls = _weight_bytes(model, directory), _memory_since(device, kind, before)
+    header = result_header(recipe, role, model, stage.name, split)
+    # An export or a quantised teacher runs other arithmetic (int8, NF4, ONNX Runtime): not one architecture.
+    variant = role.format or header["quantization"]
     facts = {
-        **result_header(recipe, role, model, stage.name, split), "device": str(device),
-        # An export runs other arithmetic (int8, ONNX Runtime) on the same weights: not one architecture.
-        "architecture": type(model.model).__name__ + (f" ({role.format})" if role.format else ""),
+        **header, "device": str(device),
+        "architecture": type(model.model).__name__ + (f" ({variant})" if variant else ""),
         "dtype": str(model.model.dtype).removeprefix("torch."), "timed": timed_what,
-        "weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind,
+        "weight_bytes": weights, "call_memory_bytes": calls, "memory_kind": kind, "load_memory_bytes": loading,
         "peak_memory_bytes": weights + calls if weights is not None and calls is not None else None,
         "inputs": len(rows), "size_bytes": size_on_disk(directory), "size_path": str(directory) if directory else None,
     }

@@ -354,6 +354,10 @@ def eval_(
     data_format: Annotated[Optional[str], typer.Option(
         "--format", help="The --data file's format, as data.format (default: the recipe's).", show_default=False,
         metavar="FORMAT")] = None,
+    against: Annotated[Optional[str], typer.Option(
+        "--against", help="full-precision: a teacher loaded in 8 or 4 bit is also loaded unquantised, and the "
+        "drift is reported (same answers, KL, same most likely class or token).", show_default=False,
+        metavar="REFERENCE")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a model on a split, or on any file: accuracy, F1, and agreement with the teachers."""
@@ -377,7 +381,7 @@ def eval_(
 
         # Progress on stderr: stdout carries the table, or the JSON document.
         result = evaluate_role(recipe, Role.parse(model), split, console=Console(stderr=True), data_file=data,
-                               data_format=data_format)
+                               data_format=data_format, against=against)
         _record(recipe, replace=False)
     if as_json:
         _emit_json(result)

@@ -61,9 +61,13 @@ HEAD_CLASSES = {
     "seq2seq": transformers.AutoModelForSeq2SeqLM,
     "causal": transformers.AutoModelForCausalLM,
 }
-# Module names of classification heads across families; kept out of 8/4-bit quantisation
-# because they are tiny and their precision decides the logits we distil.
+# Module names of classification heads across families.
 HEAD_MODULES = ["classifier", "score", "pre_classifier", "qa_outputs", "classification_head", "pooler"]
+# Kept in full precision by load_in_8bit/4bit: the heads, tiny, whose precision decides the logits we distil,
+# and a decoder's output embeddings, which SmolLM2 and most small LLMs tie to the input embeddings (never
+# quantised, so a quantised lm_head would hold no int8 weights and fail at its first call). Naming any module
+# replaces transformers' own list, which holds lm_head.
+QUANTISATION_SKIPS = [*HEAD_MODULES, "lm_head"]
 DEFAULT_TEMPLATE = "{text}\nOptions:\n{options}\nAnswer:"
 GENERATE_TEMPLATE = "Question: {text}\nAnswer:"
 ANSWER_CUE = "Answer:"
@@ -502,7 +506,7 @@ def load_task_model(
             kwargs["ignore_mismatched_sizes"] = True
     if spec.load_in_8bit or spec.load_in_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_8bit=spec.load_in_8bit, load_in_4bit=spec.load_in_4bit, llm_int8_skip_modules=HEAD_MODULES,
+            load_in_8bit=spec.load_in_8bit, load_in_4bit=spec.load_in_4bit, llm_int8_skip_modules=QUANTISATION_SKIPS,
             bnb_4bit_quant_type="nf4",  # what the recipe promises; bitsandbytes' own default is fp4
         )
         kwargs["device_map"] = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -750,6 +754,17 @@ def is_weight_quantized(model: nn.Module) -> bool:
         return False
     method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
     return str(getattr(method, "value", method)) != "gguf"
+
+
+def weight_quantization(model: nn.Module) -> str | None:
+    """How a model's weights are quantised: "8-bit", "4-bit nf4" or "4-bit fp4" (bitsandbytes); None for weights
+    in their own dtype, GGUF ones included (dequantised when loaded)."""
+    if not is_weight_quantized(model):
+        return None
+    config = model.config.quantization_config
+    if getattr(config, "load_in_4bit", False):
+        return f"4-bit {getattr(config, 'bnb_4bit_quant_type', '')}".strip()
+    return "8-bit"
 
 
 def _block_lists(model: nn.Module, n: int) -> list[str]:

@@ -433,7 +433,8 @@ class StudentConfig(ModelSpec):
     from_teacher: str | None = Field(
         None,
         description="Build the student from this teacher: its embeddings, the listed `layers` and its head, "
-        "in a shallower model of the same architecture.",
+        "in a shallower model of the same architecture (from its full-precision weights, even when the teacher "
+        "loads in 8 or 4 bit).",
     )
     layers: list[int] = Field(
         default_factory=list, description="Teacher layers (0-based) copied into the student, for from_teacher."

@@ -227,6 +227,7 @@ def print_eval(result: dict, console: Console | None = None) -> None:
         console.print(f"agreement with teacher {escape(teacher)}: {rate:.1%}")
     for teacher, why in result.get("agreement_skipped", {}).items():
         console.print(f"[yellow]no agreement with teacher {escape(teacher)}: {escape(why)}[/]")
+    _print_against(result, console)
     _print_disagreements(result, console)
     console.print(f"saved {escape(result['path'])}")
 
@@ -247,8 +248,25 @@ def _print_generate_eval(result: dict, console: Console) -> None:
         console.print(f"agreement with teacher {escape(teacher)} (same normalised answer): {rate:.1%}")
     for teacher, why in result.get("agreement_skipped", {}).items():
         console.print(f"[yellow]no agreement with teacher {escape(teacher)}: {escape(why)}[/]")
+    _print_against(result, console)
     _print_disagreements(result, console)
     console.print(f"saved {escape(result['path'])}")
+
+
+def _print_against(result: dict, console: Console) -> None:
+    """`kd eval --against full-precision`: what quantising the teacher changed, on the same rows."""
+    drift = result.get("against")
+    if not drift:
+        return
+    metric = "accuracy" if "accuracy" in result["metrics"] else "f1"
+    mine, theirs = result["metrics"][metric], drift["metrics"][metric]
+    units = f"{drift['units']} {drift['unit']}s"
+    console.print(escape(
+        f"against itself in full precision ({drift['quantization']}): {metric} {mine:.4f}, unquantised "
+        f"{theirs:.4f} ({100 * (mine - theirs):+.2f} points); same answer on {drift['agreement']:.1%} of "
+        f"{result['n']} rows; KL(full || {drift['quantization']}) {drift['kl']:.4g} nats per {drift['unit']} and "
+        f"the same most likely {'token' if drift['unit'] == 'answer token' else 'answer'} on "
+        f"{drift['top1_agreement']:.1%} of {units}"))
 
 
 def _print_disagreements(result: dict, console: Console) -> None:
@@ -296,6 +314,11 @@ def print_bench(results: list[dict], skipped: dict[str, str] | None = None, cons
         console.print(escape(f"{together}: {session['rounds']} rounds in {session['seconds']:.0f} s; "
                              f"load average {load['before']} before, {load['after']} after, on {env['cpu_count']} "
                              f"cores ({machine})"))
+        loads = [f"{r['role']} {_human_bytes(r['load_memory_bytes'])}" + (f" ({r['quantization']})"
+                                                                          if r.get("quantization") else "")
+                 for r in results if r.get("load_memory_bytes") is not None]
+        if loads:
+            console.print(escape("memory while loading, at its peak: " + ", ".join(loads)))
     for role, why in (skipped or {}).items():
         console.print(f"[yellow]skipped {escape(role)}: {escape(why)}[/]")
     for r in results:

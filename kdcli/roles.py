@@ -123,11 +123,16 @@ def _require_finetuned(recipe: Recipe, run: RunDir, name: str) -> None:
         )
 
 
-def load_teacher(recipe: Recipe, run: RunDir, name: str, num_classes: int) -> "TaskModel":
+def load_teacher(recipe: Recipe, run: RunDir, name: str, num_classes: int,
+                 full_precision: bool = False) -> "TaskModel":
+    """Teacher ``name`` as the recipe loads it; with ``full_precision``, without its load_in_8bit/4bit."""
     from kdcli.models import load_task_model
 
     _require_finetuned(recipe, run, name)
-    return load_task_model(teacher_spec(recipe, run, name), recipe.task, num_classes)
+    spec = teacher_spec(recipe, run, name)
+    if full_precision:
+        spec = spec.model_copy(update={"load_in_8bit": False, "load_in_4bit": False})
+    return load_task_model(spec, recipe.task, num_classes)
 
 
 def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Path | None) -> "TaskModel":
@@ -140,7 +145,8 @@ def initial_student(recipe: Recipe, run: RunDir, num_classes: int, previous: Pat
     if previous is not None:
         student = load_task_model(_saved_student(recipe, previous), recipe.task, num_classes)
     elif recipe.student.from_teacher:
-        teacher = load_teacher(recipe, run, recipe.student.from_teacher, num_classes)
+        # Cut from the unquantised weights: a student trains in full precision, and int8/NF4 blocks cannot be copied.
+        teacher = load_teacher(recipe, run, recipe.student.from_teacher, num_classes, full_precision=True)
         student = student_from_teacher(teacher, recipe.student.layers)
     else:
         student = load_task_model(recipe.student, recipe.task, num_classes)
@@ -257,11 +263,11 @@ def describe(recipe: dict[str, Any], role: Role) -> str:
 
 def result_header(recipe: Recipe, role: Role, model: "TaskModel", stage: str, split: str) -> dict[str, Any]:
     """What every eval and bench result says about the model it measured and the data it ran on."""
-    from kdcli.models import parameter_count
+    from kdcli.models import parameter_count, weight_quantization
 
     return {"role": str(role), "model": describe(recipe.model_dump(mode="json"), role),
             "ref": str(model.model.name_or_path), "task": recipe.task, "stage": stage, "split": split,
-            "parameters": parameter_count(model)}
+            "parameters": parameter_count(model), "quantization": weight_quantization(model.model)}
 
 
 def _short_ref(ref: str) -> str:

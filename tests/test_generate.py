@@ -458,3 +458,25 @@ def test_generation_never_emits_an_id_past_the_tokenizer_vocabulary(tmp_path):
     padded = generate_model(tmp_path / "padded")
     ids = padded.generate_ids(padded.encode_prompts(qa_rows(3), 32, None), 6)
     assert ids.numel() and int(ids.max()) < len(tokenizer)
+
+
+@pytest.mark.parametrize("family", HEADS)
+def test_drift_from_a_reference_is_over_gold_answer_tokens_whatever_the_batch(models, family):
+    """`kd eval --against`'s drift on free text: one unit per gold answer token (EOS included), padding
+    left out, so the mean KL and top-1 agreement are the same in batches of 4 as one row at a time; a
+    model against itself drifts by nothing."""
+    from kdcli.evaluate import _drift
+
+    reference, other = generate_model(models[family]), generate_model(models[family], seed=3)
+    rows = qa_rows(12)
+    tokens = sum(int(GENERATE.forward(reference, GENERATE.encode(reference, [row], 32, None, 8)).token_mask.sum())
+                 for row in rows)
+    alone, batched = (_drift(GENERATE, other, reference, rows, size, 32, None, 8) for size in (1, 4))
+    assert alone["unit"] == "answer token" and alone["units"] == batched["units"] == tokens
+    assert batched["kl"] == pytest.approx(alone["kl"], rel=1e-4) and alone["kl"] > 0
+    # Padding changes float rounding a little: a near tie may flip one token.
+    assert batched["top1_agreement"] == pytest.approx(alone["top1_agreement"], abs=1 / tokens)
+    assert batched["max_abs_difference"] == pytest.approx(alone["max_abs_difference"], rel=1e-4)
+    same = _drift(GENERATE, reference, reference, rows, 4, 32, None, 8)
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1
+    assert same["max_abs_difference"] == 0 < alone["max_abs_difference"]

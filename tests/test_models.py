@@ -548,3 +548,75 @@ def test_a_teacher_in_8bit_is_fine_tuned_in_full_precision_then_cached_in_8bit(t
     assert manifest["quantisation"] == "8bit"
     loaded = load(recipe_mod.load(tmp_path / "recipe.toml"), Role.parse("teacher:t"), 3)
     assert isinstance(loaded.model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.slow
+def test_eval_against_full_precision_measures_what_8bit_changed(tiny, tmp_path, monkeypatch):
+    """`kd eval --against full-precision` scores the 8-bit teacher and, beside it, the same weights unquantised:
+    the reference's metrics are those `kd eval` gives the teacher without load_in_8bit, the answers' agreement
+    bounds the accuracy change, and the logits differ, but little. `kd bench` names the quantisation, keeps
+    the 8-bit teacher apart from its architecture in full precision, and measures the load's memory."""
+    pytest.importorskip("bitsandbytes")
+    import jobs
+    from clirun import kd
+
+    monkeypatch.chdir(tmp_path)
+    jobs.write_sentences(tmp_path / "s.jsonl", 60)
+    jobs.write_recipe(tmp_path / "recipe.toml", {
+        "name": "q", "task": "classify", "data": {"format": "jsonl", "path": "s.jsonl", "label_names": jobs.LABELS},
+        "student": {"from_teacher": "t", "layers": [0]},
+        "teachers": {"t": {"ref": str(tiny("bert", "sequence-classification", num_labels=3, layers=2)),
+                           "load_in_8bit": True, "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3}}},
+        "bench": {"batch_sizes": [], "iters": 2, "max_seconds": 2},
+    })
+    kd("cache-teachers", "recipe.toml")
+    quantised = json.loads(kd("eval", "recipe.toml", "--model", "teacher:t", "--against", "full-precision",
+                              "--json").stdout)
+    drift = quantised["against"]
+    full = json.loads(kd("eval", "recipe.toml", "--model", "teacher:t", "--set", "teachers.t.load_in_8bit=false",
+                         "--json").stdout)
+    assert (quantised["quantization"], drift["quantization"], full["quantization"]) == ("8-bit", "8-bit", None)
+    assert drift["metrics"]["accuracy"] == full["metrics"]["accuracy"]
+    assert drift["unit"] == "row" and drift["units"] == quantised["n"] == full["n"]
+    assert abs(quantised["metrics"]["accuracy"] - full["metrics"]["accuracy"]) <= 1 - drift["agreement"] + 1e-9
+    assert 0 <= drift["kl"] < 0.05 and 0.8 <= drift["top1_agreement"] <= 1
+    assert 0 < drift["max_abs_difference"] < 0.1  # quantised: not the same numbers, and close
+    shown = kd("eval", "recipe.toml", "--model", "teacher:t", "--against", "full-precision").stdout
+    assert "against itself in full precision (8-bit)" in shown and "KL(full || 8-bit)" in shown
+
+    for role, why in (("student", "is not quantised"), ("teacher:t", "not a reference kd knows")):
+        refused = kd("eval", "recipe.toml", "--model", role, "--against",
+                     "full-precision" if role == "student" else "fp16", code=1)
+        assert why in refused.output
+
+    benched = {r["role"]: r for r in json.loads(kd("bench", "recipe.toml", "--model", "teacher:t,baseline",
+                                                   "--json").stdout)["results"]}
+    teacher, baseline = benched["teacher:t"], benched["baseline"]
+    assert teacher["quantization"] == "8-bit" and baseline["quantization"] is None
+    assert teacher["architecture"] == "BertForSequenceClassification (8-bit)"
+    assert baseline["architecture"] == "BertForSequenceClassification"
+    assert teacher["load_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_a_causal_teacher_with_tied_embeddings_answers_in_8bit(tmp_path):
+    """SmolLM2, like most small LLMs, ties its output layer to its input embeddings, which bitsandbytes does
+    not quantise: the output layer stays in full precision (a quantised one held no int8 weights and failed
+    at its first call), and the 8-bit teacher's answer-token distributions stay close to fp32's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import jobs
+    import kit
+
+    model, tokenizer = kit.make_model("llama", "causal", layers=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    full, quant = (load_task_model(TeacherConfig(ref=str(tmp_path), head="causal", load_in_8bit=eight), "generate", 0)
+                   for eight in (False, True))
+    assert isinstance(quant.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    assert type(quant.model.lm_head) is nn.Linear
+    generate = task_kind("generate")
+    rows = jobs.qa_rows(6)
+    expected, got = (generate.answer_logits(m, rows, 32, None, 8) for m in (full, quant))
+    assert expected.shape == got.shape and 0 < (expected - got).abs().max() < 0.1

@@ -56,6 +56,7 @@ class TaskKind(ABC):
     compare_columns: tuple[str, ...]  # the study's table for this kind (keys of report's columns)
     hidden_states: bool  # teachers can teach pooled hidden states (the hidden-state MSE)
     token_distributions: bool  # token-level KD compares next-token distributions: a shared vocabulary is needed
+    drift_unit: str  # what one of `kd eval --against`'s compared distributions covers
 
     # ----------------------------------------------------------------- data
 
@@ -139,6 +140,12 @@ class TaskKind(ABC):
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
                 max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> list[Any]:
         """The model's answers to rows: argmax indices, or greedy texts; ``on_batch(rows)`` after each batch."""
+
+    @abstractmethod
+    def answer_logits(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None,
+                      answer_max_length: int) -> "torch.Tensor":
+        """The logits a model's answers come from, one row per scored unit (no gradients): [B, C] over a
+        row's classes or options; generate: [N, V] for the N gold answer tokens, teacher-forced."""
 
     @abstractmethod
     def score(self, rows: list[dict], answers: list[Any], manifest: dict[str, Any]) -> dict[str, Any]:

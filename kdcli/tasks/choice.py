@@ -22,6 +22,7 @@ class Choice(Classify):
     name = "choice"
     primary = "accuracy"
     compare_columns = ("accuracy", "s_per_question")
+    drift_unit = "question"
 
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return int(manifest["num_options"])

@@ -26,6 +26,7 @@ class Classify(TaskKind):
     compare_columns = ("accuracy", "f1", "ms_per_example")
     hidden_states = True
     token_distributions = False
+    drift_unit = "row"
 
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return len(manifest["label_names"])
@@ -172,6 +173,13 @@ class Classify(TaskKind):
                 if on_batch is not None:
                     on_batch(len(index))
         return in_data_order(batches, answers)
+
+    def answer_logits(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None,
+                      answer_max_length: int) -> "torch.Tensor":
+        import torch
+
+        with torch.inference_mode():
+            return self.forward(model, self.encode(model, examples, max_length, template)).logits.float()
 
     def score(self, rows: list[dict], answers: list[int], manifest: dict[str, Any]) -> dict[str, Any]:
         from kdcli.metrics import classification_metrics, shortcut_warning

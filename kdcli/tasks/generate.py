@@ -43,6 +43,7 @@ class Generate(TaskKind):
     compare_columns = ("f1", "precision", "recall", "questions_per_s")
     hidden_states = False
     token_distributions = True
+    drift_unit = "answer token"
 
     def num_classes(self, manifest: dict[str, Any]) -> int:
         return 0  # answers are text: no classes, no label prior
@@ -313,6 +314,14 @@ class Generate(TaskKind):
     def predict(self, model: "TaskModel", rows: list[dict], batch_size: int, max_length: int, template: str | None,
                 max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> list[str]:
         return model.generate(rows, max_new_tokens, max_length, template, batch_size, on_batch)
+
+    def answer_logits(self, model: "TaskModel", examples: list[dict], max_length: int, template: str | None,
+                      answer_max_length: int) -> "torch.Tensor":
+        import torch
+
+        with torch.inference_mode():
+            output = self.forward(model, self.encode(model, examples, max_length, template, answer_max_length))
+            return output.logits[output.token_mask].float()
 
     def score(self, rows: list[dict], answers: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
         from kdcli.metrics import generation_metrics
