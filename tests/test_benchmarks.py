@@ -72,14 +72,40 @@ def check_distill_speed(s: dict) -> None:
 
 
 def check_teacher_8bit(s: dict) -> None:
-    fp32, int8 = s["fp32"], s["int8"]
-    assert positive(fp32["weights_bytes"], int8["weights_bytes"]) and int8["weights_bytes"] < fp32["weights_bytes"]
-    assert 0 < s["weights_ratio"] < 1 and s["weights_ratio"] == pytest.approx(
-        int8["weights_bytes"] / fp32["weights_bytes"], abs=0.001
-    )
-    assert share(fp32["accuracy"]) and share(int8["accuracy"])
-    assert s["accuracy_change"] == pytest.approx(int8["accuracy"] - fp32["accuracy"], abs=1e-4)
-    assert -1e-6 <= s["kl_fp32_to_int8"] < 0.1 and 0.5 <= s["argmax_agreement"] <= 1  # 8 bits barely move the logits
+    modes = s["causal_lm"]["modes"]
+    fp32, int8 = modes["fp32"], modes["8-bit"]
+    assert int8["weights_bytes"] < fp32["weights_bytes"] and positive(int8["weights_bytes"])
+    assert s["weights_smaller_8bit"] == pytest.approx(fp32["weights_bytes"] / int8["weights_bytes"], abs=0.01)
+    assert s["target_weights_met"] == (s["weights_smaller_8bit"] >= 2)
+    for m in modes.values():
+        assert positive(m["load_peak_bytes"], m["tokens"]) and share(m["top1_agreement"]) and m["kl"] >= 0
+        assert m["peak_bytes"] >= m["load_peak_bytes"]  # the peak over loading and a pass includes the load's
+    assert fp32["kl"] == pytest.approx(0, abs=1e-6) and fp32["top1_agreement"] == 1  # fp32 against itself
+    assert int8["kl"] < 0.1 and int8["top1_agreement"] >= 0.5  # 8 bits barely move the distributions
+    timing = s["causal_lm"]["timing"]
+    assert set(timing["ms_per_batch"]) == set(modes) and timing["rounds"] >= 3
+    for mode, sizes in timing["ms_per_batch"].items():
+        assert set(sizes) == {"1", "16"} and all(b["ci95"][0] <= b["p50"] <= b["ci95"][1] for b in sizes.values())
+    assert all(positive(*ratios.values()) for ratios in timing["paired_ratio_to_fp32"].values())
+    clf = s["classifier"]
+    assert share(clf["teacher_accuracy_fp32"]) and set(clf["teacher"]) == set(modes) - {"fp32"}
+    for t in clf["teacher"].values():
+        assert share(t["accuracy"]) and share(t["agreement"]) and t["units"] == clf["test_rows"]
+        assert abs(t["accuracy"] - clf["teacher_accuracy_fp32"]) <= 1 - t["agreement"] + 1e-9
+    students = clf["student"]
+    assert clf["student_gap_points"] == pytest.approx(
+        100 * (students["8bit_cache"]["accuracy"] - students["fp32_cache"]["accuracy"]), abs=0.01)
+    assert s["target_student_met"] == (abs(clf["student_gap_points"]) <= 0.5)
+
+
+def check_lowlabel_teacher(s: dict) -> None:
+    assert s["split"] == "validation" and s["results"]
+    for r in s["results"]:
+        assert set(r["per_seed"]) == {str(seed) for seed in s["seeds"]}
+        for m in ("accuracy", "macro_f1"):
+            assert r[f"{m}_mean"] == pytest.approx(statistics.mean(x[m] for x in r["per_seed"].values()))
+    best = max(s["results"], key=lambda r: r["macro_f1_mean"])
+    assert s["best"] == {"epochs": best["epochs"], "lr": best["lr"]}
 
 
 def check_topk_cache(s: dict) -> None:
@@ -409,13 +435,14 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "llm_step_cost.py": check_llm_step_cost,
     "prepare_scale.py": check_prepare_scale,
     "teacher_8bit.py": check_teacher_8bit,
+    "lowlabel_teacher.py": check_lowlabel_teacher,
     "topk_cache.py": check_topk_cache,
     "trainer_baseline.py": check_trainer_baseline,
     "trivia_chat.py": check_trivia_chat,
     "trl_gkd.py": check_trl_gkd,
 }
 # Scripts that compare kd with another library, which CI does not install: skipped without it.
-NEEDS = {"trl_gkd.py": "trl"}
+NEEDS = {"trl_gkd.py": "trl", "teacher_8bit.py": "bitsandbytes"}
 
 
 def test_every_benchmark_has_a_check():
