@@ -67,11 +67,12 @@ def chat_rows(path: Path, n: int) -> list[dict]:
             for i, (text, label) in enumerate(line.rsplit("@", 1) for line in lines)]
 
 
-def load(model_dir: Path, mode: str):
+def load(source: dict, mode: str):
+    """SmolLM2 as kd loads a causal teacher, from ``source`` (its ref, and gguf_file for the GGUF file)."""
     from kdcli.models import load_task_model
     from kdcli.recipe import TeacherConfig
 
-    return load_task_model(TeacherConfig(ref=str(model_dir), head="causal", **MODES[mode]), "generate", 0)
+    return load_task_model(TeacherConfig(**source, head="causal", **MODES[mode]), "generate", 0)
 
 
 def probe(model_dir: Path, mode: str, rows_file: Path, out: Path) -> None:
@@ -92,7 +93,7 @@ def probe(model_dir: Path, mode: str, rows_file: Path, out: Path) -> None:
 
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
     before = status_bytes("VmRSS:")
-    model = load(model_dir, mode)
+    model = load({"ref": str(model_dir)}, mode)
     loading = status_bytes("VmHWM:")
     # safetensors maps the file: an fp32 model's pages become resident as its first pass reads them.
     logits = task_kind("generate").answer_logits(model, rows, MAX_LENGTH, None, 4)
@@ -117,7 +118,7 @@ def timing(model_dir: Path, rows_file: Path, out: Path, quick: bool, threads: in
     rows, task = json.loads(rows_file.read_text()), task_kind("generate")
     timed = []
     for mode in modes(quick):
-        model = load(model_dir, mode)
+        model = load({"ref": str(model_dir)}, mode)
         batches = {size: [task.bench_inputs(model, [rows[(b * size + i) % len(rows)] for i in range(size)],
                                             MAX_LENGTH, None) for b in range(4)] for size in (1, 16)}
 
@@ -148,14 +149,13 @@ def fresh(*args: str) -> None:
 def causal_lm(work: Path, quick: bool, threads: int) -> dict:
     import torch
 
+    from kdcli import losses
+
     if quick:
         model_dir = tiny_chat_llama(work / "models")
     else:
         model_dir = work / "smollm2-fp32"
-        from kdcli.models import load_task_model
-        from kdcli.recipe import TeacherConfig
-
-        load_task_model(TeacherConfig(**GGUF, head="causal"), "generate", 0).save(model_dir)
+        load(GGUF, "fp32").save(model_dir)
     sentences = Path(fpb_data(work, quick)["path"])
     rows_file = work / "rows.json"
     rows_file.write_text(json.dumps(chat_rows(sentences, 16 if quick else 64)))
@@ -167,9 +167,8 @@ def causal_lm(work: Path, quick: bool, threads: int) -> dict:
     reference = torch.load(work / "probe-fp32.pt")
     for mode in measured:
         logits = torch.load(work / f"probe-{mode}.pt")
-        p = reference.log_softmax(-1)
-        q = logits.log_softmax(-1)
-        measured[mode].update(tokens=len(logits), kl=max(0.0, float((p.exp() * (p - q)).sum(-1).mean())),
+        kl = float(losses.divergence(logits, reference.softmax(-1), "forward_kl"))  # KL(fp32 || this), per token
+        measured[mode].update(tokens=len(logits), kl=max(0.0, kl),  # >= 0 but for float32 rounding
                            top1_agreement=float((logits.argmax(-1) == reference.argmax(-1)).float().mean()))
     fresh("--time", str(model_dir), str(rows_file), str(work / "timing.json"), str(threads),
           *(["--quick"] if quick else []))

@@ -265,8 +265,7 @@ def _print_against(result: dict, console: Console) -> None:
         f"against itself in full precision ({drift['quantization']}): {metric} {mine:.4f}, unquantised "
         f"{theirs:.4f} ({100 * (mine - theirs):+.2f} points); same answer on {drift['agreement']:.1%} of "
         f"{result['n']} rows; KL(full || {drift['quantization']}) {drift['kl']:.4g} nats per {drift['unit']} and "
-        f"the same most likely {'token' if drift['unit'] == 'answer token' else 'answer'} on "
-        f"{drift['top1_agreement']:.1%} of {units}"))
+        f"the same top-1 on {drift['top1_agreement']:.1%} of {units}"))
 
 
 def _print_disagreements(result: dict, console: Console) -> None:
