@@ -26,8 +26,9 @@ and keeps at least 97% of the teacher's accuracy (means over the seeds).
     python benchmarks/fpb_lowlabel.py --seeds 0 1 2 --full   # the table in docs/benchmarks.md
     python benchmarks/fpb_lowlabel.py --quick                # a tiny BERT on made-up sentences (CI)
 
-Results accumulate in benchmarks/results/fpb_lowlabel.json (a seed and setting already there is not
-run again); the table of means ± std is printed and the last line is one JSON object.
+Results accumulate in benchmarks/results/fpb_lowlabel.json: a seed and setting already there is not
+run again unless the recipe's teacher fine-tuning changed since (each run records it). The table of
+means ± std is printed and the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def scores(run: Path, role: str) -> dict:
             "n": evaluated["n"], "data_fingerprint": evaluated["data_fingerprint"]}
 
 
+def teacher_finetune(recipe: Path) -> dict:
+    return recipe_mod.load_raw(recipe)["teachers"]["minilm"]["finetune"]
+
+
 def run_setting(work: Path, seed: int, setting: str, quick: bool) -> dict:
     started = time.perf_counter()
     recipe = base_recipe(work, seed, setting, quick)
@@ -110,8 +115,8 @@ def run_setting(work: Path, seed: int, setting: str, quick: bool) -> dict:
     manifest = json.loads((base / "data" / "main" / "manifest.json").read_text())
     rows = {"teacher": scores(base, "teacher:minilm"), "dataset": scores(base, "dataset"),
             "no_transfer": scores(work / "runs" / other.stem, "student"), "transfer": scores(base, "student")}
-    return {"rows": rows, "counts": manifest["counts"], "transfer": manifest.get("transfer"),
-            "seconds": round(time.perf_counter() - started), "env": describe()}
+    return {"rows": rows, "teacher_finetune": teacher_finetune(recipe), "counts": manifest["counts"],
+            "transfer": manifest.get("transfer"), "seconds": round(time.perf_counter() - started), "env": describe()}
 
 
 def main() -> None:
@@ -126,18 +131,25 @@ def main() -> None:
     runs_file = work / "fpb_lowlabel-runs.json" if args.quick else OUT
     document = json.loads(runs_file.read_text()) if runs_file.is_file() else {"low": {}, "full": {}}
     settings = ["low", "full"] if args.full or args.quick else ["low"]
+    current = {setting: teacher_finetune(base_recipe(work, 0, setting, args.quick)) for setting in settings}
     for setting in settings:
         for seed in [0] if args.quick else args.seeds:
-            if str(seed) not in document[setting]:
+            earlier = document[setting].get(str(seed))
+            if earlier is None or earlier.get("teacher_finetune") != current[setting]:
+                if earlier:
+                    print(f"{setting} labels, seed {seed}: the recipe's teacher fine-tuning changed since it ran; "
+                          "running it again", flush=True)
                 document[setting][str(seed)] = run_setting(work, seed, setting, args.quick)
                 runs_file.write_text(json.dumps(document, indent=2) + "\n")  # a run at a time: kept if interrupted
     summary: dict = {"benchmark": "fpb_lowlabel", "quick": args.quick, "settings": {}}
     for setting in settings:
-        runs = document[setting]
+        runs = {seed: run for seed, run in document[setting].items()  # the runs of the recipe as it is now
+                if run.get("teacher_finetune") == current[setting]}
         means = mean_std(runs, ROWS, ("accuracy", "macro_f1"))
         teacher, dataset, transfer = (means[r]["accuracy"][0] for r in ("teacher", "dataset", "transfer"))
         summary["settings"][setting] = {
-            "seeds": sorted(runs, key=int), "table": means,
+            "seeds": sorted(runs, key=int), "teacher_finetune": current[setting],
+            "table": means,
             "transfer_minus_dataset_points": round(100 * (transfer - dataset), 2),
             "transfer_minus_no_transfer_points": round(100 * (transfer - means["no_transfer"]["accuracy"][0]), 2),
             "kept_pct": round(100 * transfer / teacher, 1) if teacher else None,

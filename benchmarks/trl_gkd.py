@@ -45,7 +45,7 @@ test on the sentences the two trained students answer differently.
                                                          # --no-teachers` on fpb_generate.py's quick recipe
 
 The runs go to runs/trl-gkd-s0/ (kd's, replaced on every run) and runs/trl-gkd-s0-trl/ (TRL's);
-writes benchmarks/results/trl_gkd[-quick].json and ends with one JSON line.
+writes benchmarks/results/trl_gkd-START.json (trl_gkd-quick.json with --quick) and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def main() -> None:
         print(f"{key:28}" + "".join(f"{scores[side][key]:>10.3f}" for side in ("start", "kd", "trl")))
     print(f"test sentences: {n}; only kd right: {kd_only}, only TRL right: {trl_only} "
           f"(McNemar p = {summary['mcnemar_p']:.3f})")
-    finish(summary, args.out or (None if args.quick else RESULTS / "trl_gkd.json"))
+    finish(summary, args.out or (None if args.quick else RESULTS / f"trl_gkd-{args.start}.json"))
     if args.quick:
         shutil.rmtree(work, ignore_errors=True)
 

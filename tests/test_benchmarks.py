@@ -361,6 +361,7 @@ def check_fpb_lowlabel(s: dict) -> None:
     for setting, result in s["settings"].items():
         assert list(result["table"]) == rows and result["seeds"] == ["0"], setting
         run = result["per_seed"]["0"]
+        assert run["teacher_finetune"] == result["teacher_finetune"] and result["teacher_finetune"]["epochs"] == 2
         for role in rows:
             mean, std = result["table"][role]["accuracy"]
             assert share(mean) and std == 0.0 and share(result["table"][role]["macro_f1"][0]), (setting, role)
