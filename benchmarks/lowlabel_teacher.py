@@ -8,7 +8,7 @@ sentences (the recipe without its transfer set, which fine-tuning does not read)
 validation` scores it. The setting with the best mean validation macro-F1 (the recipe's `train.metric`)
 over the seeds is printed; the test split is never scored here.
 
-    python benchmarks/lowlabel_teacher.py             # 4 settings x 3 seeds, about 45 minutes on 2 CPU cores
+    python benchmarks/lowlabel_teacher.py             # 4 settings x 3 seeds, about 30 minutes alone on 2 CPU cores
     python benchmarks/lowlabel_teacher.py --quick     # a tiny BERT on made-up sentences (CI)
 
 Writes benchmarks/results/lowlabel_teacher[-quick].json and ends with one JSON line.
