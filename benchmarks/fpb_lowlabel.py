@@ -23,7 +23,8 @@ the recipe's settings were fixed before any run, and each student is the best of
 Targets (issue 16): the transfer student beats the dataset student by at least 5 points of accuracy
 and keeps at least 97% of the teacher's accuracy (means over the seeds).
 
-    python benchmarks/fpb_lowlabel.py --seeds 0 1 2 --full   # the table in docs/benchmarks.md
+    python benchmarks/fpb_lowlabel.py --seeds 0 1 2          # the 150-label table in docs/benchmarks.md
+    python benchmarks/fpb_lowlabel.py --seeds 0 1 2 --full   # and the full-label one
     python benchmarks/fpb_lowlabel.py --quick                # a tiny BERT on made-up sentences (CI)
 
 Results accumulate in benchmarks/results/fpb_lowlabel.json: a seed and setting already there is not
