@@ -9,10 +9,15 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def result_path(benchmark: str, quick: bool) -> Path:
+    """Where ``finish`` writes a benchmark's summary unless told otherwise."""
+    return RESULTS / f"{benchmark}{'-quick' if quick else ''}.json"
+
+
 def finish(summary: dict[str, Any], out: Path | None = None) -> Path:
     """Write ``summary`` to ``out`` (default ``results/BENCHMARK[-quick].json``, the quick runs
     gitignored) and print it as the output's last line, the one a caller parses."""
-    out = out or RESULTS / f"{summary['benchmark']}{'-quick' if summary['quick'] else ''}.json"
+    out = out or result_path(summary["benchmark"], summary["quick"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

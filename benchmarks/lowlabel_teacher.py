@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's kdcli (not the installed one), the tiny-model kit
 
-from _common import RESULTS, finish, kd, write_recipe  # noqa: E402
+from _common import finish, kd, result_path, write_recipe  # noqa: E402
 from fpb_lowlabel import base_recipe  # noqa: E402
 
 from kdcli import recipe as recipe_mod  # noqa: E402
@@ -46,13 +46,11 @@ def teacher_recipe(work: Path, seed: int, setting: dict, quick: bool) -> Path:
     return write_recipe(raw, work / "runs" / f"{raw['name']}.toml")
 
 
-def earlier_scores(out: Path, grid: list[dict]) -> dict[tuple, dict]:
-    """Per setting of ``grid``, the per-seed scores already in ``out`` (none if it does not exist)."""
+def earlier_scores(out: Path) -> dict[tuple, dict]:
+    """Per setting (epochs, lr), the per-seed scores already in ``out`` (none if it does not exist)."""
     if not out.exists():
         return {}
-    settings = {(g["epochs"], g["lr"]) for g in grid}
-    return {(r["epochs"], r["lr"]): r["per_seed"] for r in json.loads(out.read_text())["results"]
-            if (r["epochs"], r["lr"]) in settings}
+    return {(r["epochs"], r["lr"]): r["per_seed"] for r in json.loads(out.read_text())["results"]}
 
 
 def main() -> None:
@@ -63,8 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     grid, seeds = ([{"epochs": 2, "lr": lr} for lr in (1e-4, 3e-4)], [0]) if args.quick else (GRID, args.seeds)
-    out = args.out or RESULTS / f"lowlabel_teacher{'-quick' if args.quick else ''}.json"
-    earlier = earlier_scores(out, grid)
+    out = args.out or result_path("lowlabel_teacher", args.quick)
+    earlier = earlier_scores(out)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
